@@ -1,0 +1,167 @@
+"""kdtune's command line: `kdtune <command>` or `python cli.py <command>`.
+
+Each command loads the spec, calls the library and prints. Bad input is one line on stderr and exit code 2
+(`--debug` shows the traceback); Ctrl-C during `tune` keeps every finished trial and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import optuna
+import sqlalchemy.exc
+
+from kdtune import data, report, study, teacher
+from kdtune.spec import DEFAULT_SPEC, Spec, SpecError, load_spec
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    """Train the teacher CNN with early stopping on validation accuracy and cache it with its logits.
+
+    A cached teacher for the same data, teacher config and seed is reused at once; --force retrains it.
+    """
+    spec = _spec(args)
+    splits = data.prepare(spec.data, spec.seed)
+    cached = teacher.load_or_train(spec, splits, force=args.force)
+    print(f"Teacher {cached.cache_id}: validation accuracy {cached.val_accuracy:.4f} "
+          f"({cached.meta['n_epochs']} epochs, {cached.meta['seconds']:.0f} s to train), cached in {cached.folder}.")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Run (or resume) the Optuna study over temperature, lambda and width until it holds --trials finished trials.
+
+    Every trial trains a student on the cached teacher logits and is pruned on validation accuracy.
+    """
+    spec = _spec(args)
+    splits = data.prepare(spec.data, spec.seed)
+    the_study = study.open_study(spec, create=True)  # before the teacher: a bad storage URL fails at once
+    if not (teacher.CACHE_ROOT / teacher.cache_id(spec, splits.fingerprint)).exists():
+        print("No cached teacher for this data, teacher config and seed: training it first.")
+    cached = teacher.load_or_train(spec, splits)
+    study.record(the_study, spec, splits, cached)
+    already = study.n_finished(the_study)
+    print(f"Study {spec.name!r} in {spec.storage_url}: {already} finished trials, running to {args.trials}. "
+          f"Teacher validation accuracy {cached.val_accuracy:.4f}.")
+    try:
+        study.run(the_study, study.make_objective(spec, splits, cached), n_trials=args.trials, timeout=args.timeout)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: {study.n_finished(the_study)} finished trials are kept in {spec.storage_url}. "
+              f"Resume with: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    states = [t.state for t in the_study.get_trials(deepcopy=False)]
+    n_pruned, n_failed = states.count(optuna.trial.TrialState.PRUNED), states.count(optuna.trial.TrialState.FAIL)
+    print(f"{study.n_finished(the_study)} finished trials ({n_pruned} pruned, {n_failed} failed).")
+    _print_best(study.best(the_study))
+    print(f"Browse: optuna-dashboard {spec.storage_url}")
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    """Print the best trial so far: temperature, lambda, width, validation accuracy, trial number, parameters."""
+    spec = _spec(args)
+    found = study.best(study.open_study(spec, create=False))
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        _print_best(found)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Retrain the best configuration, its no-distillation twin and the seed project's configuration over
+    --seeds seeds, evaluate them on the test set, and write studies/<name>/report.md and report.json."""
+    spec = _spec(args)
+    splits = data.prepare(spec.data, spec.seed)
+    the_study = study.open_study(spec, create=False)
+    cached = teacher.load_or_train(spec, splits)
+    print(f"Retraining 3 configurations x {spec.report.n_seeds} seeds and testing them:")
+    result = report.evaluate(spec, splits, cached, the_study)
+    md_path, json_path = report.write(result, spec)
+    print(report.to_markdown(result))
+    print(f"Written: {md_path}, {json_path}")
+    return 0
+
+
+COMMANDS = {"teacher": cmd_teacher, "tune": cmd_tune, "best": cmd_best, "report": cmd_report}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of argparse's usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kdtune", description=inspect.getdoc(sys.modules[__name__]).splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        doc = inspect.getdoc(command)
+        sub = commands.add_parser(name, help=doc.splitlines()[0], description=doc)
+        sub.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="study spec TOML (default: %(default)s)")
+        sub.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name != "teacher":
+            sub.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<name>/study.db)")
+            sub.add_argument("--study-name", help="study name (default: the spec's name)")
+    commands.choices["teacher"].add_argument("--force", action="store_true", help="retrain even if cached")
+    tune = commands.choices["tune"]
+    tune.add_argument("--trials", type=_positive(int), default=100, help="finished trials to reach (default 100)")
+    tune.add_argument("--timeout", type=_positive(float), help="stop starting new trials after this many seconds")
+    commands.choices["best"].add_argument("--json", action="store_true", help="print JSON")
+    commands.choices["report"].add_argument("--seeds", type=_positive(int), help="seeds per configuration")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except (SpecError, OSError, sqlalchemy.exc.OperationalError) as error:
+        if args.debug:
+            raise
+        print(f"kdtune {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _spec(args: argparse.Namespace) -> Spec:
+    return load_spec(args.spec, storage=getattr(args, "storage", None), name=getattr(args, "study_name", None),
+                     report_n_seeds=getattr(args, "seeds", None))
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def _print_best(found: dict) -> None:
+    print(f"Best: trial {found['trial']}: temperature={found['temperature']:.3f} lambda={found['lambda']:.3f} "
+          f"width={found['width']} val_accuracy={found['val_accuracy']:.4f} "
+          f"({found['n_parameters']:,} student parameters)")
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    parts = ["kdtune tune", f"--spec {args.spec}", f"--trials {args.trials}"]
+    parts += [f"--storage {args.storage}"] * bool(args.storage) + [f"--study-name {args.study_name}"] * bool(
+        args.study_name)
+    return " ".join(parts)
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename or ''}: {error.strerror}; check the path and its permissions.".lstrip(": ")
+    return " ".join(str(error).split())

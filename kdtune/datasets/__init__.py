@@ -1,0 +1,1 @@
+"""Data shipped inside the package (see README.md here for provenance)."""

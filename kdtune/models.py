@@ -1,0 +1,54 @@
+"""The teacher (the seed project's CNN) and the student (a one-hidden-layer MLP)."""
+
+import torch
+from torch import nn
+
+from kdtune.spec import SpecError
+
+
+class TeacherCNN(nn.Sequential):
+    """conv3x3(64) -> ReLU -> maxpool2 -> conv3x3(128) -> ReLU -> maxpool2 -> dense 1024 -> ReLU -> dense C.
+
+    The seed architecture: 3,378,970 parameters at 28x28 with 26 classes. Valid convolutions and two poolings
+    need images of at least 10x10.
+    """
+
+    def __init__(self, image_shape: tuple[int, int], n_classes: int):
+        height, width = (self.features_side(side) for side in image_shape)
+        super().__init__(
+            nn.Conv2d(1, 64, kernel_size=3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, kernel_size=3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(128 * height * width, 1024), nn.ReLU(), nn.Linear(1024, n_classes))
+
+    @staticmethod
+    def features_side(side: int) -> int:
+        after = ((side - 2) // 2 - 2) // 2
+        if after < 1:
+            raise SpecError(f"TeacherCNN needs images of at least 10x10 pixels, but got a side of {side}.")
+        return after
+
+
+class StudentMLP(nn.Sequential):
+    """flatten -> dense `width` -> ReLU -> dense C (415,258 parameters at 28x28, width 512, 26 classes)."""
+
+    def __init__(self, image_shape: tuple[int, int], n_classes: int, width: int):
+        n_pixels = image_shape[0] * image_shape[1]
+        super().__init__(nn.Flatten(), nn.Linear(n_pixels, width), nn.ReLU(), nn.Linear(width, n_classes))
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def student_n_parameters(image_shape: tuple[int, int], n_classes: int, width: int) -> int:
+    """The student's size without building it: (pixels + 1) * width + (width + 1) * classes."""
+    return (image_shape[0] * image_shape[1] + 1) * width + (width + 1) * n_classes
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA GPU when one is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device={name!r} but no CUDA GPU is visible; use device = \"auto\" or \"cpu\".")
+    return torch.device(name)

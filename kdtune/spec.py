@@ -1,0 +1,211 @@
+"""The study spec: a frozen, typed dataclass tree read from TOML, plus a few CLI overrides.
+
+Precedence, applied only in `load_spec`: dataclass defaults < the study TOML < CLI flags.
+Unknown keys, wrong types and out-of-range values raise `SpecError` naming the TOML key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdtune.losses import LOSSES
+
+DEFAULT_SPEC = Path("studies/quickstart.toml")
+
+
+class SpecError(ValueError):
+    """Bad user input: the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A search range; `low == high` fixes the parameter to that value."""
+
+    low: float
+    high: float
+
+    @property
+    def fixed(self) -> bool:
+        return self.low == self.high
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    format: str = "embedded"  # embedded | npz | idx | emnist-mat | emnist-csv
+    path: str = ""  # the file (npz, emnist-mat) or folder (idx, emnist-csv), relative to the working directory
+    transpose: bool = False  # EMNIST IDX files store images transposed; the .mat and .csv readers always transpose
+    label_offset: int = 0  # subtracted from every label: EMNIST-letters labels 1..26 need 1
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How one model is trained: Adam, shuffled mini-batches, early stopping on validation accuracy."""
+
+    max_epochs: int = 15
+    patience_epochs: int = 3  # stop after this many epochs without a new best validation accuracy
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+
+
+@dataclass(frozen=True)
+class TeacherSpec(TrainSpec):
+    pass
+
+
+@dataclass(frozen=True)
+class StudentSpec(TrainSpec):
+    max_epochs: int = 20
+    patience_epochs: int = 5
+    loss: str = "hinton"  # hinton | reference (see kdtune/losses.py)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    temperature: Range = Range(1.0, 20.0)  # sampled on a log scale
+    label_weight: Range = Range(0.0, 1.0)  # TOML key and Optuna param: "lambda"
+    width: Range = Range(16, 2048)  # hidden units, sampled on a log scale
+    pruner: str = "median"  # median | hyperband | none
+    n_startup_trials: int = 5  # trials that always run to the end before the pruner judges others
+    n_warmup_epochs: int = 2  # epochs of every trial that are never pruned
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    n_seeds: int = 3
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str  # the study name; outputs go to studies/<name>/
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    storage: str = ""  # Optuna storage URL; empty means sqlite:///studies/<name>/study.db
+    data: DataSpec = field(default_factory=DataSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path("studies") / self.name
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.output_dir / 'study.db'}"
+
+
+# TOML names that differ from the Python field names (`lambda` is a Python keyword).
+TOML_KEYS = {"label_weight": "lambda"}
+PRUNERS = ("median", "hyperband", "none")
+
+
+def load_spec(path: Path | None = None, **overrides: object) -> Spec:
+    """Read a spec TOML and apply CLI overrides (top-level fields such as storage, name, or report_n_seeds)."""
+    path = DEFAULT_SPEC if path is None else Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist; pass --spec studies/<name>.toml.")
+    try:
+        table = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise SpecError(f"{path} is not valid TOML: {error}.") from error
+    table.setdefault("name", path.stem)
+    n_seeds = overrides.pop("report_n_seeds", None)
+    table.update({k: v for k, v in overrides.items() if v is not None})
+    if n_seeds is not None:
+        table.setdefault("report", {})["n_seeds"] = n_seeds
+    spec = _build(Spec, table, prefix="")
+    validate(spec)
+    return spec
+
+
+def validate(spec: Spec) -> None:
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise SpecError(message)
+
+    check(spec.name.replace("-", "").replace("_", "").isalnum(), f"name must be letters, digits, - or _, "
+          f"but got name={spec.name!r}.")
+    check(spec.device == "auto" or spec.device == "cpu" or spec.device.startswith("cuda"),
+          f"device must be auto, cpu or cuda[:N], but got device={spec.device!r}.")
+    check(0.0 < spec.data.val_fraction < 0.5, f"data.val_fraction must lie in (0, 0.5), "
+          f"but got {spec.data.val_fraction=}.")
+    check(spec.data.format == "embedded" or spec.data.path != "", f"data.path is required for "
+          f"data.format={spec.data.format!r}.")
+    for section in ("teacher", "student"):
+        part = getattr(spec, section)
+        for name in ("max_epochs", "patience_epochs", "batch_size"):
+            check(getattr(part, name) >= 1, f"{section}.{name} must be at least 1, but got {getattr(part, name)}.")
+        check(part.learning_rate > 0, f"{section}.learning_rate must be positive, but got {part.learning_rate}.")
+    choose(LOSSES, spec.student.loss, "student.loss")
+    choose(dict.fromkeys(PRUNERS), spec.search.pruner, "search.pruner")
+    search = spec.search
+    for name, low_limit, high_limit in (("temperature", 1e-3, 1e3), ("label_weight", 0.0, 1.0),
+                                        ("width", 1, 1 << 16)):
+        r = getattr(search, name)
+        key = f"search.{TOML_KEYS.get(name, name)}"
+        check(low_limit <= r.low <= r.high <= high_limit, f"{key} must satisfy {low_limit} <= low <= high <= "
+              f"{high_limit}, but got [{r.low}, {r.high}].")
+    check(search.n_startup_trials >= 0 and search.n_warmup_epochs >= 0,
+          "search.n_startup_trials and search.n_warmup_epochs must not be negative.")
+    check(spec.report.n_seeds >= 2, f"report.n_seeds must be at least 2 for an interval, but got "
+          f"{spec.report.n_seeds}.")
+
+
+def choose(registry: dict, name: str, key: str):
+    """registry[name], or a SpecError listing the names that exist."""
+    if name not in registry:
+        raise SpecError(f"{key} must be one of {sorted(registry)}, but got {name!r}.")
+    return registry[name]
+
+
+def to_toml_dict(spec: Spec) -> dict:
+    """The resolved spec as plain data, with TOML key names, for the study record."""
+    def convert(value):
+        if isinstance(value, Range):
+            return value.low if value.fixed else [value.low, value.high]
+        if dataclasses.is_dataclass(value):
+            return {TOML_KEYS.get(f.name, f.name): convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return value
+    return convert(spec)
+
+
+def _build(cls, table: object, prefix: str):
+    if not isinstance(table, dict):
+        raise SpecError(f"[{prefix.rstrip('.')}] must be a table, but got {table!r}.")
+    fields = {TOML_KEYS.get(f.name, f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise SpecError(f"unknown key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(fields))}.")
+    hints = typing.get_type_hints(cls)
+    values = {f.name: _coerce(hints[f.name], table[key], prefix + key) for key, f in fields.items() if key in table}
+    if cls is Spec and "name" not in values:
+        raise SpecError("the spec needs a name.")
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint) and hint is not Range:
+        return _build(hint, value, key + ".")
+    if hint is Range:
+        bounds = value if isinstance(value, list) else [value, value]
+        if len(bounds) != 2 or not all(_is_number(b) for b in bounds):
+            raise SpecError(f"{key} must be a number (fixed) or [low, high], but got {value!r}.")
+        return Range(*bounds)
+    expected = hint.__args__ if isinstance(hint, types.UnionType) else (hint,)
+    if float in expected and _is_number(value):
+        return float(value)
+    if isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected):
+        return value
+    names = " or ".join(t.__name__ for t in expected)
+    raise SpecError(f"{key} must be {names}, but got {value!r}.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

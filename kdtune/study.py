@@ -1,0 +1,188 @@
+"""The Optuna study: storage, sampler, pruner, the objective, and the record a study keeps of itself.
+
+Trials train a student on the cached teacher logits only (the teacher never runs inside a trial) and see
+the train and validation tensors only: the test set is not passed in.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import sqlalchemy.exc
+import torch
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from kdtune.data import Splits
+from kdtune.losses import LOSSES
+from kdtune.models import StudentMLP, n_parameters, resolve_device
+from kdtune.provenance import versions
+from kdtune.spec import Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
+from kdtune.teacher import CachedTeacher
+from kdtune.train import FitResult, TrainingDiverged, fit
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Spec sections that decide what a trial's value means: resuming with any of them changed would mix
+# incomparable trials in one study.
+RECORDED_SECTIONS = ("seed", "data", "teacher", "student", "search")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    temperature: float
+    label_weight: float  # Optuna param "lambda"
+    width: int
+    loss: str = "hinton"
+
+    @classmethod
+    def from_params(cls, params: dict, loss: str) -> StudentConfig:
+        return cls(params["temperature"], params["lambda"], params["width"], loss)
+
+
+def suggest(trial: optuna.Trial, search: SearchSpec, loss: str) -> StudentConfig:
+    def suggest_float(name: str, r: Range, log: bool) -> float:
+        return trial.suggest_float(name, r.low, r.high, log=log and not r.fixed)
+
+    return StudentConfig(
+        temperature=suggest_float("temperature", search.temperature, log=True),
+        label_weight=suggest_float("lambda", search.label_weight, log=False),
+        width=trial.suggest_int("width", int(search.width.low), int(search.width.high), log=not search.width.fixed),
+        loss=loss)
+
+
+def train_student(config: StudentConfig, schedule: StudentSpec, data: TrialData, teacher_train_logits: torch.Tensor,
+                  seed: int, report: Callable[[int, float], None] | None = None) -> tuple[StudentMLP, FitResult]:
+    """One student on tensors already on the device."""
+    torch.manual_seed(seed)
+    model = StudentMLP(data.image_shape, data.n_classes, config.width)
+    loss_fn = functools.partial(LOSSES[config.loss], temperature=config.temperature, label_weight=config.label_weight)
+    result = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, loss_fn=loss_fn, schedule=schedule,
+                 seed=seed, teacher_logits=teacher_train_logits, report=report)
+    return model, result
+
+
+def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callable[[optuna.Trial], float]:
+    device = resolve_device(spec.device)
+    trial_data = TrialData.on_device(splits, device)
+    teacher_train_logits = teacher.logits["train"].to(device)
+
+    def objective(trial: optuna.Trial) -> float:
+        config = suggest(trial, spec.search, spec.student.loss)
+
+        def report(epoch: int, val_accuracy: float) -> None:
+            trial.report(val_accuracy, epoch)
+            if trial.should_prune():
+                trial.set_user_attr("n_epochs", epoch + 1)
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val_accuracy={val_accuracy:.4f}")
+
+        model, result = train_student(config, spec.student, trial_data, teacher_train_logits, spec.seed, report)
+        trial.set_user_attr("n_parameters", n_parameters(model))
+        trial.set_user_attr("n_epochs", result.n_epochs)
+        trial.set_user_attr("seconds", round(result.seconds, 3))
+        return result.val_accuracy
+
+    return objective
+
+
+@dataclass(frozen=True)
+class TrialData:
+    """The slice of the data a trial may see: no test images."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    image_shape: tuple[int, int]
+    n_classes: int
+
+    @classmethod
+    def on_device(cls, splits: Splits, device: torch.device) -> TrialData:
+        return cls(splits.x_train.to(device), splits.y_train.to(device), splits.x_val.to(device),
+                   splits.y_val.to(device), splits.image_shape, splits.n_classes)
+
+
+# --------------------------------------------------------------------------------- study and storage
+
+def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
+    search = spec.search
+    return {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=search.n_startup_trials,
+                                                      n_warmup_steps=search.n_warmup_epochs),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, search.n_warmup_epochs),
+                                                            max_resource=spec.student.max_epochs),
+        "none": optuna.pruners.NopPruner,
+    }[search.pruner]()
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("sqlite:///"):
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SpecError(f"cannot create {folder} for the study database ({error.strerror}); "
+                            "choose a writable place with --storage.") from error
+    try:
+        return optuna.storages.RDBStorage(url)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
+        reason = str(error).splitlines()[0]
+        raise SpecError(f"cannot open storage {url!r} ({reason}); check the URL, the server and the driver.") \
+            from error
+
+
+def open_study(spec: Spec, *, create: bool) -> optuna.Study:
+    """Create or resume the spec's study; refuse to resume one made with a different spec."""
+    storage = open_storage(spec.storage_url)
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if spec.name not in existing and not create:
+        raise SpecError(f"no study named {spec.name!r} in {spec.storage_url}; run `kdtune tune` first.")
+    n_trials = existing[spec.name].n_trials if spec.name in existing else 0
+    # Offset the seed by the trials already run, so a resumed study does not replay its first proposals.
+    sampler = optuna.samplers.TPESampler(seed=spec.seed + n_trials)
+    study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize", sampler=sampler,
+                                pruner=make_pruner(spec), load_if_exists=True)
+    recorded = study.user_attrs.get("spec")
+    current = to_toml_dict(spec)
+    if recorded is not None:
+        changed = [k for k in RECORDED_SECTIONS if recorded.get(k) != current[k]]
+        if changed:
+            raise SpecError(f"study {spec.name!r} was made with a different [{changed[0]}] section; restore it, "
+                            "or start a new study with --study-name.")
+    return study
+
+
+def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeacher) -> None:
+    """What the study's numbers mean: the resolved spec, teacher, data fingerprint and versions."""
+    if "spec" in study.user_attrs:
+        return
+    for key, value in {"spec": to_toml_dict(spec), "teacher_cache_id": teacher.cache_id,
+                       "teacher_val_accuracy": teacher.val_accuracy, "data_fingerprint": splits.fingerprint,
+                       "versions": versions()}.items():
+        study.set_user_attr(key, value)
+
+
+def n_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None) -> None:
+    """Run until the study holds `n_trials` finished (complete or pruned) trials, or `timeout` seconds pass."""
+    n_missing = n_trials - n_finished(study)
+    if n_missing <= 0:
+        return
+    study.optimize(objective, n_trials=n_missing, timeout=timeout, catch=(TrainingDiverged,),
+                   callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], show_progress_bar=True)
+
+
+def best(study: optuna.Study) -> dict:
+    try:
+        trial = study.best_trial
+    except ValueError as error:
+        raise SpecError(f"study {study.study_name!r} has no completed trial yet; run `kdtune tune`.") from error
+    return {"trial": trial.number, "temperature": trial.params["temperature"], "lambda": trial.params["lambda"],
+            "width": trial.params["width"], "val_accuracy": trial.value,
+            "n_parameters": trial.user_attrs.get("n_parameters"), "n_epochs": trial.user_attrs.get("n_epochs")}

@@ -1,0 +1,125 @@
+"""Train the teacher once and cache it: weights, float32 logits for train/val/test, and meta.json.
+
+A cache folder is keyed by (data fingerprint, teacher config, seed), so any spec that sees the same data
+the same way shares it. Every file's sha256 is in meta.json; a cache that does not match is reported
+and retrained, never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kdtune.data import Splits
+from kdtune.models import TeacherCNN, n_parameters, resolve_device
+from kdtune.provenance import sha256_file, versions
+from kdtune.spec import Spec
+from kdtune.train import fit, predict
+
+CACHE_ROOT = Path("studies/.teacher-cache")
+PARTS = ("train", "val", "test")
+WEIGHTS_FILE = "weights.pt"
+
+
+class CorruptCache(Exception):
+    """A cache folder whose files are missing or do not match their recorded checksums."""
+
+
+@dataclass(frozen=True)
+class CachedTeacher:
+    cache_id: str
+    folder: Path
+    logits: dict[str, torch.Tensor]  # "train" | "val" | "test" -> (N, C) float32
+    meta: dict
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.meta["val_accuracy"]
+
+
+def cache_id(spec: Spec, data_fingerprint: str) -> str:
+    key = {"data": data_fingerprint, "teacher": dataclasses.asdict(spec.teacher), "seed": spec.seed,
+           "architecture": TeacherCNN.__name__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_train(spec: Spec, splits: Splits, *, force: bool = False, cache_root: Path = CACHE_ROOT,
+                  echo: Callable[[str], None] = print) -> CachedTeacher:
+    folder = cache_root / cache_id(spec, splits.fingerprint)
+    if folder.exists() and not force:
+        try:
+            return load(folder)
+        except CorruptCache as problem:
+            echo(f"teacher cache {folder} is corrupt ({problem}); retraining it.")
+    return train(spec, splits, folder, echo=echo)
+
+
+def load(folder: Path) -> CachedTeacher:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        checksums = meta["sha256"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CorruptCache(f"meta.json unreadable: {error}") from error
+    for name, expected in checksums.items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise CorruptCache(f"{name} is missing or does not match its checksum")
+    logits = {part: torch.from_numpy(np.load(folder / f"logits_{part}.npy")) for part in PARTS}
+    return CachedTeacher(folder.name, folder, logits, meta)
+
+
+def load_model(cached: CachedTeacher) -> TeacherCNN:
+    """The cached teacher network (weights read with weights_only=True: no pickled code runs)."""
+    model = TeacherCNN(tuple(cached.meta["image_shape"]), cached.meta["n_classes"])
+    model.load_state_dict(torch.load(cached.folder / WEIGHTS_FILE, weights_only=True, map_location="cpu"))
+    return model
+
+
+def train(spec: Spec, splits: Splits, folder: Path, *, echo: Callable[[str], None] = print) -> CachedTeacher:
+    device = resolve_device(spec.device)
+    echo(f"Training the teacher on {len(splits.x_train)} images ({device}); it is cached in {folder}.")
+    torch.manual_seed(spec.seed)
+    model = TeacherCNN(splits.image_shape, splits.n_classes)
+    x_train, y_train = splits.x_train.to(device), splits.y_train.to(device)
+    x_val, y_val = splits.x_val.to(device), splits.y_val.to(device)
+    with tqdm(total=spec.teacher.max_epochs, desc="teacher", unit="epoch") as bar:
+        def show(epoch: int, val_accuracy: float) -> None:
+            bar.set_postfix(val_accuracy=f"{val_accuracy:.4f}")
+            bar.update()
+
+        result = fit(model, x_train, y_train, x_val, y_val, schedule=spec.teacher, seed=spec.seed,
+                     loss_fn=lambda logits, _, labels: F.cross_entropy(logits, labels), report=show)
+    logits = {part: predict(model, getattr(splits, f"x_{part}").to(device)).float().cpu() for part in PARTS}
+
+    # write everything to a scratch folder, then rename: a crash never leaves a half-written cache
+    scratch = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    scratch.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), scratch / WEIGHTS_FILE)
+    for part, values in logits.items():
+        np.save(scratch / f"logits_{part}.npy", values.numpy())
+    files = [WEIGHTS_FILE] + [f"logits_{part}.npy" for part in PARTS]
+    meta = {
+        "val_accuracy": result.val_accuracy, "n_epochs": result.n_epochs, "seconds": round(result.seconds, 2),
+        "val_curve": result.val_curve, "n_parameters": n_parameters(model), "image_shape": list(splits.image_shape),
+        "n_classes": splits.n_classes, "data_fingerprint": splits.fingerprint, "seed": spec.seed,
+        "teacher": dataclasses.asdict(spec.teacher), "device": str(device), "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sha256": {f: sha256_file(scratch / f) for f in files},
+    }
+    (scratch / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    scratch.rename(folder)
+    echo(f"Teacher: validation accuracy {result.val_accuracy:.4f} after {result.n_epochs} epochs "
+         f"({result.seconds:.0f} s).")
+    return CachedTeacher(folder.name, folder, logits, meta)

@@ -1,0 +1,93 @@
+"""The one training loop, shared by the teacher and every student, and batched evaluation.
+
+Data lives on the device as whole tensors; an epoch is one index permutation sliced into batches
+(no DataLoader, no per-sample Python). Early stopping and the `report` callable see validation only.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kdtune.spec import TrainSpec
+
+# (logits, teacher_logits or None, labels) -> scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+EVAL_BATCH_SIZE = 4096
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the run cannot produce a model."""
+
+
+@dataclass
+class FitResult:
+    val_accuracy: float  # of the best epoch, whose weights the model holds on return
+    n_epochs: int
+    seconds: float
+    val_curve: list[float] = field(default_factory=list)
+
+
+def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+        *, loss_fn: LossFn, schedule: TrainSpec, seed: int, teacher_logits: torch.Tensor | None = None,
+        report: Callable[[int, float], None] | None = None) -> FitResult:
+    """Train `model` in place with Adam; keep the weights of the epoch with the best validation accuracy.
+
+    `report(epoch, val_accuracy)` runs after every epoch; it may raise (Optuna's TrialPruned) to stop early.
+    """
+    started = time.perf_counter()
+    model.to(x_train.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=schedule.learning_rate)
+    shuffle = torch.Generator(device="cpu").manual_seed(seed)
+    best_accuracy, best_state, result = -1.0, None, FitResult(0.0, 0, 0.0)
+    for epoch in range(schedule.max_epochs):
+        # forward backward update
+        model.train()
+        order = torch.randperm(len(x_train), generator=shuffle).to(x_train.device)
+        loss_sum = torch.zeros((), device=x_train.device)
+        for batch in order.split(schedule.batch_size):
+            logits = model(x_train[batch])
+            loss = loss_fn(logits, None if teacher_logits is None else teacher_logits[batch], y_train[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()  # summed on the device: one sync per epoch, not one per batch
+        if not torch.isfinite(loss_sum):
+            raise TrainingDiverged(f"the training loss became {loss_sum.item()} in epoch {epoch + 1}")
+
+        # evaluate, remember the best weights
+        val_accuracy = accuracy(model, x_val, y_val)
+        result.val_curve.append(val_accuracy)
+        result.n_epochs = epoch + 1
+        if val_accuracy > best_accuracy:
+            best_accuracy, best_epoch = val_accuracy, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        if report is not None:
+            report(epoch, val_accuracy)
+
+        # termination conditions
+        if epoch - best_epoch >= schedule.patience_epochs:
+            break
+    model.load_state_dict(best_state)
+    result.val_accuracy, result.seconds = best_accuracy, time.perf_counter() - started
+    return result
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits for every row of `x`, in large batches."""
+    model.eval()
+    return torch.cat([model(chunk) for chunk in x.split(EVAL_BATCH_SIZE)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return accuracy_of_logits(predict(model, x), y)
+
+
+def accuracy_of_logits(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(dim=1) == y).float().mean().item()
