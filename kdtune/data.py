@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -57,11 +58,17 @@ class Splits:
 # ---------------------------------------------------------------------------------------------- readers
 
 def read_npz(path: Path) -> Dataset:
-    with np.load(_existing(path)) as archive:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
-        if missing:
-            raise DataError(f"{path} lacks arrays {sorted(missing)}; an .npz needs x_train, y_train, x_test, y_test.")
-        return Dataset(*(archive[k] for k in ("x_train", "y_train", "x_test", "y_test")))
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with np.load(_existing(path), allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in keys if k in archive.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path} is not a readable .npz archive ({error}); re-create it with numpy.savez.") \
+            from error
+    if len(arrays) < len(keys):
+        missing = sorted(set(keys) - set(arrays))
+        raise DataError(f"{path} lacks arrays {missing}; an .npz needs {', '.join(keys)}.")
+    return Dataset(*(arrays[k] for k in keys))
 
 
 def read_embedded(path: Path | None = None) -> Dataset:

@@ -7,6 +7,7 @@ the train and validation tensors only: the test set is not passed in.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 
 from kdtune.data import Splits
 from kdtune.losses import LOSSES
-from kdtune.models import StudentMLP, n_parameters, resolve_device
+from kdtune.models import StudentMLP, resolve_device, student_n_parameters
 from kdtune.provenance import versions
 from kdtune.spec import Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
 from kdtune.teacher import CachedTeacher
@@ -72,17 +73,22 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callab
 
     def objective(trial: optuna.Trial) -> float:
         config = suggest(trial, spec.search, spec.student.loss)
+        trial.set_user_attr("n_parameters", student_n_parameters(trial_data.image_shape, trial_data.n_classes,
+                                                                 config.width))
+        n_epochs, started = 0, time.perf_counter()
 
         def report(epoch: int, val_accuracy: float) -> None:
+            nonlocal n_epochs
+            n_epochs = epoch + 1
             trial.report(val_accuracy, epoch)
             if trial.should_prune():
-                trial.set_user_attr("n_epochs", epoch + 1)
-                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val_accuracy={val_accuracy:.4f}")
+                raise optuna.TrialPruned(f"pruned after epoch {n_epochs} at val_accuracy={val_accuracy:.4f}")
 
-        model, result = train_student(config, spec.student, trial_data, teacher_train_logits, spec.seed, report)
-        trial.set_user_attr("n_parameters", n_parameters(model))
-        trial.set_user_attr("n_epochs", result.n_epochs)
-        trial.set_user_attr("seconds", round(result.seconds, 3))
+        try:
+            _, result = train_student(config, spec.student, trial_data, teacher_train_logits, spec.seed, report)
+        finally:  # pruned and failed trials keep their cost too
+            trial.set_user_attr("n_epochs", n_epochs)
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
         return result.val_accuracy
 
     return objective

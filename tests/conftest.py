@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny slice of the embedded Fashion-MNIST and specs that train in seconds."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdtune.data import read_embedded
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SPEC = """
+seed = 0
+device = "cpu"
+[data]
+format = "npz"
+path = "{path}"
+[teacher]
+max_epochs = 2
+batch_size = 64
+[student]
+max_epochs = {student_epochs}
+patience_epochs = 10
+batch_size = 64
+[search]
+width = {width}
+pruner = "{pruner}"
+n_startup_trials = {n_startup_trials}
+n_warmup_epochs = 0
+{search}
+[report]
+n_seeds = 2
+"""
+
+
+def write_tiny_npz(path: Path, n_train_per_class: int = 30, n_test_per_class: int = 10) -> Path:
+    """The first images of each class from the embedded data: real pixels, a few hundred of them."""
+    full = read_embedded()
+    def take(y: np.ndarray, n: int) -> np.ndarray:
+        return np.concatenate([np.flatnonzero(y == c)[:n] for c in range(10)])
+    train, test = take(full.y_train, n_train_per_class), take(full.y_test, n_test_per_class)
+    np.savez(path, x_train=full.x_train[train], y_train=full.y_train[train],
+             x_test=full.x_test[test], y_test=full.y_test[test])
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A scratch working directory: kdtune writes studies/ relative to it."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_spec(workdir):
+    """Write a tiny spec (options overridable) and return its path."""
+    npz = write_tiny_npz(workdir / "tiny.npz")
+
+    def make(name: str = "tiny", *, student_epochs: int = 3, width: str = "[8, 64]", pruner: str = "median",
+             n_startup_trials: int = 5, search: str = "", extra: str = "") -> Path:
+        path = workdir / f"{name}.toml"
+        path.write_text(TINY_SPEC.format(path=npz, student_epochs=student_epochs, width=width, pruner=pruner,
+                                         n_startup_trials=n_startup_trials, search=search) + extra)
+        return path
+    return make
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python cli.py ...` in a subprocess, as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,61 @@
+import pytest
+
+from kdtune.spec import Range, SpecError, load_spec, to_toml_dict
+
+
+def write(tmp_path, text, name="s"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_name_from_the_file(tmp_path):
+    spec = load_spec(write(tmp_path, "", name="mystudy"))
+    assert spec.name == "mystudy"
+    assert spec.search.temperature == Range(1.0, 20.0)
+    assert spec.storage_url == "sqlite:///studies/mystudy/study.db"
+
+
+def test_lambda_key_maps_to_label_weight_and_a_number_fixes_it(tmp_path):
+    spec = load_spec(write(tmp_path, "[search]\nlambda = 0.7\nwidth = [32, 64]\n"))
+    assert spec.search.label_weight.fixed and spec.search.label_weight.low == 0.7
+    assert spec.search.width == Range(32, 64)
+    assert to_toml_dict(spec)["search"]["lambda"] == 0.7
+
+
+def test_cli_overrides_win_over_the_toml(tmp_path):
+    spec = load_spec(write(tmp_path, 'storage = "sqlite:///a.db"\n[report]\nn_seeds = 4\n'),
+                     storage="sqlite:///b.db", name="other", report_n_seeds=5)
+    assert (spec.storage_url, spec.name, spec.report.n_seeds) == ("sqlite:///b.db", "other", 5)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[student]\nepochs = 3\n", "unknown key student.epochs"),
+    ("[student]\nmax_epochs = '3'\n", "student.max_epochs must be int"),
+    ("[search]\ntemperature = [5, 1]\n", "search.temperature must satisfy"),
+    ("[search]\nlambda = [0, 2]\n", "search.lambda must satisfy"),
+    ("[student]\nloss = 'kl'\n", "student.loss must be one of ['hinton', 'reference']"),
+    ("[search]\npruner = 'asha'\n", "search.pruner must be one of"),
+    ("[data]\nval_fraction = 0.9\n", "data.val_fraction must lie in"),
+    ("[data]\nformat = 'npz'\n", "data.path is required"),
+    ("device = 'tpu'\n", "device must be auto, cpu or cuda"),
+    ("[teacher]\nbatch_size = 0\n", "teacher.batch_size must be at least 1"),
+    ("seed = true\n", "seed must be int"),
+    ("data = 3\n", "[data] must be a table"),
+])
+def test_bad_values_name_the_key(tmp_path, text, message):
+    with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_spec(write(tmp_path, text))
+
+
+def test_missing_or_broken_files(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.toml")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(write(tmp_path, "[search\n"))
+
+
+def test_the_spec_is_frozen(tmp_path):
+    spec = load_spec(write(tmp_path, ""))
+    with pytest.raises(AttributeError):
+        spec.seed = 3

@@ -1,0 +1,79 @@
+"""The teacher cache: hit, miss, invalidation and corruption."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from kdtune import data, teacher
+from kdtune.spec import load_spec
+from kdtune.train import accuracy_of_logits
+
+
+@pytest.fixture
+def trained(tiny_spec):
+    spec = load_spec(tiny_spec())
+    splits = data.prepare(spec.data, spec.seed)
+    return spec, splits, teacher.load_or_train(spec, splits, echo=lambda _: None)
+
+
+def refuse_training(*args, **kwargs):
+    raise AssertionError("the teacher was retrained")
+
+
+def test_cache_holds_weights_logits_and_meta(trained):
+    spec, splits, cached = trained
+    assert {p.name for p in cached.folder.iterdir()} == {"weights.pt", "logits_train.npy", "logits_val.npy",
+                                                         "logits_test.npy", "meta.json"}
+    assert cached.logits["train"].dtype == torch.float32
+    assert cached.logits["train"].shape == (len(splits.x_train), 10)
+    assert cached.logits["test"].shape == (len(splits.x_test), 10)
+    meta = json.loads((cached.folder / "meta.json").read_text())
+    assert meta["val_accuracy"] == pytest.approx(accuracy_of_logits(cached.logits["val"], splits.y_val))
+    assert meta["data_fingerprint"] == splits.fingerprint and "torch" in meta["versions"]
+
+
+def test_weights_reload_and_reproduce_the_cached_logits(trained):
+    _, splits, cached = trained
+    model = teacher.load_model(cached).eval()
+    with torch.inference_mode():
+        assert torch.allclose(model(splits.x_val), cached.logits["val"], atol=1e-4)
+
+
+def test_second_run_is_a_cache_hit(trained, monkeypatch):
+    spec, splits, cached = trained
+    monkeypatch.setattr(teacher, "train", refuse_training)
+    again = teacher.load_or_train(spec, splits)
+    assert again.cache_id == cached.cache_id
+    assert torch.equal(again.logits["val"], cached.logits["val"])
+
+
+def test_other_config_or_seed_or_split_misses(trained, tiny_spec):
+    spec, splits, cached = trained
+    same_teacher_other_search = load_spec(tiny_spec("b", width="64"))
+    assert teacher.cache_id(same_teacher_other_search, splits.fingerprint) == cached.cache_id
+    other_config = replace(spec, teacher=replace(spec.teacher, max_epochs=3))
+    assert teacher.cache_id(other_config, splits.fingerprint) != cached.cache_id
+    other_seed = replace(spec, seed=1)
+    assert teacher.cache_id(other_seed, data.prepare(spec.data, 1).fingerprint) != cached.cache_id
+
+
+@pytest.mark.parametrize("damage", ["flip a byte of logits", "delete weights", "garble meta"])
+def test_corrupt_cache_is_reported_and_retrained(trained, damage):
+    spec, splits, cached = trained
+    if damage == "flip a byte of logits":
+        path = cached.folder / "logits_train.npy"
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    elif damage == "delete weights":
+        (cached.folder / "weights.pt").unlink()
+    else:
+        (cached.folder / "meta.json").write_text("{not json")
+    messages = []
+    again = teacher.load_or_train(spec, splits, echo=messages.append)
+    assert "corrupt" in messages[0]
+    assert teacher.load(again.folder).cache_id == cached.cache_id  # the retrained cache verifies
+    assert np.array_equal(np.load(again.folder / "logits_train.npy"), again.logits["train"].numpy())
