@@ -62,6 +62,8 @@ class TeacherSpec(TrainSpec):
 class StudentSpec(TrainSpec):
     max_epochs: int = 20
     patience_epochs: int = 5
+    # 256, not 128: measured 1.3x faster at width 1438 on 2 CPU cores, validation accuracy within seed noise.
+    batch_size: int = 256
     loss: str = "hinton"  # hinton | reference (see kdtune/losses.py)
 
 

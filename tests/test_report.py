@@ -1,0 +1,29 @@
+"""The report's statistics and verdict (the end-to-end report runs in test_cli.py)."""
+
+import pytest
+
+from kdtune.report import arms, paired_interval, verdict
+from kdtune.study import StudentConfig
+
+
+def test_paired_interval_is_the_student_t_interval():
+    mean, low, high = paired_interval([0.01, 0.02, 0.03])
+    half = 4.302652729911275 * 0.01 / 3 ** 0.5  # t(0.975, df=2) * sd / sqrt(n)
+    assert mean == pytest.approx(0.02) and (low, high) == pytest.approx((0.02 - half, 0.02 + half))
+
+
+@pytest.mark.parametrize("gain, low, high, phrase", [
+    (0.01, 0.004, 0.016, "Distillation pays"),
+    (-0.01, -0.02, -0.001, "Distillation hurts"),
+    (0.003, -0.002, 0.008, "No gain distinguishable from seed noise"),
+])
+def test_verdict_follows_the_interval(gain, low, high, phrase):
+    assert verdict(gain, low, high).startswith(phrase)
+
+
+def test_the_no_distillation_twin_differs_only_in_lambda():
+    tuned = StudentConfig(temperature=3.0, label_weight=0.4, width=100)
+    compared = arms(tuned)
+    twin = compared["no_distillation"]
+    assert (twin.width, twin.label_weight, twin.loss) == (100, 1.0, "hinton")
+    assert compared["reference"] == StudentConfig(10.0, 0.5, 512, "reference")
