@@ -44,6 +44,23 @@ class StudentConfig:
         return cls(params["temperature"], params["lambda"], params["width"], loss)
 
 
+@dataclass(frozen=True)
+class TrialData:
+    """The slice of the data a trial may see: no test images."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    image_shape: tuple[int, int]
+    n_classes: int
+
+    @classmethod
+    def on_device(cls, splits: Splits, device: torch.device) -> TrialData:
+        return cls(splits.x_train.to(device), splits.y_train.to(device), splits.x_val.to(device),
+                   splits.y_val.to(device), splits.image_shape, splits.n_classes)
+
+
 def suggest(trial: optuna.Trial, search: SearchSpec, loss: str) -> StudentConfig:
     def suggest_float(name: str, r: Range, log: bool) -> float:
         return trial.suggest_float(name, r.low, r.high, log=log and not r.fixed)
@@ -92,23 +109,6 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callab
         return result.val_accuracy
 
     return objective
-
-
-@dataclass(frozen=True)
-class TrialData:
-    """The slice of the data a trial may see: no test images."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    image_shape: tuple[int, int]
-    n_classes: int
-
-    @classmethod
-    def on_device(cls, splits: Splits, device: torch.device) -> TrialData:
-        return cls(splits.x_train.to(device), splits.y_train.to(device), splits.x_val.to(device),
-                   splits.y_val.to(device), splits.image_shape, splits.n_classes)
 
 
 # --------------------------------------------------------------------------------- study and storage
