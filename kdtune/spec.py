@@ -75,11 +75,13 @@ class SearchSpec:
     pruner: str = "median"  # median | hyperband | none
     n_startup_trials: int = 5  # trials that always run to the end before the pruner judges others
     n_warmup_epochs: int = 2  # epochs of every trial that are never pruned
+    control_arms: bool = True  # run the reference configuration and no-distillation students first
 
 
 @dataclass(frozen=True)
 class ReportSpec:
     n_seeds: int = 3
+    n_candidates: int = 5  # top configurations by validation accuracy retrained over seeds to pick the winner
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,8 @@ def validate(spec: Spec) -> None:
               f"{high_limit}, but got [{r.low}, {r.high}].")
     check(search.n_startup_trials >= 0 and search.n_warmup_epochs >= 0,
           "search.n_startup_trials and search.n_warmup_epochs must not be negative.")
+    check(spec.report.n_candidates >= 1, f"report.n_candidates must be at least 1, but got "
+          f"{spec.report.n_candidates}.")
     check(spec.report.n_seeds >= 2, f"report.n_seeds must be at least 2 for an interval, but got "
           f"{spec.report.n_seeds}.")
 

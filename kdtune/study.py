@@ -18,15 +18,18 @@ import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
+from kdtune import health
 from kdtune.data import Splits
 from kdtune.losses import LOSSES
 from kdtune.models import StudentMLP, resolve_device, student_n_parameters
 from kdtune.provenance import versions
 from kdtune.spec import Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
 from kdtune.teacher import CachedTeacher
-from kdtune.train import FitResult, TrainingDiverged, fit
+from kdtune.train import FitResult, TrainingDiverged, fit, predict
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# A trial that ends this way is recorded as failed, with its reason, and the study goes on.
+TRIAL_FAILURES = (TrainingDiverged, health.StuckAtChance)
 # Spec sections that decide what a trial's value means: resuming with any of them changed would mix
 # incomparable trials in one study.
 RECORDED_SECTIONS = ("seed", "data", "teacher", "student", "search")
@@ -39,9 +42,14 @@ class StudentConfig:
     width: int
     loss: str = "hinton"
 
+    def as_params(self) -> dict:
+        """The user-facing names, as in the study and the spec."""
+        return {"temperature": self.temperature, "lambda": self.label_weight, "width": self.width, "loss": self.loss}
+
     @classmethod
-    def from_params(cls, params: dict, loss: str) -> StudentConfig:
-        return cls(params["temperature"], params["lambda"], params["width"], loss)
+    def from_trial(cls, trial: optuna.trial.FrozenTrial) -> StudentConfig:
+        params = trial.params
+        return cls(params["temperature"], params["lambda"], params["width"], trial.user_attrs["loss"])
 
 
 @dataclass(frozen=True)
@@ -83,13 +91,29 @@ def train_student(config: StudentConfig, schedule: StudentSpec, data: TrialData,
     return model, result
 
 
+def control_arms(search: SearchSpec) -> list[tuple[dict, dict]]:
+    """(params, user_attrs) of the trials every study runs first: the seed project's configuration, and the
+    student without distillation (lambda = 1) at the smallest, middle and largest width. Arms outside the
+    search ranges are left out."""
+    width = search.width
+    widths = sorted({int(width.low), round((width.low * width.high) ** 0.5), int(width.high)})
+    arms = [({"temperature": 10.0, "lambda": 0.5, "width": 512}, {"control": "reference", "loss": "reference"})]
+    arms += [({"temperature": search.temperature.low, "lambda": 1.0, "width": w}, {"control": "no_distillation"})
+             for w in widths]
+    ranges = {"temperature": search.temperature, "lambda": search.label_weight, "width": width}
+    return [(params, attrs) for params, attrs in arms
+            if all(ranges[k].low <= v <= ranges[k].high for k, v in params.items())]
+
+
 def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callable[[optuna.Trial], float]:
     device = resolve_device(spec.device)
     trial_data = TrialData.on_device(splits, device)
     teacher_train_logits = teacher.logits["train"].to(device)
+    teacher_val_logits = teacher.logits["val"].to(device)
 
     def objective(trial: optuna.Trial) -> float:
-        config = suggest(trial, spec.search, spec.student.loss)
+        config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))
+        trial.set_user_attr("loss", config.loss)
         trial.set_user_attr("n_parameters", student_n_parameters(trial_data.image_shape, trial_data.n_classes,
                                                                  config.width))
         n_epochs, started = 0, time.perf_counter()
@@ -102,10 +126,18 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callab
                 raise optuna.TrialPruned(f"pruned after epoch {n_epochs} at val_accuracy={val_accuracy:.4f}")
 
         try:
-            _, result = train_student(config, spec.student, trial_data, teacher_train_logits, spec.seed, report)
+            model, result = train_student(config, spec.student, trial_data, teacher_train_logits, spec.seed, report)
+            health.check_learnt(result.val_accuracy, trial_data.n_classes)
+        except TRIAL_FAILURES as failure:
+            trial.set_user_attr("fail_reason", str(failure))
+            raise
         finally:  # pruned and failed trials keep their cost too
             trial.set_user_attr("n_epochs", n_epochs)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
+        student_val_logits = predict(model, trial_data.x_val)
+        for name, value in health.measure(student_val_logits, teacher_val_logits, trial_data.y_val,
+                                          config.temperature).items():
+            trial.set_user_attr(name, value)
         return result.val_accuracy
 
     return objective
@@ -151,6 +183,9 @@ def open_study(spec: Spec, *, create: bool) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=spec.seed + n_trials)
     study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize", sampler=sampler,
                                 pruner=make_pruner(spec), load_if_exists=True)
+    if n_trials == 0 and spec.search.control_arms:
+        for params, attrs in control_arms(spec.search):
+            study.enqueue_trial(params, user_attrs=attrs)
     recorded = study.user_attrs.get("spec")
     current = to_toml_dict(spec)
     if recorded is not None:
@@ -180,7 +215,7 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None)
     n_missing = n_trials - n_finished(study)
     if n_missing <= 0:
         return
-    study.optimize(objective, n_trials=n_missing, timeout=timeout, catch=(TrainingDiverged,),
+    study.optimize(objective, n_trials=n_missing, timeout=timeout, catch=TRIAL_FAILURES,
                    callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], show_progress_bar=True)
 
 
@@ -191,4 +226,5 @@ def best(study: optuna.Study) -> dict:
         raise SpecError(f"study {study.study_name!r} has no completed trial yet; run `kdtune tune`.") from error
     return {"trial": trial.number, "temperature": trial.params["temperature"], "lambda": trial.params["lambda"],
             "width": trial.params["width"], "val_accuracy": trial.value,
-            "n_parameters": trial.user_attrs.get("n_parameters"), "n_epochs": trial.user_attrs.get("n_epochs")}
+            "n_parameters": trial.user_attrs.get("n_parameters"), "n_epochs": trial.user_attrs.get("n_epochs"),
+            "loss": trial.user_attrs["loss"], "control": trial.user_attrs.get("control")}

@@ -86,3 +86,43 @@ def test_nan_loss_fails_the_trial_not_the_study(setup, tiny_spec):
     the_study = study.open_study(spec, create=True)
     study.run(the_study, study.make_objective(spec, splits, nan_logits), n_trials=2, timeout=None)
     assert [t.state for t in the_study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all("loss became nan" in t.user_attrs["fail_reason"] for t in the_study.trials)
+
+
+def test_a_new_study_runs_the_control_arms_first(setup, tiny_spec):
+    _, splits, cached = setup
+    spec = load_spec(tiny_spec("controls", width="[16, 1024]"))
+    the_study = study.open_study(spec, create=True)
+    study.run(the_study, study.make_objective(spec, splits, cached), n_trials=5, timeout=None)
+    controls = [(t.user_attrs.get("control"), t.params["lambda"], t.params["width"], t.user_attrs["loss"])
+                for t in the_study.trials[:4]]
+    assert controls == [("reference", 0.5, 512, "reference"), ("no_distillation", 1.0, 16, "hinton"),
+                        ("no_distillation", 1.0, 128, "hinton"), ("no_distillation", 1.0, 1024, "hinton")]
+    assert the_study.trials[0].params["temperature"] == 10.0
+    assert the_study.trials[4].user_attrs.get("control") is None
+    again = study.open_study(spec, create=True)  # resuming enqueues nothing more
+    assert not again.get_trials(states=(optuna.trial.TrialState.WAITING,))
+
+
+def test_controls_outside_the_search_space_are_left_out(tiny_spec):
+    spec = load_spec(tiny_spec("narrow", width="[16, 64]", search="lambda = [0.0, 0.9]"))
+    assert study.control_arms(spec.search) == []
+
+
+def test_completed_trials_record_distillation_health(setup):
+    spec, splits, cached = setup
+    the_study = study.open_study(spec, create=True)
+    study.run(the_study, study.make_objective(spec, splits, cached), n_trials=1, timeout=None)
+    attrs = the_study.trials[0].user_attrs
+    assert 0.0 <= attrs["teacher_agreement"] <= 1.0 and attrs["kl_at_temperature"] >= 0.0
+    assert 0.0 <= attrs["calibration_error"] <= 1.0
+
+
+def test_a_student_stuck_at_chance_fails_with_its_reason(setup):
+    spec, splits, cached = setup
+    unlearnable = dataclasses.replace(splits, y_val=torch.full_like(splits.y_val, -1))  # no prediction is right
+    the_study = study.open_study(spec, create=True)
+    study.run(the_study, study.make_objective(spec, unlearnable, cached), n_trials=1, timeout=None)
+    trial = the_study.trials[0]
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert "stayed at chance" in trial.user_attrs["fail_reason"]
