@@ -82,7 +82,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=False)
     cached = teacher.load_or_train(spec, splits)
-    print(f"Retraining 3 configurations x {spec.report.n_seeds} seeds and testing them:")
+    print(f"Retraining the top {spec.report.n_candidates} configurations x {spec.report.n_seeds} seeds to pick the "
+          "winner on validation, then the winner, its no-distillation twin and the reference on the test set:")
     result = report.evaluate(spec, splits, cached, the_study)
     md_path, json_path = report.write(result, spec)
     print(report.to_markdown(result))

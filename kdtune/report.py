@@ -1,13 +1,17 @@
 """The final, honest comparison: the only place kdtune reads the test set.
 
-The best configuration, its no-distillation twin (same width, lambda = 1) and the seed project's
-configuration are each retrained with K fresh seeds (not the seed the search used, so a configuration
-that won by a lucky seed does not keep its luck). The distillation gain is paired over seeds: same seed,
-same initial weights and batch order, with and without the teacher.
+1. Noise-aware winner: the top-k configurations by validation accuracy are retrained with K fresh seeds
+   (not the seed the search used, so a configuration that won by a lucky seed does not keep its luck); the
+   winner has the best mean validation accuracy, ties going to the smaller student.
+2. Only the winner, its no-distillation twin (same width, lambda = 1) and the seed project's configuration
+   are evaluated on the test set; the study records that it was read, for which configurations, and when.
+3. The distillation gain is paired over seeds: same seed, same initial weights and batch order, with and
+   without the teacher.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -17,20 +21,20 @@ import optuna
 from scipy import stats
 
 from kdtune.data import Splits
-from kdtune.models import n_parameters, resolve_device
+from kdtune.models import resolve_device, student_n_parameters
 from kdtune.provenance import machine, versions
-from kdtune.spec import Spec, to_toml_dict
-from kdtune.study import StudentConfig, TrialData, best, train_student
+from kdtune.spec import Spec, SpecError, to_toml_dict
+from kdtune.study import StudentConfig, TrialData, train_student
 from kdtune.teacher import CachedTeacher
 from kdtune.train import accuracy, accuracy_of_logits
 
 REFERENCE = StudentConfig(temperature=10.0, label_weight=0.5, width=512, loss="reference")
 
 
-def arms(best_config: StudentConfig) -> dict[str, StudentConfig]:
+def arms(winner: StudentConfig) -> dict[str, StudentConfig]:
     return {
-        "tuned": best_config,
-        "no_distillation": StudentConfig(best_config.temperature, 1.0, best_config.width, "hinton"),
+        "tuned": winner,
+        "no_distillation": dataclasses.replace(winner, label_weight=1.0, loss="hinton"),
         "reference": REFERENCE,
     }
 
@@ -38,76 +42,162 @@ def arms(best_config: StudentConfig) -> dict[str, StudentConfig]:
 def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean of paired differences and its two-sided Student-t confidence interval."""
     mean = statistics.fmean(differences)
+    if len(set(differences)) == 1:  # identical arms (the winner does not distil): no spread, no interval
+        return mean, mean, mean
     half = stats.t.ppf(0.5 + confidence / 2, len(differences) - 1) * statistics.stdev(differences) \
         / math.sqrt(len(differences))
     return mean, mean - half, mean + half
 
 
+def top_configurations(study: optuna.Study, n: int) -> list[tuple[int, StudentConfig]]:
+    """(trial number, config) of the n best distinct configurations by validation accuracy."""
+    complete = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                      key=lambda t: t.value, reverse=True)
+    found: dict[StudentConfig, int] = {}
+    for trial in complete:
+        found.setdefault(StudentConfig.from_trial(trial), trial.number)
+        if len(found) == n:
+            break
+    return [(number, config) for config, number in found.items()]
+
+
+def pick_winner(candidates: list[dict]) -> dict:
+    """The best mean validation accuracy over seeds; on a tie, the smaller student."""
+    return max(candidates, key=lambda c: (c["val_mean"], -c["n_parameters"]))
+
+
 def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.Study, echo=print) -> dict:
     device = resolve_device(spec.device)
     data = TrialData.on_device(splits, device)
-    x_test, y_test = splits.x_test.to(device), splits.y_test.to(device)
     teacher_train_logits = teacher.logits["train"].to(device)
-    best_trial = best(study)
     seeds = [spec.seed + 1 + i for i in range(spec.report.n_seeds)]
-    rows = {}
     started = time.perf_counter()
-    for name, config in arms(StudentConfig.from_params(best_trial, spec.student.loss)).items():
-        runs = []
-        for seed in seeds:
-            model, result = train_student(config, spec.student, data, teacher_train_logits, seed)
-            runs.append({"seed": seed, "val_accuracy": result.val_accuracy, "n_epochs": result.n_epochs,
-                         "test_accuracy": accuracy(model, x_test, y_test)})
-            echo(f"  {name:<16} seed {seed}: test accuracy {runs[-1]['test_accuracy']:.4f}")
-        tests = [r["test_accuracy"] for r in runs]
-        rows[name] = {"config": {"temperature": config.temperature, "lambda": config.label_weight,
-                                 "width": config.width, "loss": config.loss},
-                      "n_parameters": n_parameters(model), "runs": runs,
-                      "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests)}
-    differences = [a["test_accuracy"] - b["test_accuracy"]
-                   for a, b in zip(rows["tuned"]["runs"], rows["no_distillation"]["runs"])]
-    gain, low, high = paired_interval(differences) if len(set(differences)) > 1 else (differences[0],) * 3
+
+    def train_over_seeds(name: str, config: StudentConfig) -> list:
+        runs = [train_student(config, spec.student, data, teacher_train_logits, seed) for seed in seeds]
+        echo(f"  {name:<24} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs))
+        return runs
+
+    # 1. the winner, chosen on validation accuracy over seeds
+    top = top_configurations(study, spec.report.n_candidates)
+    if not top:
+        raise SpecError(f"study {study.study_name!r} has no completed trial yet; run `kdtune tune`.")
+    candidates, candidate_runs = [], {}
+    for number, config in top:
+        candidate_runs[number] = train_over_seeds(f"trial {number}", config)
+        vals = [r.val_accuracy for _, r in candidate_runs[number]]
+        candidates.append({"trial": number, "config": config.as_params(), "val_mean": statistics.fmean(vals),
+                           "val_std": statistics.stdev(vals),
+                           "n_parameters": student_n_parameters(data.image_shape, data.n_classes, config.width)})
+    winner = pick_winner(candidates)
+    winner_config = dict(top)[winner["trial"]]
+
+    # 2. the test set, read once, for three configurations
+    x_test, y_test = splits.x_test.to(device), splits.y_test.to(device)
+    rows = {}
+    for name, config in arms(winner_config).items():
+        runs = candidate_runs[winner["trial"]] if name == "tuned" else train_over_seeds(name, config)
+        tests = [accuracy(model, x_test, y_test) for model, _ in runs]
+        rows[name] = {"config": config.as_params(), "test_accuracy": tests,
+                      "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests),
+                      "val_mean": statistics.fmean(r.val_accuracy for _, r in runs),
+                      "n_parameters": student_n_parameters(data.image_shape, data.n_classes, config.width)}
+    record_test_read(study, rows)
+
+    differences = [a - b for a, b in zip(rows["tuned"]["test_accuracy"], rows["no_distillation"]["test_accuracy"])]
+    gain, low, high = paired_interval(differences)
+    teacher_test = accuracy_of_logits(teacher.logits["test"], splits.y_test)
     return {
-        "study": study.study_name, "best_trial": best_trial, "seeds": seeds,
+        "study": study.study_name, "seeds": seeds, "candidates": candidates, "winner_trial": winner["trial"],
         "teacher": {"cache_id": teacher.cache_id, "n_parameters": teacher.meta["n_parameters"],
-                    "val_accuracy": teacher.val_accuracy,
-                    "test_accuracy": accuracy_of_logits(teacher.logits["test"], splits.y_test)},
+                    "val_accuracy": teacher.val_accuracy, "test_accuracy": teacher_test},
         "rows": rows, "gain": {"mean": gain, "ci95_low": low, "ci95_high": high, "paired_differences": differences},
-        "verdict": verdict(gain, low, high), "seconds": round(time.perf_counter() - started, 1),
-        "spec": to_toml_dict(spec), "data_fingerprint": splits.fingerprint, "versions": versions(),
-        "machine": machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "temperature_by_width": temperature_by_width(study),
+        "verdict": verdict(gain, low, high, teacher_lead=teacher_test - rows["no_distillation"]["test_mean"]),
+        "seconds": round(time.perf_counter() - started, 1), "spec": to_toml_dict(spec),
+        "data_fingerprint": splits.fingerprint, "versions": versions(), "machine": machine(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def verdict(gain: float, low: float, high: float) -> str:
+def record_test_read(study: optuna.Study, rows: dict) -> None:
+    """Append to the study's log of test-set reads: a study whose test set was read many times is suspect."""
+    reads = study.user_attrs.get("test_reads", [])
+    reads.append({"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "configs": {name: row["config"] for name, row in rows.items()}})
+    study.set_user_attr("test_reads", reads)
+
+
+def temperature_by_width(study: optuna.Study, n_top: int = 5) -> dict:
+    """Does the best temperature depend on the student's width here? (Hinton et al. 2015: small students
+    preferred T of about 2.5-4, large ones anything above 8.) Compares the top trials of the narrower and
+    the wider half of the distilling trials."""
+    distilling = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                  if t.params["lambda"] < 1.0 and not t.user_attrs.get("control")]
+    if len(distilling) < 2 * n_top:
+        return {"statement": f"Too few distilling trials ({len(distilling)}) to tell whether the best temperature "
+                             "depends on width."}
+    split_width = statistics.median(t.params["width"] for t in distilling)
+    halves = {"narrow": [t for t in distilling if t.params["width"] <= split_width],
+              "wide": [t for t in distilling if t.params["width"] > split_width]}
+    best_t = {}
+    for name, trials in halves.items():
+        top = sorted(trials, key=lambda t: t.value, reverse=True)[:n_top]
+        temps = sorted(t.params["temperature"] for t in top)
+        best_t[name] = {"median": statistics.median(temps), "low": temps[0], "high": temps[-1], "n": len(top)}
+    narrow, wide = best_t["narrow"], best_t["wide"]
+    apart = narrow["high"] < wide["low"] or wide["high"] < narrow["low"]
+    statement = (f"Top {n_top} trials of students of width <= {split_width:.0f}: T {narrow['low']:.2g}-"
+                 f"{narrow['high']:.2g} (median {narrow['median']:.2g}); wider students: T {wide['low']:.2g}-"
+                 f"{wide['high']:.2g} (median {wide['median']:.2g}). "
+                 + ("The ranges do not overlap: the best temperature depends on width in this study."
+                    if apart else "The ranges overlap: no width dependence of the best temperature is visible here."))
+    return {"split_width": split_width, "narrow": narrow, "wide": wide, "depends_on_width": apart,
+            "statement": statement}
+
+
+def verdict(gain: float, low: float, high: float, teacher_lead: float) -> str:
     points = f"{100 * gain:+.2f} points (95% CI {100 * low:+.2f} to {100 * high:+.2f})"
+    lead = f"The teacher is {100 * teacher_lead:+.2f} points ahead of the student trained alone."
     if low > 0:
-        return f"Distillation pays: the tuned student beats the same student trained alone by {points}."
+        return f"Distillation pays: the tuned student beats the same student trained alone by {points}. {lead}"
+    advice = ("Train the student alone, or give distillation more to transfer: a stronger teacher (more epochs, "
+              "more data than the student's labels), or unlabelled transfer images that only the teacher labels.")
     if high < 0:
-        return f"Distillation hurts here: {points} against the same student trained alone."
-    return f"No gain distinguishable from seed noise: {points}. Train the student alone, or try a stronger teacher."
+        return f"Distillation hurts here: {points} against the same student trained alone. {lead} {advice}"
+    return f"No gain distinguishable from seed noise at 95%: {points}. {lead} {advice}"
 
 
 def to_markdown(report: dict) -> str:
     teacher = report["teacher"]
     lines = [
         f"# Distillation report: {report['study']}", "",
-        f"Test accuracy over {len(report['seeds'])} seeds {report['seeds']} (mean ± std). The configuration was "
-        f"chosen on validation accuracy (trial {report['best_trial']['trial']}, "
-        f"val {report['best_trial']['val_accuracy']:.4f}); the test set was read only here.", "",
-        "| model | temperature | lambda | width | loss | parameters | test accuracy |",
-        "|---|---|---|---|---|---|---|",
+        f"## Winner on validation (top {len(report['candidates'])} configurations x seeds {report['seeds']})", "",
+        "| trial | temperature | lambda | width | loss | parameters | val accuracy |", "|---|---|---|---|---|---|---|",
+    ]
+    for c in report["candidates"]:
+        mark = " **winner**" if c["trial"] == report["winner_trial"] else ""
+        lines.append(f"| {c['trial']}{mark} | {_config_cells(c['config'])} | {c['n_parameters']:,} | "
+                     f"{100 * c['val_mean']:.2f} ± {100 * c['val_std']:.2f}% |")
+    lines += [
+        "", "## Test set (read only here, for these three configurations)", "",
+        "| model | temperature | lambda | width | loss | parameters | test accuracy |", "|---|---|---|---|---|---|---|",
         f"| teacher (CNN) | | | | | {teacher['n_parameters']:,} | {100 * teacher['test_accuracy']:.2f}% |",
     ]
     for name, row in report["rows"].items():
-        c = row["config"]
-        lines.append(f"| {name.replace('_', ' ')} | {c['temperature']:.3g} | {c['lambda']:.3g} | {c['width']} | "
-                     f"{c['loss']} | {row['n_parameters']:,} | {100 * row['test_mean']:.2f} ± "
-                     f"{100 * row['test_std']:.2f}% |")
+        lines.append(f"| {name.replace('_', ' ')} | {_config_cells(row['config'])} | {row['n_parameters']:,} | "
+                     f"{100 * row['test_mean']:.2f} ± {100 * row['test_std']:.2f}% |")
     lines += ["", f"**Verdict.** {report['verdict']}", "",
+              f"**Temperature and width.** {report['temperature_by_width']['statement']}", "",
               f"Data fingerprint `{report['data_fingerprint'][:16]}`, teacher cache `{teacher['cache_id']}`, "
-              f"{report['machine']}, torch {report['versions']['torch']}, optuna {report['versions']['optuna']}."]
+              f"{report['machine']}, torch {report['versions']['torch']}, optuna {report['versions']['optuna']}, "
+              f"{report['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def _config_cells(config: dict) -> str:
+    return (f"{config['temperature']:.3g} | {config['lambda']:.3g} | {config['width']} | "
+            f"{config['loss']}")
 
 
 def write(report: dict, spec: Spec) -> tuple[str, str]:

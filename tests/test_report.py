@@ -2,8 +2,12 @@
 
 import pytest
 
-from kdtune.report import arms, paired_interval, verdict
+from kdtune.report import arms, paired_interval, pick_winner, verdict
 from kdtune.study import StudentConfig
+
+
+def test_identical_arms_give_a_zero_width_interval():
+    assert paired_interval([0.0, 0.0, 0.0]) == (0.0, 0.0, 0.0)
 
 
 def test_paired_interval_is_the_student_t_interval():
@@ -18,7 +22,8 @@ def test_paired_interval_is_the_student_t_interval():
     (0.003, -0.002, 0.008, "No gain distinguishable from seed noise"),
 ])
 def test_verdict_follows_the_interval(gain, low, high, phrase):
-    assert verdict(gain, low, high).startswith(phrase)
+    said = verdict(gain, low, high, teacher_lead=0.02)
+    assert said.startswith(phrase) and "teacher is +2.00 points ahead" in said
 
 
 def test_the_no_distillation_twin_differs_only_in_lambda():
@@ -27,3 +32,10 @@ def test_the_no_distillation_twin_differs_only_in_lambda():
     twin = compared["no_distillation"]
     assert (twin.width, twin.label_weight, twin.loss) == (100, 1.0, "hinton")
     assert compared["reference"] == StudentConfig(10.0, 0.5, 512, "reference")
+
+
+def test_winner_is_the_best_mean_over_seeds_and_ties_go_to_the_smaller_student():
+    candidates = [{"trial": 0, "val_mean": 0.80, "n_parameters": 10},
+                  {"trial": 1, "val_mean": 0.85, "n_parameters": 900},
+                  {"trial": 2, "val_mean": 0.85, "n_parameters": 300}]
+    assert pick_winner(candidates)["trial"] == 2
