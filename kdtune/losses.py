@@ -1,10 +1,23 @@
 """Distillation losses: pure functions of (student logits, teacher logits, labels).
 
-`label_weight` is the user-facing `lambda`: the weight of the hard-label cross-entropy.
+`label_weight` is the user-facing `lambda`: the weight of the hard-label cross-entropy, taken over the
+labelled images of the batch only; the soft term covers every image.
 """
 
 import torch
 import torch.nn.functional as F
+
+# The label of a training image whose label is withheld from the student (see kdtune/transfer.py).
+UNLABELLED = -1
+
+
+def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled rows of the batch; 0 when none is labelled.
+
+    Summed and divided on the device, not filtered by a boolean mask, to avoid a host sync per batch.
+    """
+    n_labelled = (labels != UNLABELLED).sum().clamp(min=1)
+    return F.cross_entropy(logits, labels, ignore_index=UNLABELLED, reduction="sum") / n_labelled
 
 
 def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -15,7 +28,7 @@ def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labe
     same scale as the label term whatever T is, so `lambda` means the same thing at T=2 and at T=20.
     KL uses reduction="batchmean": "mean" would also divide by the class count, silently shrinking the term.
     """
-    hard = F.cross_entropy(student_logits, labels)
+    hard = label_cross_entropy(student_logits, labels)
     if label_weight == 1.0:
         return hard
     soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
@@ -32,7 +45,7 @@ def reference_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, l
     """
     soft_targets = F.softmax(teacher_logits / temperature, dim=1)
     soft = -(soft_targets * F.log_softmax(student_logits / temperature, dim=1)).sum(dim=1).mean()
-    return label_weight * F.cross_entropy(student_logits, labels) + soft
+    return label_weight * label_cross_entropy(student_logits, labels) + soft
 
 
 LOSSES = {"hinton": hinton_loss, "reference": reference_loss}

@@ -21,11 +21,13 @@ import optuna
 from scipy import stats
 
 from kdtune.data import Splits
+from kdtune.losses import UNLABELLED
 from kdtune.models import resolve_device, student_n_parameters
 from kdtune.provenance import machine, versions
 from kdtune.spec import Spec, SpecError, to_toml_dict
-from kdtune.study import StudentConfig, TrialData, train_student
+from kdtune.study import StudentConfig, train_student
 from kdtune.teacher import CachedTeacher
+from kdtune.transfer import StudentData
 from kdtune.train import accuracy, accuracy_of_logits
 
 REFERENCE = StudentConfig(temperature=10.0, label_weight=0.5, width=512, loss="reference")
@@ -68,13 +70,12 @@ def pick_winner(candidates: list[dict]) -> dict:
 
 def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.Study, echo=print) -> dict:
     device = resolve_device(spec.device)
-    data = TrialData.on_device(splits, device)
-    teacher_train_logits = teacher.logits["train"].to(device)
+    data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, device)
     seeds = [spec.seed + 1 + i for i in range(spec.report.n_seeds)]
     started = time.perf_counter()
 
     def train_over_seeds(name: str, config: StudentConfig) -> list:
-        runs = [train_student(config, spec.student, data, teacher_train_logits, seed) for seed in seeds]
+        runs = [train_student(config, spec.student, data, seed) for seed in seeds]
         echo(f"  {name:<24} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs))
         return runs
 
@@ -111,6 +112,8 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         "study": study.study_name, "seeds": seeds, "candidates": candidates, "winner_trial": winner["trial"],
         "teacher": {"cache_id": teacher.cache_id, "n_parameters": teacher.meta["n_parameters"],
                     "val_accuracy": teacher.val_accuracy, "test_accuracy": teacher_test},
+        "students": {"n_labelled": int((data.y_train != UNLABELLED).sum()),
+                     "n_unlabelled": int((data.y_train == UNLABELLED).sum())},
         "rows": rows, "gain": {"mean": gain, "ci95_low": low, "ci95_high": high, "paired_differences": differences},
         "temperature_by_width": temperature_by_width(study),
         "verdict": verdict(gain, low, high, teacher_lead=teacher_test - rows["no_distillation"]["test_mean"]),
@@ -172,6 +175,10 @@ def to_markdown(report: dict) -> str:
     teacher = report["teacher"]
     lines = [
         f"# Distillation report: {report['study']}", "",
+        f"Students learn from {report['students']['n_labelled']:,} labelled training images"
+        + (f" and {report['students']['n_unlabelled']:,} whose labels are withheld (teacher soft targets only)"
+           if report["students"]["n_unlabelled"] else "") + "; students without distillation from the labelled "
+        "ones only.", "",
         f"## Winner on validation (top {len(report['candidates'])} configurations x seeds {report['seeds']})", "",
         "| trial | temperature | lambda | width | loss | parameters | val accuracy |", "|---|---|---|---|---|---|---|",
     ]

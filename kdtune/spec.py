@@ -79,6 +79,14 @@ class SearchSpec:
 
 
 @dataclass(frozen=True)
+class TransferSpec:
+    """What the students learn from (the teacher always learns from every training image with its label)."""
+
+    labelled: float = 1.0  # a fraction (<= 1) or a count (> 1) of training images whose labels students see
+    unlabelled: bool = False  # also train students on the other training images, teacher soft targets only
+
+
+@dataclass(frozen=True)
 class ReportSpec:
     n_seeds: int = 3
     n_candidates: int = 5  # top configurations by validation accuracy retrained over seeds to pick the winner
@@ -94,6 +102,7 @@ class Spec:
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
+    transfer: TransferSpec = field(default_factory=TransferSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
 
     @property
@@ -158,6 +167,8 @@ def validate(spec: Spec) -> None:
               f"{high_limit}, but got [{r.low}, {r.high}].")
     check(search.n_startup_trials >= 0 and search.n_warmup_epochs >= 0,
           "search.n_startup_trials and search.n_warmup_epochs must not be negative.")
+    check(spec.transfer.labelled > 0 and (spec.transfer.labelled <= 1 or spec.transfer.labelled.is_integer()),
+          f"transfer.labelled must be a fraction in (0, 1] or a whole count, but got {spec.transfer.labelled}.")
     check(spec.report.n_candidates >= 1, f"report.n_candidates must be at least 1, but got "
           f"{spec.report.n_candidates}.")
     check(spec.report.n_seeds >= 2, f"report.n_seeds must be at least 2 for an interval, but got "

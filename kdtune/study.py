@@ -25,6 +25,7 @@ from kdtune.models import StudentMLP, resolve_device, student_n_parameters
 from kdtune.provenance import versions
 from kdtune.spec import Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
 from kdtune.teacher import CachedTeacher
+from kdtune.transfer import StudentData
 from kdtune.train import FitResult, TrainingDiverged, fit, predict
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -32,7 +33,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 TRIAL_FAILURES = (TrainingDiverged, health.StuckAtChance)
 # Spec sections that decide what a trial's value means: resuming with any of them changed would mix
 # incomparable trials in one study.
-RECORDED_SECTIONS = ("seed", "data", "teacher", "student", "search")
+RECORDED_SECTIONS = ("seed", "data", "teacher", "student", "search", "transfer")
 
 
 @dataclass(frozen=True)
@@ -52,23 +53,6 @@ class StudentConfig:
         return cls(params["temperature"], params["lambda"], params["width"], trial.user_attrs["loss"])
 
 
-@dataclass(frozen=True)
-class TrialData:
-    """The slice of the data a trial may see: no test images."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    image_shape: tuple[int, int]
-    n_classes: int
-
-    @classmethod
-    def on_device(cls, splits: Splits, device: torch.device) -> TrialData:
-        return cls(splits.x_train.to(device), splits.y_train.to(device), splits.x_val.to(device),
-                   splits.y_val.to(device), splits.image_shape, splits.n_classes)
-
-
 def suggest(trial: optuna.Trial, search: SearchSpec, loss: str) -> StudentConfig:
     def suggest_float(name: str, r: Range, log: bool) -> float:
         return trial.suggest_float(name, r.low, r.high, log=log and not r.fixed)
@@ -80,14 +64,16 @@ def suggest(trial: optuna.Trial, search: SearchSpec, loss: str) -> StudentConfig
         loss=loss)
 
 
-def train_student(config: StudentConfig, schedule: StudentSpec, data: TrialData, teacher_train_logits: torch.Tensor,
-                  seed: int, report: Callable[[int, float], None] | None = None) -> tuple[StudentMLP, FitResult]:
-    """One student on tensors already on the device."""
+def train_student(config: StudentConfig, schedule: StudentSpec, data: StudentData, seed: int,
+                  report: Callable[[int, float], None] | None = None) -> tuple[StudentMLP, FitResult]:
+    """One student on tensors already on the device; without distillation, on the labelled images only."""
+    if config.label_weight == 1.0:
+        data = data.labelled_only()
     torch.manual_seed(seed)
     model = StudentMLP(data.image_shape, data.n_classes, config.width)
     loss_fn = functools.partial(LOSSES[config.loss], temperature=config.temperature, label_weight=config.label_weight)
     result = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, loss_fn=loss_fn, schedule=schedule,
-                 seed=seed, teacher_logits=teacher_train_logits, report=report)
+                 seed=seed, teacher_logits=data.teacher_logits, report=report)
     return model, result
 
 
@@ -107,8 +93,7 @@ def control_arms(search: SearchSpec) -> list[tuple[dict, dict]]:
 
 def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callable[[optuna.Trial], float]:
     device = resolve_device(spec.device)
-    trial_data = TrialData.on_device(splits, device)
-    teacher_train_logits = teacher.logits["train"].to(device)
+    trial_data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, device)
     teacher_val_logits = teacher.logits["val"].to(device)
 
     def objective(trial: optuna.Trial) -> float:
@@ -126,7 +111,7 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callab
                 raise optuna.TrialPruned(f"pruned after epoch {n_epochs} at val_accuracy={val_accuracy:.4f}")
 
         try:
-            model, result = train_student(config, spec.student, trial_data, teacher_train_logits, spec.seed, report)
+            model, result = train_student(config, spec.student, trial_data, spec.seed, report)
             health.check_learnt(result.val_accuracy, trial_data.n_classes)
         except TRIAL_FAILURES as failure:
             trial.set_user_attr("fail_reason", str(failure))
