@@ -76,8 +76,11 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Retrain the best configuration, its no-distillation twin and the seed project's configuration over
-    --seeds seeds, evaluate them on the test set, and write studies/<name>/report.md and report.json."""
+    """Pick the winner by retraining the top configurations over --seeds seeds, then test it against its
+    no-distillation twin and the seed project's configuration; write studies/<name>/report.md and .json.
+
+    The winner is chosen on validation accuracy; the test set is read only for the three final configurations.
+    """
     spec = _spec(args)
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=False)
