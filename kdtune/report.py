@@ -116,7 +116,8 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
                      "n_unlabelled": int((data.y_train == UNLABELLED).sum())},
         "rows": rows, "gain": {"mean": gain, "ci95_low": low, "ci95_high": high, "paired_differences": differences},
         "temperature_by_width": temperature_by_width(study),
-        "verdict": verdict(gain, low, high, teacher_lead=teacher_test - rows["no_distillation"]["test_mean"]),
+        "verdict": verdict(gain, low, high, teacher_lead=teacher_test - rows["no_distillation"]["test_mean"],
+                           winner_distils=winner_config.label_weight < 1.0),
         "seconds": round(time.perf_counter() - started, 1), "spec": to_toml_dict(spec),
         "data_fingerprint": splits.fingerprint, "versions": versions(), "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -159,13 +160,15 @@ def temperature_by_width(study: optuna.Study, n_top: int = 5) -> dict:
             "statement": statement}
 
 
-def verdict(gain: float, low: float, high: float, teacher_lead: float) -> str:
+def verdict(gain: float, low: float, high: float, teacher_lead: float, winner_distils: bool = True) -> str:
     points = f"{100 * gain:+.2f} points (95% CI {100 * low:+.2f} to {100 * high:+.2f})"
     lead = f"The teacher is {100 * teacher_lead:+.2f} points ahead of the student trained alone."
-    if low > 0:
-        return f"Distillation pays: the tuned student beats the same student trained alone by {points}. {lead}"
     advice = ("Train the student alone, or give distillation more to transfer: a stronger teacher (more epochs, "
               "more data than the student's labels), or unlabelled transfer images that only the teacher labels.")
+    if not winner_distils:
+        return f"No gain here: the best configuration on validation does not distil (lambda = 1). {lead} {advice}"
+    if low > 0:
+        return f"Distillation pays: the tuned student beats the same student trained alone by {points}. {lead}"
     if high < 0:
         return f"Distillation hurts here: {points} against the same student trained alone. {lead} {advice}"
     return f"No gain distinguishable from seed noise at 95%: {points}. {lead} {advice}"

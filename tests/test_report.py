@@ -39,3 +39,8 @@ def test_winner_is_the_best_mean_over_seeds_and_ties_go_to_the_smaller_student()
                   {"trial": 1, "val_mean": 0.85, "n_parameters": 900},
                   {"trial": 2, "val_mean": 0.85, "n_parameters": 300}]
     assert pick_winner(candidates)["trial"] == 2
+
+
+def test_verdict_when_the_winner_does_not_distil():
+    assert verdict(0.0, 0.0, 0.0, teacher_lead=0.03, winner_distils=False).startswith(
+        "No gain here: the best configuration on validation does not distil")
