@@ -27,8 +27,8 @@ from kdtune.provenance import machine, versions
 from kdtune.spec import Spec, SpecError, to_toml_dict
 from kdtune.study import StudentConfig, train_student
 from kdtune.teacher import CachedTeacher
-from kdtune.transfer import StudentData
 from kdtune.train import accuracy, accuracy_of_logits
+from kdtune.transfer import StudentData
 
 REFERENCE = StudentConfig(temperature=10.0, label_weight=0.5, width=512, loss="reference")
 

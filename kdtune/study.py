@@ -25,8 +25,8 @@ from kdtune.models import StudentMLP, resolve_device, student_n_parameters
 from kdtune.provenance import versions
 from kdtune.spec import Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
 from kdtune.teacher import CachedTeacher
-from kdtune.transfer import StudentData
 from kdtune.train import FitResult, TrainingDiverged, fit, predict
+from kdtune.transfer import StudentData
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial that ends this way is recorded as failed, with its reason, and the study goes on.

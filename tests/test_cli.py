@@ -1,12 +1,12 @@
 """End to end through `python cli.py` in subprocesses, as a user runs it, on a tiny slice of real data."""
 
 import json
-from contextlib import closing
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 
 import optuna
 import pytest
