@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         doc = inspect.getdoc(command)
         sub = commands.add_parser(name, help=doc.splitlines()[0], description=doc)
-        sub.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="study spec TOML (default: %(default)s)")
+        sub.add_argument("--spec", type=Path, help=f"study spec TOML (default: {DEFAULT_SPEC}, or the built-in "
+                         "quickstart where that file is absent)")
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
         if name != "teacher":
             sub.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<name>/study.db)")
@@ -159,7 +160,7 @@ def _print_best(found: dict) -> None:
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    parts = ["kdtune tune", f"--spec {args.spec}", f"--trials {args.trials}"]
+    parts = ["kdtune tune"] + [f"--spec {args.spec}"] * bool(args.spec) + [f"--trials {args.trials}"]
     parts += [f"--storage {args.storage}"] * bool(args.storage) + [f"--study-name {args.study_name}"] * bool(
         args.study_name)
     return " ".join(parts)

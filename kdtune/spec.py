@@ -120,15 +120,22 @@ PRUNERS = ("median", "hyperband", "none")
 
 
 def load_spec(path: Path | None = None, **overrides: object) -> Spec:
-    """Read a spec TOML and apply CLI overrides (top-level fields such as storage, name, or report_n_seeds)."""
-    path = DEFAULT_SPEC if path is None else Path(path)
-    if not path.is_file():
-        raise SpecError(f"spec file {path} does not exist; pass --spec studies/<name>.toml.")
-    try:
-        table = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise SpecError(f"{path} is not valid TOML: {error}.") from error
-    table.setdefault("name", path.stem)
+    """Read a spec TOML and apply CLI overrides (top-level fields such as storage, name, or report_n_seeds).
+
+    Without a path: studies/quickstart.toml when it exists (a checkout), else the built-in defaults, which are
+    the quickstart on the embedded data, so an installed `kdtune` works from any folder.
+    """
+    if path is None and not DEFAULT_SPEC.is_file():
+        table: dict = {"name": DEFAULT_SPEC.stem}
+    else:
+        path = DEFAULT_SPEC if path is None else Path(path)
+        if not path.is_file():
+            raise SpecError(f"spec file {path} does not exist; pass --spec studies/<name>.toml.")
+        try:
+            table = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise SpecError(f"{path} is not valid TOML: {error}.") from error
+        table.setdefault("name", path.stem)
     n_seeds = overrides.pop("report_n_seeds", None)
     table.update({k: v for k, v in overrides.items() if v is not None})
     if n_seeds is not None:

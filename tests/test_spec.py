@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from kdtune.spec import Range, SpecError, load_spec, to_toml_dict
@@ -59,3 +61,16 @@ def test_the_spec_is_frozen(tmp_path):
     spec = load_spec(write(tmp_path, ""))
     with pytest.raises(AttributeError):
         spec.seed = 3
+
+
+def test_without_a_spec_file_the_built_in_quickstart_is_used(tmp_path, monkeypatch):
+    """An installed kdtune run outside a checkout (no studies/quickstart.toml) still has a default."""
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec()
+    assert spec.name == "quickstart" and spec.data.format == "embedded"
+
+
+def test_the_committed_quickstart_spec_equals_the_built_in_defaults(tmp_path, monkeypatch):
+    committed = Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml"
+    monkeypatch.chdir(tmp_path)
+    assert load_spec() == load_spec(committed)
