@@ -43,7 +43,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     spec = _spec(args)
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=True)  # before the teacher: a bad storage URL fails at once
-    if not (teacher.CACHE_ROOT / teacher.cache_id(spec, splits.fingerprint)).exists():
+    if not teacher.cache_folder(spec, splits.fingerprint).exists():
         print("No cached teacher for this data, teacher config and seed: training it first.")
     cached = teacher.load_or_train(spec, splits)
     study.record(the_study, spec, splits, cached)

@@ -5,6 +5,8 @@ is it calibrated, and did it learn at all?
 import torch
 import torch.nn.functional as F
 
+from kdtune.losses import soft_kl
+
 N_CALIBRATION_BINS = 15  # the usual choice (Guo et al. 2017, "On calibration of modern neural networks")
 # A student whose best validation accuracy stays below 1.5x chance learnt nothing useful: its trial fails
 # with that reason instead of entering the study as a (terrible) data point for the sampler.
@@ -21,9 +23,8 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> flo
 
 
 def kl_at_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> float:
-    """KL(softmax(z_t/T) || softmax(z_s/T)), batch mean: how far the student is from the soft targets."""
-    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
-                    reduction="batchmean", log_target=True).item()
+    """How far the student is from the soft targets: the soft term of the loss, without its weight."""
+    return soft_kl(student_logits, teacher_logits, temperature).item()
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor) -> float:

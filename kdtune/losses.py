@@ -20,6 +20,12 @@ def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits, labels, ignore_index=UNLABELLED, reduction="sum") / n_labelled
 
 
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(z_t/T) || softmax(z_s/T)), batch mean."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
+
+
 def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
                 temperature: float, label_weight: float) -> torch.Tensor:
     """lambda * CE(y, z_s) + (1 - lambda) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), batch-mean.
@@ -31,8 +37,7 @@ def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labe
     hard = label_cross_entropy(student_logits, labels)
     if label_weight == 1.0:
         return hard
-    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
-                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
+    soft = soft_kl(student_logits, teacher_logits, temperature)
     return label_weight * hard + (1.0 - label_weight) * temperature**2 * soft
 
 

@@ -55,9 +55,13 @@ def cache_id(spec: Spec, data_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_or_train(spec: Spec, splits: Splits, *, force: bool = False, cache_root: Path = CACHE_ROOT,
+def cache_folder(spec: Spec, data_fingerprint: str) -> Path:
+    return CACHE_ROOT / cache_id(spec, data_fingerprint)
+
+
+def load_or_train(spec: Spec, splits: Splits, *, force: bool = False,
                   echo: Callable[[str], None] = print) -> CachedTeacher:
-    folder = cache_root / cache_id(spec, splits.fingerprint)
+    folder = cache_folder(spec, splits.fingerprint)
     if folder.exists() and not force:
         try:
             return load(folder)

@@ -37,8 +37,7 @@ class StudentData:
         labelled, unlabelled = labelled_indices(splits.y_train.numpy(), transfer.labelled, seed)
         labels = splits.y_train.clone()
         labels[torch.from_numpy(unlabelled)] = UNLABELLED
-        keep = torch.from_numpy(np.sort(np.concatenate([labelled, unlabelled])) if transfer.unlabelled
-                                else labelled)
+        keep = torch.arange(len(labels)) if transfer.unlabelled else torch.from_numpy(labelled)
         return cls(splits.x_train[keep].to(device), labels[keep].to(device), teacher_train_logits[keep].to(device),
                    splits.x_val.to(device), splits.y_val.to(device), splits.image_shape, splits.n_classes)
 
