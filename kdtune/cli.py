@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import sqlalchemy.exc
 
-from kdtune import data, report, study, teacher
+from kdtune import data, hardware, report, study, teacher
 from kdtune.spec import DEFAULT_SPEC, Spec, SpecError, load_spec
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -95,6 +95,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"teacher": cmd_teacher, "tune": cmd_tune, "best": cmd_best, "report": cmd_report}
+TRAINING_COMMANDS = ("teacher", "tune", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "teacher":
             sub.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<name>/study.db)")
             sub.add_argument("--study-name", help="study name (default: the spec's name)")
+    for name in TRAINING_COMMANDS:
+        commands.choices[name].add_argument("--threads", type=_positive(int), help="torch threads (default: one per "
+                                            "CPU this process may use, counting a container's CPU quota)")
     commands.choices["teacher"].add_argument("--force", action="store_true", help="retrain even if cached")
     tune = commands.choices["tune"]
     tune.add_argument("--trials", type=_positive(int), default=100, help="finished trials to reach (default 100)")
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.command in TRAINING_COMMANDS:
+        hardware.configure_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
     except (SpecError, OSError, sqlalchemy.exc.OperationalError) as error:

@@ -206,8 +206,9 @@ def fingerprint(dataset: Dataset, train_idx: np.ndarray, val_idx: np.ndarray) ->
 
 
 def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
-    return x, torch.from_numpy(labels)
+    # torch.tensor copies: the IDX reader's arrays are read-only views of the file, which from_numpy would share
+    x = torch.tensor(images, dtype=torch.float32).div_(255.0).unsqueeze(1)
+    return x, torch.tensor(labels)
 
 
 def prepare(spec: DataSpec, seed: int) -> Splits:

@@ -1,6 +1,5 @@
 """The teacher (the seed project's CNN) and the student (a one-hidden-layer MLP)."""
 
-import torch
 from torch import nn
 
 from kdtune.spec import SpecError
@@ -44,11 +43,3 @@ def student_n_parameters(image_shape: tuple[int, int], n_classes: int, width: in
     """The student's size without building it: (pixels + 1) * width + (width + 1) * classes."""
     return (image_shape[0] * image_shape[1] + 1) * width + (width + 1) * n_classes
 
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the first CUDA GPU when one is present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"device={name!r} but no CUDA GPU is visible; use device = \"auto\" or \"cpu\".")
-    return torch.device(name)

@@ -21,8 +21,9 @@ import optuna
 from scipy import stats
 
 from kdtune.data import Splits
+from kdtune.hardware import resolve_compute
 from kdtune.losses import UNLABELLED
-from kdtune.models import resolve_device, student_n_parameters
+from kdtune.models import student_n_parameters
 from kdtune.provenance import machine, versions
 from kdtune.spec import Spec, SpecError, to_toml_dict
 from kdtune.study import StudentConfig, train_student
@@ -69,13 +70,14 @@ def pick_winner(candidates: list[dict]) -> dict:
 
 
 def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.Study, echo=print) -> dict:
-    device = resolve_device(spec.device)
-    data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, device)
+    compute = resolve_compute(spec.device, spec.precision)
+    data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
     seeds = [spec.seed + 1 + i for i in range(spec.report.n_seeds)]
     started = time.perf_counter()
 
     def train_over_seeds(name: str, config: StudentConfig) -> list:
-        runs = [train_student(config, spec.student, data, seed) for seed in seeds]
+        runs = [train_student(config, spec.student, data, seed, autocast_dtype=compute.autocast_dtype)
+                for seed in seeds]
         echo(f"  {name:<24} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs))
         return runs
 
@@ -94,11 +96,11 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     winner_config = dict(top)[winner["trial"]]
 
     # 2. the test set, read once, for three configurations
-    x_test, y_test = splits.x_test.to(device), splits.y_test.to(device)
+    x_test, y_test = splits.x_test.to(compute.device), splits.y_test.to(compute.device)
     rows = {}
     for name, config in arms(winner_config).items():
         runs = candidate_runs[winner["trial"]] if name == "tuned" else train_over_seeds(name, config)
-        tests = [accuracy(model, x_test, y_test) for model, _ in runs]
+        tests = [accuracy(model, x_test, y_test, compute.autocast_dtype) for model, _ in runs]
         rows[name] = {"config": config.as_params(), "test_accuracy": tests,
                       "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests),
                       "val_mean": statistics.fmean(r.val_accuracy for _, r in runs),

@@ -97,6 +97,7 @@ class Spec:
     name: str  # the study name; outputs go to studies/<name>/
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 only where the hardware has it natively)
     storage: str = ""  # Optuna storage URL; empty means sqlite:///studies/<name>/study.db
     data: DataSpec = field(default_factory=DataSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
@@ -117,6 +118,7 @@ class Spec:
 # TOML names that differ from the Python field names (`lambda` is a Python keyword).
 TOML_KEYS = {"label_weight": "lambda"}
 PRUNERS = ("median", "hyperband", "none")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def load_spec(path: Path | None = None, **overrides: object) -> Spec:
@@ -154,6 +156,7 @@ def validate(spec: Spec) -> None:
           f"but got name={spec.name!r}.")
     check(spec.device == "auto" or spec.device == "cpu" or spec.device.startswith("cuda"),
           f"device must be auto, cpu or cuda[:N], but got device={spec.device!r}.")
+    choose(dict.fromkeys(PRECISIONS), spec.precision, "precision")
     check(0.0 < spec.data.val_fraction < 0.5, f"data.val_fraction must lie in (0, 0.5), "
           f"but got {spec.data.val_fraction=}.")
     check(spec.data.format == "embedded" or spec.data.path != "", f"data.path is required for "

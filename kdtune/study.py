@@ -20,8 +20,9 @@ from optuna.trial import TrialState
 
 from kdtune import health
 from kdtune.data import Splits
+from kdtune.hardware import resolve_compute
 from kdtune.losses import LOSSES
-from kdtune.models import StudentMLP, resolve_device, student_n_parameters
+from kdtune.models import StudentMLP, student_n_parameters
 from kdtune.provenance import versions
 from kdtune.spec import Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
 from kdtune.teacher import CachedTeacher
@@ -33,7 +34,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 TRIAL_FAILURES = (TrainingDiverged, health.StuckAtChance)
 # Spec sections that decide what a trial's value means: resuming with any of them changed would mix
 # incomparable trials in one study.
-RECORDED_SECTIONS = ("seed", "data", "teacher", "student", "search", "transfer")
+RECORDED_SECTIONS = ("seed", "precision", "data", "teacher", "student", "search", "transfer")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def suggest(trial: optuna.Trial, search: SearchSpec, loss: str) -> StudentConfig
 
 
 def train_student(config: StudentConfig, schedule: StudentSpec, data: StudentData, seed: int,
-                  report: Callable[[int, float], None] | None = None) -> tuple[StudentMLP, FitResult]:
+                  report: Callable[[int, float], None] | None = None,
+                  autocast_dtype: torch.dtype | None = None) -> tuple[StudentMLP, FitResult]:
     """One student on tensors already on the device; without distillation, on the labelled images only."""
     if config.label_weight == 1.0:
         data = data.labelled_only()
@@ -73,7 +75,7 @@ def train_student(config: StudentConfig, schedule: StudentSpec, data: StudentDat
     model = StudentMLP(data.image_shape, data.n_classes, config.width)
     loss_fn = functools.partial(LOSSES[config.loss], temperature=config.temperature, label_weight=config.label_weight)
     result = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, loss_fn=loss_fn, schedule=schedule,
-                 seed=seed, teacher_logits=data.teacher_logits, report=report)
+                 seed=seed, teacher_logits=data.teacher_logits, report=report, autocast_dtype=autocast_dtype)
     return model, result
 
 
@@ -92,9 +94,9 @@ def control_arms(search: SearchSpec) -> list[tuple[dict, dict]]:
 
 
 def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callable[[optuna.Trial], float]:
-    device = resolve_device(spec.device)
-    trial_data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, device)
-    teacher_val_logits = teacher.logits["val"].to(device)
+    compute = resolve_compute(spec.device, spec.precision)
+    trial_data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
+    teacher_val_logits = teacher.logits["val"].to(compute.device)
 
     def objective(trial: optuna.Trial) -> float:
         config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))
@@ -111,7 +113,8 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callab
                 raise optuna.TrialPruned(f"pruned after epoch {n_epochs} at val_accuracy={val_accuracy:.4f}")
 
         try:
-            model, result = train_student(config, spec.student, trial_data, spec.seed, report)
+            model, result = train_student(config, spec.student, trial_data, spec.seed, report,
+                                          compute.autocast_dtype)
             health.check_learnt(result.val_accuracy, trial_data.n_classes)
         except TRIAL_FAILURES as failure:
             trial.set_user_attr("fail_reason", str(failure))
@@ -119,7 +122,7 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callab
         finally:  # pruned and failed trials keep their cost too
             trial.set_user_attr("n_epochs", n_epochs)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
-        student_val_logits = predict(model, trial_data.x_val)
+        student_val_logits = predict(model, trial_data.x_val, compute.autocast_dtype)
         for name, value in health.measure(student_val_logits, teacher_val_logits, trial_data.y_val,
                                           config.temperature).items():
             trial.set_user_attr(name, value)
@@ -174,7 +177,8 @@ def open_study(spec: Spec, *, create: bool) -> optuna.Study:
     recorded = study.user_attrs.get("spec")
     current = to_toml_dict(spec)
     if recorded is not None:
-        changed = [k for k in RECORDED_SECTIONS if recorded.get(k) != current[k]]
+        # a key missing from the record predates it; such studies ran with its default, which matches
+        changed = [k for k in RECORDED_SECTIONS if recorded.get(k, current[k]) != current[k]]
         if changed:
             raise SpecError(f"study {spec.name!r} was made with a different [{changed[0]}] section; restore it, "
                             "or start a new study with --study-name.")
@@ -185,7 +189,8 @@ def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeach
     """What the study's numbers mean: the resolved spec, teacher, data fingerprint and versions."""
     if "spec" in study.user_attrs:
         return
-    for key, value in {"spec": to_toml_dict(spec), "teacher_cache_id": teacher.cache_id,
+    for key, value in {"spec": to_toml_dict(spec), "precision": resolve_compute(spec.device, spec.precision).precision,
+                       "teacher_cache_id": teacher.cache_id,
                        "teacher_val_accuracy": teacher.val_accuracy, "data_fingerprint": splits.fingerprint,
                        "versions": versions()}.items():
         study.set_user_attr(key, value)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kdtune.data import Splits
-from kdtune.models import TeacherCNN, n_parameters, resolve_device
+from kdtune.hardware import resolve_compute
+from kdtune.models import TeacherCNN, n_parameters
 from kdtune.provenance import sha256_file, versions
 from kdtune.spec import Spec
 from kdtune.train import fit, predict
@@ -52,6 +53,9 @@ class CachedTeacher:
 def cache_id(spec: Spec, data_fingerprint: str) -> str:
     key = {"data": data_fingerprint, "teacher": dataclasses.asdict(spec.teacher), "seed": spec.seed,
            "architecture": TeacherCNN.__name__}
+    compute = resolve_compute(spec.device, spec.precision)
+    if compute.autocast_dtype is not None:  # only then: every fp32 teacher cached before precision existed stays valid
+        key["precision"] = compute.precision
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -92,8 +96,10 @@ def load_model(cached: CachedTeacher) -> TeacherCNN:
 
 
 def train(spec: Spec, splits: Splits, folder: Path, *, echo: Callable[[str], None] = print) -> CachedTeacher:
-    device = resolve_device(spec.device)
-    echo(f"Training the teacher on {len(splits.x_train)} images ({device}); it is cached in {folder}.")
+    compute = resolve_compute(spec.device, spec.precision)
+    device = compute.device
+    echo(f"Training the teacher on {len(splits.x_train)} images ({device}, {compute.precision}); it is cached in "
+         f"{folder}.")
     torch.manual_seed(spec.seed)
     model = TeacherCNN(splits.image_shape, splits.n_classes)
     x_train, y_train = splits.x_train.to(device), splits.y_train.to(device)
@@ -104,8 +110,10 @@ def train(spec: Spec, splits: Splits, folder: Path, *, echo: Callable[[str], Non
             bar.update()
 
         result = fit(model, x_train, y_train, x_val, y_val, schedule=spec.teacher, seed=spec.seed,
-                     loss_fn=lambda logits, _, labels: F.cross_entropy(logits, labels), report=show)
-    logits = {part: predict(model, getattr(splits, f"x_{part}").to(device)).float().cpu() for part in PARTS}
+                     loss_fn=lambda logits, _, labels: F.cross_entropy(logits, labels), report=show,
+                     autocast_dtype=compute.autocast_dtype)
+    logits = {part: predict(model, getattr(splits, f"x_{part}").to(device), compute.autocast_dtype).cpu()
+              for part in PARTS}
 
     # write everything to a scratch folder, then rename: a crash never leaves a half-written cache
     scratch = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
@@ -118,7 +126,8 @@ def train(spec: Spec, splits: Splits, folder: Path, *, echo: Callable[[str], Non
         "val_accuracy": result.val_accuracy, "n_epochs": result.n_epochs, "seconds": round(result.seconds, 2),
         "val_curve": result.val_curve, "n_parameters": n_parameters(model), "image_shape": list(splits.image_shape),
         "n_classes": splits.n_classes, "data_fingerprint": splits.fingerprint, "seed": spec.seed,
-        "teacher": dataclasses.asdict(spec.teacher), "device": str(device), "versions": versions(),
+        "teacher": dataclasses.asdict(spec.teacher), "device": str(device), "precision": compute.precision,
+        "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sha256": {f: sha256_file(scratch / f) for f in files},
     }
     (scratch / "meta.json").write_text(json.dumps(meta, indent=2))

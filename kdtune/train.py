@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kdtune.hardware import autocast
 from kdtune.spec import TrainSpec
 
 # (logits, teacher_logits or None, labels) -> scalar loss
@@ -35,10 +36,11 @@ class FitResult:
 
 def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
         *, loss_fn: LossFn, schedule: TrainSpec, seed: int, teacher_logits: torch.Tensor | None = None,
-        report: Callable[[int, float], None] | None = None) -> FitResult:
+        report: Callable[[int, float], None] | None = None, autocast_dtype: torch.dtype | None = None) -> FitResult:
     """Train `model` in place with Adam; keep the weights of the epoch with the best validation accuracy.
 
     `report(epoch, val_accuracy)` runs after every epoch; it may raise (Optuna's TrialPruned) to stop early.
+    `autocast_dtype` (bf16) runs forward passes and the loss under autocast; the weights stay fp32.
     """
     started = time.perf_counter()
     model.to(x_train.device)
@@ -53,8 +55,9 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: t
         order = torch.randperm(len(x_train), generator=shuffle).to(x_train.device)
         loss_sum = torch.zeros((), device=x_train.device)
         for batch in order.split(schedule.batch_size):
-            logits = model(x_train[batch])
-            loss = loss_fn(logits, None if teacher_logits is None else teacher_logits[batch], y_train[batch])
+            with autocast(x_train.device, autocast_dtype):
+                logits = model(x_train[batch])
+                loss = loss_fn(logits, None if teacher_logits is None else teacher_logits[batch], y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -63,7 +66,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: t
             raise TrainingDiverged(f"the training loss became {loss_sum.item()} in epoch {epoch + 1}")
 
         # evaluate, remember the best weights
-        val_accuracy = accuracy(model, x_val, y_val)
+        val_accuracy = accuracy(model, x_val, y_val, autocast_dtype)
         result.val_curve.append(val_accuracy)
         result.n_epochs = epoch + 1
         if val_accuracy > best_accuracy:
@@ -81,14 +84,15 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: t
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits for every row of `x`, in large batches."""
+def predict(model: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """fp32 logits for every row of `x`, in large batches."""
     model.eval()
-    return torch.cat([model(chunk) for chunk in x.split(EVAL_BATCH_SIZE)])
+    with autocast(x.device, autocast_dtype):
+        return torch.cat([model(chunk).float() for chunk in x.split(EVAL_BATCH_SIZE)])
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return accuracy_of_logits(predict(model, x), y)
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> float:
+    return accuracy_of_logits(predict(model, x, autocast_dtype), y)
 
 
 def accuracy_of_logits(logits: torch.Tensor, y: torch.Tensor) -> float:

@@ -41,6 +41,7 @@ def test_cli_overrides_win_over_the_toml(tmp_path):
     ("[data]\nval_fraction = 0.9\n", "data.val_fraction must lie in"),
     ("[data]\nformat = 'npz'\n", "data.path is required"),
     ("device = 'tpu'\n", "device must be auto, cpu or cuda"),
+    ("precision = 'fp16'\n", "precision must be one of ['auto', 'bf16', 'fp32']"),
     ("[teacher]\nbatch_size = 0\n", "teacher.batch_size must be at least 1"),
     ("seed = true\n", "seed must be int"),
     ("data = 3\n", "[data] must be a table"),

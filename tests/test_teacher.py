@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdtune import data, teacher
+from kdtune import data, hardware, teacher
 from kdtune.spec import load_spec
 from kdtune.train import accuracy_of_logits
 
@@ -50,12 +50,16 @@ def test_second_run_is_a_cache_hit(trained, monkeypatch):
     assert torch.equal(again.logits["val"], cached.logits["val"])
 
 
-def test_other_config_or_seed_or_split_misses(trained, tiny_spec):
+def test_other_config_or_seed_or_split_misses(trained, tiny_spec, monkeypatch):
     spec, splits, cached = trained
     same_teacher_other_search = load_spec(tiny_spec("b", width="64"))
     assert teacher.cache_id(same_teacher_other_search, splits.fingerprint) == cached.cache_id
     other_config = replace(spec, teacher=replace(spec.teacher, max_epochs=3))
     assert teacher.cache_id(other_config, splits.fingerprint) != cached.cache_id
+    # a teacher trained in bf16 is another teacher; auto that resolves to fp32 (no native bf16 here) is not
+    assert teacher.cache_id(replace(spec, precision="bf16"), splits.fingerprint) != cached.cache_id
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert teacher.cache_id(replace(spec, precision="auto"), splits.fingerprint) == cached.cache_id
     other_seed = replace(spec, seed=1)
     assert teacher.cache_id(other_seed, data.prepare(spec.data, 1).fingerprint) != cached.cache_id
 

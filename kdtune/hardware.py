@@ -1,0 +1,117 @@
+"""What this machine runs fast: the device, whether it has native bf16, the precision to train in, torch threads.
+
+bf16 pays only where the hardware multiplies bf16 natively (AVX-512 BF16 or AMX on x86 CPUs, Ampere and later
+GPUs). On a CPU with AVX2 only, PyTorch emulates it: a bf16 matmul measured 1.4 GFLOP/s against fp32's ~160 on
+this project's 2-core machine, so `auto` must never pick it there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdtune.spec import SpecError
+
+# /proc/cpuinfo flags of x86 CPUs that multiply bf16 in hardware.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# The flags worth printing beside a timing: they decide which kernels PyTorch can use.
+REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where tensors live and what autocast runs: `autocast_dtype` None means plain fp32."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.autocast_dtype is None else "bf16"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`; nothing at all for None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA GPU when one is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device={name!r} but no CUDA GPU is visible; use device = \"auto\" or \"cpu\".")
+    return torch.device(name)
+
+
+def resolve_compute(device_name: str, precision: str) -> Compute:
+    """fp32 always runs fp32; bf16 always runs bf16 (warning once where it is emulated); auto runs bf16 only
+    where the hardware has it natively."""
+    device = resolve_device(device_name)
+    if precision == "fp32":
+        return Compute(device)
+    native = has_native_bf16(device)
+    if precision == "bf16" and not native:
+        _warn_emulated_bf16(str(device))
+    return Compute(device, torch.bfloat16 if precision == "bf16" or native else None)
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports in /proc/cpuinfo; empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+@functools.cache
+def _warn_emulated_bf16(device: str) -> None:
+    warnings.warn(f"precision = \"bf16\" on {device}, which has no native bf16 (found none of "
+                  f"{', '.join(NATIVE_BF16_CPU_FLAGS)}): PyTorch emulates it, far slower than fp32. "
+                  "Use precision = \"auto\" or \"fp32\".", stacklevel=3)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers).
+
+    torch's own default is the machine's physical core count, which oversubscribes a container that sees
+    64 cores but may use 2.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def configure_threads(n_threads: int | None = None) -> int:
+    """Give torch `n_threads` intra-op threads (default: one per usable CPU) and one inter-op thread: kdtune
+    runs one model at a time per process, so inter-op threads would only idle. Returns the intra-op count."""
+    n_threads = n_threads or available_cpus()
+    torch.set_num_threads(n_threads)
+    with contextlib.suppress(RuntimeError):  # torch allows it only before its first parallel work
+        torch.set_num_interop_threads(1)
+    return n_threads

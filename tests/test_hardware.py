@@ -1,0 +1,82 @@
+"""Precision and threads: auto never picks emulated bf16, explicit bf16 warns once, training runs under it."""
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+from kdtune import hardware
+from kdtune.losses import hinton_loss
+from kdtune.models import StudentMLP
+from kdtune.spec import StudentSpec
+from kdtune.train import fit, predict
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def cpu_without_bf16(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    hardware._warn_emulated_bf16.cache_clear()
+
+
+@pytest.fixture
+def cpu_with_bf16(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+
+
+def test_auto_stays_fp32_without_native_bf16(cpu_without_bf16):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and says nothing
+        compute = hardware.resolve_compute("cpu", "auto")
+    assert compute.autocast_dtype is None and compute.precision == "fp32"
+
+
+def test_auto_picks_bf16_where_it_is_native(cpu_with_bf16):
+    assert hardware.resolve_compute("cpu", "auto").autocast_dtype == torch.bfloat16
+
+
+def test_explicit_bf16_is_honoured_and_warns_once_where_emulated(cpu_without_bf16):
+    with pytest.warns(UserWarning, match="no native bf16") as caught:
+        first = hardware.resolve_compute("cpu", "bf16")
+        second = hardware.resolve_compute("cpu", "bf16")
+    assert len(caught) == 1
+    assert first.autocast_dtype == second.autocast_dtype == torch.bfloat16
+
+
+def test_fp32_never_autocasts(cpu_with_bf16):
+    assert hardware.resolve_compute("cpu", "fp32").autocast_dtype is None
+
+
+def test_a_student_trains_under_bf16_autocast_and_keeps_fp32_weights():
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 3, (64,))
+    model = StudentMLP((8, 8), 3, 16)
+    loss_fn = functools.partial(hinton_loss, temperature=2.0, label_weight=0.5)
+    result = fit(model, x, y, x, y, loss_fn=loss_fn, schedule=StudentSpec(max_epochs=2, batch_size=32), seed=0,
+                 teacher_logits=torch.randn(64, 3), autocast_dtype=torch.bfloat16)
+    assert result.n_epochs == 2
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    logits = predict(model, x, torch.bfloat16)
+    assert logits.dtype == torch.float32 and logits.shape == (64, 3)
+
+
+def test_configure_threads_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        assert hardware.configure_threads(1) == 1 and torch.get_num_threads() == 1
+        assert hardware.configure_threads() == hardware.available_cpus() == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_available_cpus_counts_a_container_quota(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(64)))
+    real_path = hardware.Path
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(hardware, "Path", lambda p: cpu_max if p == "/sys/fs/cgroup/cpu.max" else real_path(p))
+    cpu_max.write_text("200000 100000\n")
+    assert hardware.available_cpus() == 2
+    cpu_max.write_text("max 100000\n")
+    assert hardware.available_cpus() == 64
