@@ -7,6 +7,7 @@ the train and validation tensors only: the test set is not passed in.
 from __future__ import annotations
 
 import functools
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,19 +146,35 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
+    engine_kwargs = {}
     if url.startswith("sqlite:///"):
-        folder = Path(url.removeprefix("sqlite:///")).parent
+        path = Path(url.removeprefix("sqlite:///"))
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise SpecError(f"cannot create {folder} for the study database ({error.strerror}); "
+            raise SpecError(f"cannot create {path.parent} for the study database ({error.strerror}); "
                             "choose a writable place with --storage.") from error
+        engine_kwargs["creator"] = functools.partial(connect_sqlite, path)
     try:
-        return optuna.storages.RDBStorage(url)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
         reason = str(error).splitlines()[0]
         raise SpecError(f"cannot open storage {url!r} ({reason}); check the URL, the server and the driver.") \
             from error
+
+
+def connect_sqlite(path: Path) -> sqlite3.Connection:
+    """A study database connection in write-ahead-log mode with synchronous=NORMAL.
+
+    Every trial.report() is a commit; with SQLite's defaults each one waits for two fsyncs. WAL with NORMAL
+    syncs only at checkpoints: measured 1.7x less storage time per trial (bench/run.py, overhead section).
+    A crashed or killed process loses nothing; a power cut can lose the last commits, never corrupt the
+    file. WAL also lets readers (the dashboard, `best`) run while a trial writes.
+    """
+    connection = sqlite3.connect(path, check_same_thread=False)  # the connection pool hands it between threads
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    return connection
 
 
 def open_study(spec: Spec, *, create: bool) -> optuna.Study:

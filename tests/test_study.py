@@ -1,6 +1,7 @@
 """The study: parameters, pruning, records, resume rules; trials never see the test set."""
 
 import dataclasses
+import sqlite3
 
 import optuna
 import pytest
@@ -126,3 +127,12 @@ def test_a_student_stuck_at_chance_fails_with_its_reason(setup):
     trial = the_study.trials[0]
     assert trial.state == optuna.trial.TrialState.FAIL
     assert "stayed at chance" in trial.user_attrs["fail_reason"]
+
+
+def test_the_study_database_is_readable_while_a_trial_writes(tiny_spec):
+    """WAL mode: the dashboard and `best` can read a study that a running `tune` is writing."""
+    spec = load_spec(tiny_spec())
+    study.open_study(spec, create=True)
+    database = spec.storage_url.removeprefix("sqlite:///")
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
