@@ -1,0 +1,377 @@
+"""kdtune's performance benchmark: every figure is a ratio of things measured side by side in this one run.
+
+    python bench/run.py [--quick] [--device cpu|cuda] [--sections machine,students,teacher,overhead,batched,study]
+
+Same process, same data (the embedded Fashion-MNIST: 5,400 training / 600 validation images), same batch size,
+loss and epochs on both sides of every ratio. Prints one table per section and writes
+bench/results/<machine>-<date>.json. `--quick` shrinks epochs, trials and data so the whole run takes under
+three minutes; its figures are a smoke test, not results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import torch
+import torch.nn.functional as F
+
+from kdtune import data, hardware, study, teacher
+from kdtune.losses import hinton_loss
+from kdtune.models import StudentMLP, TeacherCNN
+from kdtune.provenance import versions
+from kdtune.spec import Spec, StudentSpec, TeacherSpec, load_spec
+from kdtune.train import accuracy, fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from batched import batched_speedup  # noqa: E402
+from peers import common_kd_objective, naive_fit  # noqa: E402
+
+WIDTHS = (64, 512, 2048)
+SECTIONS = ("machine", "students", "teacher", "overhead", "batched", "study")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How much work each section does: --quick shrinks all of it."""
+
+    student_epochs: int
+    repeats: int  # interleaved repeats of each timing; the fastest counts
+    teacher_images: int
+    teacher_epochs: int
+    teacher_seeds: int
+    study_trials: int
+    study_images: int
+    study_max_epochs: int
+    matmul_sizes: tuple[int, ...]
+
+
+FULL = Plan(student_epochs=5, repeats=2, teacher_images=5400, teacher_epochs=2, teacher_seeds=2, study_trials=100,
+            study_images=5400, study_max_epochs=20, matmul_sizes=(1024, 2048, 4096))
+QUICK = Plan(student_epochs=2, repeats=1, teacher_images=1280, teacher_epochs=1, teacher_seeds=1, study_trials=8,
+             study_images=1350, study_max_epochs=3, matmul_sizes=(1024, 2048))
+
+
+# ------------------------------------------------------------------------------------------------- machine
+
+def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+def section_machine(plan: Plan, compute: hardware.Compute) -> dict:
+    native = hardware.has_native_bf16(compute.device)
+    cpu = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    # Emulated bf16 runs ~100x slower than fp32: measure it on a small matrix only, or the run takes minutes.
+    bf16_sizes = plan.matmul_sizes if native else (256,)
+    return {
+        "cpu": cpu, "cpu_flags": sorted(f for f in hardware.REPORTED_CPU_FLAGS if f in hardware.cpu_flags()),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": str(compute.device),
+        "gpu": torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(), "native_bf16": native,
+        "auto_precision": hardware.resolve_compute(str(compute.device), "auto").precision,
+        "peak_fp32_gflops": max(matmul_gflops(n, torch.float32, compute.device) for n in plan.matmul_sizes),
+        "peak_bf16_gflops": max(matmul_gflops(n, torch.bfloat16, compute.device, 2) for n in bf16_sizes),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- students
+
+def student_flops_per_epoch(n_images: int, n_pixels: int, width: int, n_classes: int) -> tuple[float, float]:
+    """(model FLOPs by the usual 6·N·parameters rule, FLOPs the step really executes): the first layer's input
+    needs no gradient, so its backward is one matmul, not two."""
+    layer1, layer2 = n_pixels * width, width * n_classes
+    return 6 * n_images * (layer1 + layer2), n_images * (4 * layer1 + 6 * layer2)
+
+
+def kdtune_student_epoch(splits, soft, width: int, epochs: int, seed: int, dtype=None, n_images=None) -> dict:
+    n = n_images or len(splits.x_train)
+    torch.manual_seed(seed)
+    model = StudentMLP(splits.image_shape, splits.n_classes, width)
+    loss_fn = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
+    schedule = StudentSpec(max_epochs=epochs, patience_epochs=epochs)
+    result = fit(model, splits.x_train[:n], splits.y_train[:n], splits.x_val, splits.y_val, loss_fn=loss_fn,
+                 schedule=schedule, seed=seed, teacher_logits=soft[:n], autocast_dtype=dtype)
+    return {"seconds_per_epoch": result.seconds / result.n_epochs * len(splits.x_train) / n,
+            "val_accuracy": result.val_curve[-1]}
+
+
+def naive_student_epoch(splits, soft, width: int, epochs: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = StudentMLP(splits.image_shape, splits.n_classes, width)
+    loss_fn = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
+    started = time.perf_counter()
+    curve = naive_fit(model, splits.x_train, splits.y_train, splits.x_val, splits.y_val, loss_fn=loss_fn,
+                      epochs=epochs, batch_size=StudentSpec.batch_size, learning_rate=StudentSpec.learning_rate,
+                      seed=seed, teacher=soft)
+    return {"seconds_per_epoch": (time.perf_counter() - started) / epochs, "val_accuracy": curve[-1]}
+
+
+def fastest(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["seconds_per_epoch"])
+
+
+def with_threads(n: int, measure):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return measure()
+    finally:
+        torch.set_num_threads(before)
+
+
+def section_students(plan: Plan, compute, splits, soft, machine: dict) -> list[dict]:
+    rows, native = [], machine["native_bf16"]
+    n_pixels = splits.image_shape[0] * splits.image_shape[1]
+    for width in WIDTHS:
+        kdtune_student_epoch(splits, soft, width, 1, 0)  # warm-up: allocations, kernels
+        measured = {"kdtune": [], "naive": [], "kdtune_1_thread": []}
+        for _ in range(plan.repeats):  # interleaved, so a noisy neighbour hurts every variant alike
+            measured["kdtune"].append(kdtune_student_epoch(splits, soft, width, plan.student_epochs, 0))
+            measured["naive"].append(naive_student_epoch(splits, soft, width, plan.student_epochs, 0))
+            measured["kdtune_1_thread"].append(with_threads(1, lambda: kdtune_student_epoch(
+                splits, soft, width, plan.student_epochs, 0)))
+        kd, naive, one = (fastest(measured[k]) for k in ("kdtune", "naive", "kdtune_1_thread"))
+        # bf16: the full measurement where it is native; emulated, one epoch on 512 images, scaled up
+        bf16 = kdtune_student_epoch(splits, soft, width, plan.student_epochs if native else 1, 0,
+                                    dtype=torch.bfloat16, n_images=None if native else 512)
+        model_flops, executed_flops = student_flops_per_epoch(len(splits.x_train), n_pixels, width, splits.n_classes)
+        rows.append({
+            "width": width, "kdtune_s": kd["seconds_per_epoch"], "naive_s": naive["seconds_per_epoch"],
+            "speedup_vs_naive": naive["seconds_per_epoch"] / kd["seconds_per_epoch"],
+            "one_thread_s": one["seconds_per_epoch"],
+            "threads_speedup": one["seconds_per_epoch"] / kd["seconds_per_epoch"],
+            "model_gflops": model_flops / kd["seconds_per_epoch"] / 1e9,
+            "executed_gflops": executed_flops / kd["seconds_per_epoch"] / 1e9,
+            "pct_peak_model": 100 * model_flops / kd["seconds_per_epoch"] / 1e9 / machine["peak_fp32_gflops"],
+            "pct_peak_executed": 100 * executed_flops / kd["seconds_per_epoch"] / 1e9 / machine["peak_fp32_gflops"],
+            "bf16_s": bf16["seconds_per_epoch"], "bf16_speedup": kd["seconds_per_epoch"] / bf16["seconds_per_epoch"],
+            "bf16_measured_on": "full epochs" if native else "512 images, 1 epoch (emulated bf16)",
+            "val_kdtune": kd["val_accuracy"], "val_naive": naive["val_accuracy"],
+        })
+        if native and width >= 512:
+            rows[-1].update(bf16_accuracy_over_seeds(splits, soft, width, plan.student_epochs))
+    return rows
+
+
+def bf16_accuracy_over_seeds(splits, soft, width: int, epochs: int, seeds=(1, 2, 3)) -> dict:
+    fp32 = [kdtune_student_epoch(splits, soft, width, epochs, s)["val_accuracy"] for s in seeds]
+    bf16 = [kdtune_student_epoch(splits, soft, width, epochs, s, dtype=torch.bfloat16)["val_accuracy"] for s in seeds]
+    return {"val_fp32_mean_3_seeds": statistics.fmean(fp32), "val_bf16_mean_3_seeds": statistics.fmean(bf16)}
+
+
+# ------------------------------------------------------------------------------------------------- teacher
+
+def section_teacher(plan: Plan, splits, machine: dict) -> dict:
+    n = plan.teacher_images
+    x, y = splits.x_train[:n], splits.y_train[:n]
+    schedule = TeacherSpec(max_epochs=plan.teacher_epochs, patience_epochs=plan.teacher_epochs)
+
+    def kdtune_run(seed: int, dtype=None, n_images=n) -> tuple[float, float]:
+        torch.manual_seed(seed)
+        model = TeacherCNN(splits.image_shape, splits.n_classes)
+        epochs, n_val = (schedule.max_epochs, len(splits.x_val)) if n_images == n else (1, 128)
+        result = fit(model, x[:n_images], y[:n_images], splits.x_val[:n_val], splits.y_val[:n_val],
+                     schedule=dataclasses.replace(
+            schedule, max_epochs=epochs), seed=seed, loss_fn=lambda z, _, labels: F.cross_entropy(z, labels),
+            autocast_dtype=dtype)
+        return n_images * epochs / result.seconds, result.val_curve[-1]
+
+    def naive_run(seed: int) -> tuple[float, float]:
+        torch.manual_seed(seed)
+        model = TeacherCNN(splits.image_shape, splits.n_classes)
+        started = time.perf_counter()
+        curve = naive_fit(model, x, y, splits.x_val, splits.y_val, epochs=schedule.max_epochs,
+                          batch_size=schedule.batch_size, learning_rate=schedule.learning_rate, seed=seed,
+                          loss_fn=lambda z, _, labels: F.cross_entropy(z, labels))
+        return n * schedule.max_epochs / (time.perf_counter() - started), curve[-1]
+
+    kdtune_run(0, n_images=256)  # warm-up: oneDNN builds its convolution kernels on first use
+    runs = {"kdtune": [], "naive": []}
+    for seed in range(plan.teacher_seeds):  # interleaved
+        runs["kdtune"].append(kdtune_run(seed))
+        runs["naive"].append(naive_run(seed))
+    # bf16 emulated: one epoch of 256 images (two batches), enough for a rate
+    bf16 = kdtune_run(0, torch.bfloat16, n if machine["native_bf16"] else 256)
+    summary = {k: {"images_per_s": max(r[0] for r in v), "val_mean": statistics.fmean(r[1] for r in v)}
+               for k, v in runs.items()}
+    return {"images": n, "epochs": plan.teacher_epochs, "seeds": plan.teacher_seeds, **summary,
+            "bf16_images_per_s": bf16[0], "bf16_val": bf16[1] if machine["native_bf16"] else None,
+            "speedup_vs_naive": summary["kdtune"]["images_per_s"] / summary["naive"]["images_per_s"],
+            "bf16_speedup_vs_naive_fp32": bf16[0] / summary["naive"]["images_per_s"]}
+
+
+# ------------------------------------------------------------------------------------------------- overhead
+
+def section_overhead(spec: Spec, splits, n_trials: int = 30, n_epochs: int = 10) -> dict:
+    """Per-trial cost outside the training loop: storage writes, model set-up, evaluation."""
+    def bookkeeping(trial: optuna.Trial) -> float:  # the storage calls kdtune's objective makes
+        study.suggest(trial, spec.search, "hinton")
+        for name in ("loss", "n_parameters", "n_epochs", "seconds", "teacher_agreement", "kl_at_temperature",
+                     "calibration_error"):
+            trial.set_user_attr(name, 1.0)
+        for epoch in range(n_epochs):
+            trial.report(0.5, epoch)
+            trial.should_prune()
+        return 0.5
+
+    storage_ms = {}
+    with tempfile.TemporaryDirectory() as folder:
+        storages = {"in_memory": lambda: None, "sqlite_defaults": lambda: f"sqlite:///{folder}/defaults.db",
+                    "sqlite_kdtune": lambda: study.open_storage(f"sqlite:///{folder}/kdtune.db"),
+                    "journal_file": lambda: optuna.storages.JournalStorage(
+                        optuna.storages.journal.JournalFileBackend(f"{folder}/journal.log"))}
+        for name, storage in storages.items():
+            bench_study = optuna.create_study(storage=storage(), direction="maximize", pruner=study.make_pruner(spec))
+            started = time.perf_counter()
+            bench_study.optimize(bookkeeping, n_trials=n_trials)
+            storage_ms[name] = 1000 * (time.perf_counter() - started) / n_trials
+
+    def set_up_student() -> StudentMLP:
+        model = StudentMLP(splits.image_shape, splits.n_classes, 2048)
+        torch.optim.Adam(model.parameters(), fused=True)
+        return model
+
+    set_up_student()  # warm-up: the first fused Adam loads its kernels
+    started = time.perf_counter()
+    model = set_up_student()
+    setup_ms = 1000 * (time.perf_counter() - started)
+    accuracy(model, splits.x_val, splits.y_val)  # warm-up
+    started = time.perf_counter()
+    accuracy(model, splits.x_val, splits.y_val)
+    eval_ms = 1000 * (time.perf_counter() - started)
+    return {"trial_epochs": n_epochs, "storage_ms_per_trial": storage_ms, "student_setup_ms_width_2048": setup_ms,
+            "validation_pass_ms_width_2048": eval_ms}
+
+
+# ------------------------------------------------------------------------------------------------- study
+
+def summarize_study(the_study: optuna.Study, seconds: float) -> dict:
+    trials = [t for t in the_study.trials if t.state in study.FINISHED]
+    return {"seconds": seconds, "n_trials": len(trials),
+            "student_epochs": sum(t.user_attrs["n_epochs"] for t in trials),
+            "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
+            "best_val_accuracy": the_study.best_value,
+            "trials": [(t.params["width"], t.user_attrs.get("seconds")) for t in trials]}
+
+
+def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path) -> dict:
+    """The same 100-trial search three ways: kdtune with its pruner, kdtune unpruned, the common KD loop."""
+    spec = dataclasses.replace(spec, student=dataclasses.replace(spec.student, max_epochs=plan.study_max_epochs))
+    rows = {}
+    for label, pruner in (("kdtune", spec.search.pruner), ("kdtune_unpruned", "none")):
+        variant = dataclasses.replace(spec, name=label, storage=f"sqlite:///{folder}/{label}.db",
+                                      search=dataclasses.replace(spec.search, pruner=pruner))
+        the_study = study.open_study(variant, create=True)
+        started = time.perf_counter()
+        study.run(the_study, study.make_objective(variant, splits, cached), n_trials=plan.study_trials, timeout=None)
+        rows[label] = summarize_study(the_study, time.perf_counter() - started)
+    peer = optuna.create_study(storage=f"sqlite:///{folder}/peer.db", direction="maximize",
+                               sampler=optuna.samplers.TPESampler(seed=spec.seed), pruner=study.make_pruner(spec))
+    started = time.perf_counter()
+    peer.optimize(common_kd_objective(spec, splits, teacher.load_model(cached)), n_trials=plan.study_trials)
+    rows["common_kd_peer"] = summarize_study(peer, time.perf_counter() - started)
+    return rows
+
+
+def quick_teacher(spec: Spec, splits, folder: Path):
+    """--quick: a one-epoch teacher in a scratch folder, so the run never waits for (or writes) the real cache."""
+    quick = dataclasses.replace(spec, teacher=dataclasses.replace(spec.teacher, max_epochs=1))
+    return teacher.train(quick, splits, folder / "teacher", echo=lambda _: None)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run in under three minutes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--out", type=Path, help="result file (default bench/results/<machine>-<date>.json)")
+    args = parser.parse_args()
+    sections = args.sections.split(",")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    hardware.configure_threads()
+    plan = QUICK if args.quick else FULL
+    compute = hardware.resolve_compute(args.device, "fp32")
+    spec = dataclasses.replace(load_spec(), device=args.device)
+    splits = data.prepare(spec.data, spec.seed)
+    splits = dataclasses.replace(splits, **{k: getattr(splits, k).to(compute.device)
+                                            for k in ("x_train", "y_train", "x_val", "y_val")})
+    # Speed does not depend on the teacher's values: students learn from a stand-in that is always right.
+    soft = 4.0 * F.one_hot(splits.y_train, splits.n_classes).float()
+
+    started = time.perf_counter()
+    results = {"quick": args.quick, "plan": dataclasses.asdict(plan), "versions": versions(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+    results["machine"] = section_machine(plan, compute)
+    print_table("machine", [results["machine"]])
+    if "students" in sections:
+        results["students"] = section_students(plan, compute, splits, soft, results["machine"])
+        print_table("student epoch (seconds, GFLOP/s, % of fp32 matmul peak)", results["students"])
+    if "teacher" in sections:
+        results["teacher"] = section_teacher(plan, splits, results["machine"])
+        print_table("teacher training", [results["teacher"]])
+    if "overhead" in sections:
+        results["overhead"] = section_overhead(spec, splits)
+        print_table("per-trial overhead (ms)", [results["overhead"]])
+    if "study" in sections or "batched" in sections:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            study_splits = dataclasses.replace(splits, x_train=splits.x_train[:plan.study_images],
+                                               y_train=splits.y_train[:plan.study_images])
+            if "study" in sections:
+                cached = quick_teacher(spec, study_splits, folder) if args.quick else teacher.load_or_train(spec,
+                                                                                                          splits)
+                results["study"] = section_study(plan, spec, study_splits, cached, folder)
+                print_table("100-trial study" if not args.quick else f"{plan.study_trials}-trial study (quick)",
+                            [{"run": k, **{f: v for f, v in r.items() if f != "trials"}}
+                             for k, r in results["study"].items()])
+            if "batched" in sections:
+                results["batched"] = batched_speedup(splits, soft, plan.student_epochs, results.get("study"))
+                print_table("several students in one batched model", [results["batched"]])
+    results["seconds"] = time.perf_counter() - started
+    out = args.out or Path("bench/results") / f"{platform.node() or 'machine'}-{time.strftime('%Y%m%d')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\n{results['seconds']:.0f} s; written {out}")
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n## {title}")
+    flat = [{k: v for k, v in row.items() if not isinstance(v, (dict, list))} for row in rows]
+    for row in rows:
+        flat[rows.index(row)].update({f"{k}.{kk}": vv for k, v in row.items() if isinstance(v, dict)
+                                      for kk, vv in v.items() if not isinstance(vv, (dict, list))})
+    keys = list(dict.fromkeys(k for row in flat for k in row))
+    for key in keys:
+        print(f"{key:<34}" + "".join(f"{format_value(row.get(key)):>14}" for row in flat))
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)[:13]
+
+
+if __name__ == "__main__":
+    main()
