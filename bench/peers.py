@@ -16,9 +16,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdtune.losses import LOSSES
-from kdtune.models import StudentMLP
+from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.spec import Spec
 from kdtune.study import suggest
+
+
+def seed_cnn(image_shape: tuple[int, int], n_classes: int) -> nn.Sequential:
+    """The teacher as a user ports the seed project: conv, ReLU, pool, in the default memory layout. Built in
+    the same order as kdtune's TeacherCNN, so the same seed gives the same initial weights."""
+    height, width = (TeacherCNN.features_side(side) for side in image_shape)
+    return nn.Sequential(
+        nn.Conv2d(1, 64, kernel_size=3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, kernel_size=3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128 * height * width, 1024), nn.ReLU(), nn.Linear(1024, n_classes))
 
 
 def naive_fit(model: nn.Module, x_train, y_train, x_val, y_val, *, loss_fn, epochs: int, batch_size: int,

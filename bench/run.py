@@ -35,7 +35,7 @@ from kdtune.train import accuracy, fit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from batched import batched_speedup  # noqa: E402
-from peers import common_kd_objective, naive_fit  # noqa: E402
+from peers import common_kd_objective, naive_fit, seed_cnn  # noqa: E402
 
 WIDTHS = (64, 512, 2048)
 SECTIONS = ("machine", "students", "teacher", "overhead", "batched", "study")
@@ -197,7 +197,7 @@ def section_teacher(plan: Plan, splits, machine: dict) -> dict:
 
     def naive_run(seed: int) -> tuple[float, float]:
         torch.manual_seed(seed)
-        model = TeacherCNN(splits.image_shape, splits.n_classes)
+        model = seed_cnn(splits.image_shape, splits.n_classes)
         started = time.perf_counter()
         curve = naive_fit(model, x, y, splits.x_val, splits.y_val, epochs=schedule.max_epochs,
                           batch_size=schedule.batch_size, learning_rate=schedule.learning_rate, seed=seed,

@@ -1,5 +1,6 @@
 """The teacher (the seed project's CNN) and the student (a one-hidden-layer MLP)."""
 
+import torch
 from torch import nn
 
 from kdtune.spec import SpecError
@@ -10,14 +11,20 @@ class TeacherCNN(nn.Sequential):
 
     The seed architecture: 3,378,970 parameters at 28x28 with 26 classes. Valid convolutions and two poolings
     need images of at least 10x10.
+
+    Two changes that compute the same function faster (1.3x images/s on 2 AVX2 cores, bench/run.py): each
+    ReLU runs after its max-pooling (ReLU is monotone, so max and ReLU commute, on a quarter of the values),
+    and the weights are channels-last, which oneDNN's convolutions and pooling prefer. Neither changes the
+    parameters' names or shapes, so cached teachers load as before.
     """
 
     def __init__(self, image_shape: tuple[int, int], n_classes: int):
         height, width = (self.features_side(side) for side in image_shape)
         super().__init__(
-            nn.Conv2d(1, 64, kernel_size=3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, kernel_size=3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 64, kernel_size=3), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(64, 128, kernel_size=3), nn.MaxPool2d(2), nn.ReLU(),
             nn.Flatten(), nn.Linear(128 * height * width, 1024), nn.ReLU(), nn.Linear(1024, n_classes))
+        self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def features_side(side: int) -> int:
