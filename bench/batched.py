@@ -62,7 +62,10 @@ def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]]
     return time.perf_counter() - started, val
 
 
-def batched_speedup(splits, soft, epochs: int, study_rows: dict | None, k: int = 8, width: int = 64) -> dict:
+def batched_speedup(splits, soft, epochs: int, trial_times: list[tuple[int, float]], k: int = 8,
+                    width: int = 64) -> dict:
+    """Time K students batched against the same K trained one after another; `trial_times` are (width,
+    seconds) of a real study's trials, for the bound on a whole study."""
     configs = [(1.0 + 2.0 * i, 0.1 * i) for i in range(k)]
 
     def fresh_students() -> list[StudentMLP]:
@@ -82,9 +85,8 @@ def batched_speedup(splits, soft, epochs: int, study_rows: dict | None, k: int =
     row = {"students": k, "width": width, "epochs": epochs, "sequential_s": sequential_seconds,
            "batched_s": batched_seconds, "speedup": speedup,
            "max_val_difference": max(abs(a - b) for a, b in zip(batched_val, sequential_val))}
-    if study_rows:
-        trials = [(w, s) for w, s in study_rows["kdtune"]["trials"] if s is not None]
-        narrow_share = sum(s for w, s in trials if w <= NARROW) / sum(s for _, s in trials)
+    if trial_times:
+        narrow_share = sum(s for w, s in trial_times if w <= NARROW) / sum(s for _, s in trial_times)
         row.update({"study_time_share_narrow": narrow_share,
                     "study_speedup_bound": 1 / ((1 - narrow_share) + narrow_share / speedup)})
     return row

@@ -287,9 +287,22 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path) -> dict:
     peer = optuna.create_study(storage=f"sqlite:///{folder}/peer.db", direction="maximize",
                                sampler=optuna.samplers.TPESampler(seed=spec.seed), pruner=study.make_pruner(spec))
     started = time.perf_counter()
-    peer.optimize(common_kd_objective(spec, splits, teacher.load_model(cached)), n_trials=plan.study_trials)
+    seed_teacher = seed_cnn(splits.image_shape, splits.n_classes)  # the peer's own model, kdtune's weights
+    seed_teacher.load_state_dict(teacher.load_model(cached).state_dict())
+    peer.optimize(common_kd_objective(spec, splits, seed_teacher), n_trials=plan.study_trials)
     rows["common_kd_peer"] = summarize_study(peer, time.perf_counter() - started)
     return rows
+
+
+def study_trial_times(results: dict) -> list[tuple[int, float]]:
+    """(width, seconds) of every finished trial of this run's kdtune study, else of the quickstart study on disk."""
+    if "study" in results:
+        return results["study"]["kdtune"]["trials"]
+    database = Path("studies/quickstart/study.db")
+    if not database.exists():
+        return []
+    stored = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{database}")
+    return [(t.params["width"], t.user_attrs["seconds"]) for t in stored.get_trials(states=study.FINISHED)]
 
 
 def quick_teacher(spec: Spec, splits, folder: Path):
@@ -347,7 +360,7 @@ def main() -> None:
                             [{"run": k, **{f: v for f, v in r.items() if f != "trials"}}
                              for k, r in results["study"].items()])
             if "batched" in sections:
-                results["batched"] = batched_speedup(splits, soft, plan.student_epochs, results.get("study"))
+                results["batched"] = batched_speedup(splits, soft, plan.student_epochs, study_trial_times(results))
                 print_table("several students in one batched model", [results["batched"]])
     results["seconds"] = time.perf_counter() - started
     out = args.out or Path("bench/results") / f"{platform.node() or 'machine'}-{time.strftime('%Y%m%d')}.json"
