@@ -1,7 +1,7 @@
 """kdtune's command line: `kdtune <command>` or `python cli.py <command>`.
 
 Each command loads the spec, calls the library and prints. Bad input is one line on stderr and exit code 2
-(`--debug` shows the traceback); Ctrl-C during `tune` keeps every finished trial and exits 130.
+(`--debug` shows the traceback); Ctrl-C or SIGTERM during `tune` keeps every finished trial and exits 130.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -50,6 +51,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     already = study.n_finished(the_study)
     print(f"Study {spec.name!r} in {spec.storage_url}: {already} finished trials, running to {args.trials}. "
           f"Teacher validation accuracy {cached.val_accuracy:.4f}.")
+    # kill, timeout(1) and batch schedulers stop a run with SIGTERM: keep the finished trials then too
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         study.run(the_study, study.make_objective(spec, splits, cached), n_trials=args.trials, timeout=args.timeout)
     except KeyboardInterrupt:
@@ -163,6 +166,10 @@ def _print_best(found: dict) -> None:
     print(f"Best: trial {found['trial']}: temperature={found['temperature']:.3f} lambda={found['lambda']:.3f} "
           f"width={found['width']} val_accuracy={found['val_accuracy']:.4f} "
           f"({found['n_parameters']:,} student parameters)")
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _resume_command(args: argparse.Namespace) -> str:

@@ -80,7 +80,8 @@ def test_a_run_built_to_prune_prunes(tiny_spec, workdir):
     assert pruned and all(len(t.intermediate_values) < 4 for t in pruned)
 
 
-def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(tiny_spec, workdir):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopping_keeps_finished_trials_and_says_how_to_resume(tiny_spec, workdir, stop):
     spec = str(tiny_spec("sigint", width="[256, 512]", student_epochs=30, pruner="none"))
     assert run_cli("teacher", "--spec", spec, cwd=workdir).returncode == 0
     process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "tune", "--spec", spec, "--trials", "50"],
@@ -90,7 +91,7 @@ def test_ctrl_c_keeps_finished_trials_and_says_how_to_resume(tiny_spec, workdir)
         time.sleep(1)
         if n_finished_so_far(workdir, "sigint") >= 2:
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-2000:]
     assert "Resume with: kdtune tune --spec" in stderr and "Traceback" not in stderr
