@@ -1,6 +1,6 @@
 """The loops kdtune is measured against, written here and never used by the product.
 
-`naive_fit` is the training loop an Optuna/PyTorch user writes today: TensorDataset + DataLoader(shuffle=True),
+`naive_fit` is the training loop an Optuna/PyTorch user writes today: TensorDataset + a shuffling DataLoader,
 a per-batch `loss.item()` for logging, a per-epoch evaluation through a DataLoader, default Adam. Given a
 teacher *module* instead of cached logits, it is the common knowledge-distillation loop
 (haitongli/knowledge-distillation-pytorch style): the teacher's forward pass runs on every batch, no cache.
@@ -13,7 +13,7 @@ from typing import Callable
 import optuna
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from kdtune.losses import LOSSES
 from kdtune.models import StudentMLP, TeacherCNN
@@ -31,14 +31,28 @@ def seed_cnn(image_shape: tuple[int, int], n_classes: int) -> nn.Sequential:
         nn.Flatten(), nn.Linear(128 * height * width, 1024), nn.ReLU(), nn.Linear(1024, n_classes))
 
 
+class SameShuffle(Sampler[int]):
+    """What DataLoader(shuffle=True) does, with the permutations kdtune's loop draws for the same seed: both
+    loops then train on the same batches, so their accuracies must agree and only their speed may differ."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.generator = n, torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def naive_fit(model: nn.Module, x_train, y_train, x_val, y_val, *, loss_fn, epochs: int, batch_size: int,
               learning_rate: float, seed: int, teacher: nn.Module | torch.Tensor | None = None,
               patience: int | None = None, report: Callable[[int, float], None] | None = None) -> list[float]:
     """Train like the usual tutorial loop; return the validation accuracy of every epoch run."""
-    generator = torch.Generator().manual_seed(seed)
     cached = isinstance(teacher, torch.Tensor)
     tensors = (x_train, y_train, teacher) if cached else (x_train, y_train)
-    train_loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True, generator=generator)
+    train_loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size,
+                              sampler=SameShuffle(len(x_train), seed))
     val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     curve: list[float] = []

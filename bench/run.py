@@ -56,7 +56,7 @@ class Plan:
     matmul_sizes: tuple[int, ...]
 
 
-FULL = Plan(student_epochs=5, repeats=2, teacher_images=5400, teacher_epochs=2, teacher_seeds=2, study_trials=100,
+FULL = Plan(student_epochs=5, repeats=3, teacher_images=5400, teacher_epochs=2, teacher_seeds=2, study_trials=100,
             study_images=5400, study_max_epochs=20, matmul_sizes=(1024, 2048, 4096))
 QUICK = Plan(student_epochs=2, repeats=1, teacher_images=1280, teacher_epochs=1, teacher_seeds=1, study_trials=8,
              study_images=1350, study_max_epochs=3, matmul_sizes=(1024, 2048))
@@ -145,6 +145,9 @@ def section_students(plan: Plan, compute, splits, soft, machine: dict) -> list[d
         kdtune_student_epoch(splits, soft, width, 1, 0)  # warm-up: allocations, kernels
         measured = {"kdtune": [], "naive": [], "kdtune_1_thread": []}
         for _ in range(plan.repeats):  # interleaved, so a noisy neighbour hurts every variant alike
+            # the peak too: on a shared machine it is the best the matmul reached at any point of the run
+            machine["peak_fp32_gflops"] = max(machine["peak_fp32_gflops"],
+                                              matmul_gflops(2048, torch.float32, compute.device))
             measured["kdtune"].append(kdtune_student_epoch(splits, soft, width, plan.student_epochs, 0))
             measured["naive"].append(naive_student_epoch(splits, soft, width, plan.student_epochs, 0))
             measured["kdtune_1_thread"].append(with_threads(1, lambda: kdtune_student_epoch(
@@ -161,14 +164,15 @@ def section_students(plan: Plan, compute, splits, soft, machine: dict) -> list[d
             "threads_speedup": one["seconds_per_epoch"] / kd["seconds_per_epoch"],
             "model_gflops": model_flops / kd["seconds_per_epoch"] / 1e9,
             "executed_gflops": executed_flops / kd["seconds_per_epoch"] / 1e9,
-            "pct_peak_model": 100 * model_flops / kd["seconds_per_epoch"] / 1e9 / machine["peak_fp32_gflops"],
-            "pct_peak_executed": 100 * executed_flops / kd["seconds_per_epoch"] / 1e9 / machine["peak_fp32_gflops"],
             "bf16_s": bf16["seconds_per_epoch"], "bf16_speedup": kd["seconds_per_epoch"] / bf16["seconds_per_epoch"],
             "bf16_measured_on": "full epochs" if native else "512 images, 1 epoch (emulated bf16)",
             "val_kdtune": kd["val_accuracy"], "val_naive": naive["val_accuracy"],
         })
         if native and width >= 512:
             rows[-1].update(bf16_accuracy_over_seeds(splits, soft, width, plan.student_epochs))
+    for row in rows:  # against the final peak
+        row["pct_peak_model"] = 100 * row["model_gflops"] / machine["peak_fp32_gflops"]
+        row["pct_peak_executed"] = 100 * row["executed_gflops"] / machine["peak_fp32_gflops"]
     return rows
 
 
@@ -337,9 +341,10 @@ def main() -> None:
     results = {"quick": args.quick, "plan": dataclasses.asdict(plan), "versions": versions(),
                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
     results["machine"] = section_machine(plan, compute)
+    if "students" in sections:  # it raises the machine's peak when the matmul runs faster later in the run
+        results["students"] = section_students(plan, compute, splits, soft, results["machine"])
     print_table("machine", [results["machine"]])
     if "students" in sections:
-        results["students"] = section_students(plan, compute, splits, soft, results["machine"])
         print_table("student epoch (seconds, GFLOP/s, % of fp32 matmul peak)", results["students"])
     if "teacher" in sections:
         results["teacher"] = section_teacher(plan, splits, results["machine"])

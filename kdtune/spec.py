@@ -72,7 +72,7 @@ class SearchSpec:
     temperature: Range = Range(1.0, 20.0)  # sampled on a log scale
     label_weight: Range = Range(0.0, 1.0)  # TOML key and Optuna param: "lambda"
     width: Range = Range(16, 2048)  # hidden units, sampled on a log scale
-    pruner: str = "median"  # median | hyperband | none
+    pruner: str = "median"  # median | successive-halving | hyperband | none
     n_startup_trials: int = 5  # trials that always run to the end before the pruner judges others
     n_warmup_epochs: int = 2  # epochs of every trial that are never pruned
     control_arms: bool = True  # run the reference configuration and no-distillation students first
@@ -117,7 +117,7 @@ class Spec:
 
 # TOML names that differ from the Python field names (`lambda` is a Python keyword).
 TOML_KEYS = {"label_weight": "lambda"}
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "successive-halving", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
 
 

@@ -139,6 +139,10 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
     return {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=search.n_startup_trials,
                                                       n_warmup_steps=search.n_warmup_epochs),
+        # asynchronous successive halving: rungs at 1, 3, 9 times the warm-up epochs; a trial goes on from a rung
+        # only if it is in the top third of the trials that reached it
+        "successive-halving": lambda: optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, search.n_warmup_epochs), reduction_factor=3),
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, search.n_warmup_epochs),
                                                             max_resource=spec.student.max_epochs),
         "none": optuna.pruners.NopPruner,
