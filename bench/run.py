@@ -31,6 +31,7 @@ from kdtune.losses import hinton_loss
 from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.provenance import versions
 from kdtune.spec import Spec, StudentSpec, TeacherSpec, load_spec
+from kdtune.storage import open_storage
 from kdtune.train import accuracy, fit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -240,7 +241,7 @@ def section_overhead(spec: Spec, splits, n_trials: int = 30, n_epochs: int = 10)
     storage_ms = {}
     with tempfile.TemporaryDirectory() as folder:
         storages = {"in_memory": lambda: None, "sqlite_defaults": lambda: f"sqlite:///{folder}/defaults.db",
-                    "sqlite_kdtune": lambda: study.open_storage(f"sqlite:///{folder}/kdtune.db"),
+                    "sqlite_kdtune": lambda: open_storage(f"sqlite:///{folder}/kdtune.db"),
                     "journal_file": lambda: optuna.storages.JournalStorage(
                         optuna.storages.journal.JournalFileBackend(f"{folder}/journal.log"))}
         for name, storage in storages.items():

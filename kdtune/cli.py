@@ -11,16 +11,15 @@ import inspect
 import json
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import optuna
-import sqlalchemy.exc
 
-from kdtune import data, hardware, report, study, teacher
-from kdtune.spec import DEFAULT_SPEC, Spec, SpecError, load_spec
+from kdtune import data, report, study, teacher, workers
+from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
+from kdtune.spec import DEFAULT_SPEC, Spec, load_spec
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+EXIT_INTERRUPTED = 130
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
@@ -51,11 +50,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     already = study.n_finished(the_study)
     print(f"Study {spec.name!r} in {spec.storage_url}: {already} finished trials, running to {args.trials}. "
           f"Teacher validation accuracy {cached.val_accuracy:.4f}.")
-    # kill, timeout(1) and batch schedulers stop a run with SIGTERM: keep the finished trials then too
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    interrupted = False
     try:
-        study.run(the_study, study.make_objective(spec, splits, cached), n_trials=args.trials, timeout=args.timeout)
+        if args.jobs == 1:
+            study.run(the_study, study.make_objective(spec, splits, cached), n_trials=args.trials,
+                      timeout=args.timeout)
+        else:
+            exit_codes = workers.run_workers(spec, n_trials=args.trials, timeout=args.timeout, n_workers=args.jobs)
+            if EXIT_USAGE in exit_codes:
+                return EXIT_USAGE  # the worker printed its one-line error
+            for number, code in enumerate(exit_codes):
+                if code != 0:
+                    print(f"worker {number} ended with {_exit_reason(code)}; a trial it was running is failed "
+                          f"after {spec.workers.grace_seconds} s and retried.", file=sys.stderr)
+            # Ctrl-C reaches the workers directly; they stop, keeping their finished trials
+            interrupted = args.timeout is None and study.n_finished(the_study) < args.trials
     except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
         print(f"\nInterrupted: {study.n_finished(the_study)} finished trials are kept in {spec.storage_url}. "
               f"Resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -97,7 +109,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"teacher": cmd_teacher, "tune": cmd_tune, "best": cmd_best, "report": cmd_report}
+def cmd_status(args: argparse.Namespace) -> int:
+    """List the study's trials by state (complete, pruned, failed, running, stale, waiting) and what will be
+    retried: a trial whose worker died goes stale, is failed after the grace period and its configuration rerun."""
+    spec = _spec(args)
+    found = workers.trial_status(study.open_study(spec, create=False))
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    print(f"Study {spec.name!r} in {spec.storage_url}: " + ", ".join(f"{n} {s}" for s, n in found["counts"].items()))
+    for trial in found["running"]:
+        state = f"stale: no heartbeat for {spec.workers.grace_seconds} s" if trial["stale"] else "running"
+        print(f"  trial {trial['trial']}: {state} on {trial['worker']}, started {trial['started']}, "
+              f"{trial['epochs_reported']} epochs reported")
+    for retry in found["retries"]:
+        print(f"  trial {retry['trial']}: waiting, will retry the configuration of failed trial {retry['retries']}")
+    return 0
+
+
+COMMANDS = {"teacher": cmd_teacher, "tune": cmd_tune, "best": cmd_best, "status": cmd_status,
+            "report": cmd_report}
 TRAINING_COMMANDS = ("teacher", "tune", "report")
 
 
@@ -125,23 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.choices["tune"]
     tune.add_argument("--trials", type=_positive(int), default=100, help="finished trials to reach (default 100)")
     tune.add_argument("--timeout", type=_positive(float), help="stop starting new trials after this many seconds")
-    commands.choices["best"].add_argument("--json", action="store_true", help="print JSON")
+    tune.add_argument("--jobs", type=_positive(int), default=1, help="worker processes sharing the study on this "
+                      "machine, each with its share of the CPUs (default 1)")
+    for name in ("best", "status"):
+        commands.choices[name].add_argument("--json", action="store_true", help="print JSON")
     commands.choices["report"].add_argument("--seeds", type=_positive(int), help="seeds per configuration")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if args.command in TRAINING_COMMANDS:
-        hardware.configure_threads(args.threads)
+    workers.set_up_process(getattr(args, "threads", None))
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, OSError, sqlalchemy.exc.OperationalError) as error:
+    except KeyboardInterrupt:  # tune handles its own; elsewhere nothing is half-written (caches write atomically)
+        print(f"kdtune {args.command}: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as error:
         if args.debug:
             raise
-        print(f"kdtune {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"kdtune {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -168,8 +202,8 @@ def _print_best(found: dict) -> None:
           f"({found['n_parameters']:,} student parameters)")
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _exit_reason(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -177,9 +211,3 @@ def _resume_command(args: argparse.Namespace) -> str:
     parts += [f"--storage {args.storage}"] * bool(args.storage) + [f"--study-name {args.study_name}"] * bool(
         args.study_name)
     return " ".join(parts)
-
-
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.filename or ''}: {error.strerror}; check the path and its permissions.".lstrip(": ")
-    return " ".join(str(error).split())

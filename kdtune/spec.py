@@ -87,6 +87,17 @@ class TransferSpec:
 
 
 @dataclass(frozen=True)
+class WorkersSpec:
+    """Crash safety when workers share a study: a running trial sends a heartbeat every `heartbeat_seconds`; one
+    silent for `grace_seconds` (its worker was killed) is failed and its configuration retried up to
+    `max_retries` times."""
+
+    heartbeat_seconds: int = 10
+    grace_seconds: int = 60
+    max_retries: int = 1
+
+
+@dataclass(frozen=True)
 class ReportSpec:
     n_seeds: int = 3
     n_candidates: int = 5  # top configurations by validation accuracy retrained over seeds to pick the winner
@@ -104,6 +115,7 @@ class Spec:
     student: StudentSpec = field(default_factory=StudentSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
     transfer: TransferSpec = field(default_factory=TransferSpec)
+    workers: WorkersSpec = field(default_factory=WorkersSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
 
     @property
@@ -179,6 +191,10 @@ def validate(spec: Spec) -> None:
           "search.n_startup_trials and search.n_warmup_epochs must not be negative.")
     check(spec.transfer.labelled > 0 and (spec.transfer.labelled <= 1 or spec.transfer.labelled.is_integer()),
           f"transfer.labelled must be a fraction in (0, 1] or a whole count, but got {spec.transfer.labelled}.")
+    workers = spec.workers
+    check(1 <= workers.heartbeat_seconds < workers.grace_seconds, "workers.heartbeat_seconds must be at least 1 and "
+          f"less than workers.grace_seconds, but got {workers.heartbeat_seconds} and {workers.grace_seconds}.")
+    check(workers.max_retries >= 0, f"workers.max_retries must not be negative, but got {workers.max_retries}.")
     check(spec.report.n_candidates >= 1, f"report.n_candidates must be at least 1, but got "
           f"{spec.report.n_candidates}.")
     check(spec.report.n_seeds >= 2, f"report.n_seeds must be at least 2 for an interval, but got "

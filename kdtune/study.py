@@ -7,14 +7,13 @@ the train and validation tensors only: the test set is not passed in.
 from __future__ import annotations
 
 import functools
-import sqlite3
+import os
+import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import optuna
-import sqlalchemy.exc
 import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
@@ -26,15 +25,22 @@ from kdtune.losses import LOSSES
 from kdtune.models import StudentMLP, student_n_parameters
 from kdtune.provenance import versions
 from kdtune.spec import Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
+from kdtune.storage import open_storage
 from kdtune.teacher import CachedTeacher
 from kdtune.train import FitResult, TrainingDiverged, fit, predict
 from kdtune.transfer import StudentData
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial that ends this way is recorded as failed, with its reason, and the study goes on.
-TRIAL_FAILURES = (TrainingDiverged, health.StuckAtChance)
+class SurplusTrial(Exception):
+    """Workers sharing a study started more trials than it needed; this one never trains."""
+
+
+TRIAL_FAILURES = (TrainingDiverged, health.StuckAtChance, SurplusTrial)
 # Spec sections that decide what a trial's value means: resuming with any of them changed would mix
 # incomparable trials in one study.
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+WORKER_SEED_STRIDE = 1_000_003  # a prime far above any trial count
 RECORDED_SECTIONS = ("seed", "precision", "data", "teacher", "student", "search", "transfer")
 
 
@@ -102,6 +108,7 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callab
     def objective(trial: optuna.Trial) -> float:
         config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))
         trial.set_user_attr("loss", config.loss)
+        trial.set_user_attr("worker", WORKER_ID)  # `status` shows where a running trial runs
         trial.set_user_attr("n_parameters", student_n_parameters(trial_data.image_shape, trial_data.n_classes,
                                                                  config.width))
         n_epochs, started = 0, time.perf_counter()
@@ -149,47 +156,19 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
     }[search.pruner]()
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    engine_kwargs = {}
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise SpecError(f"cannot create {path.parent} for the study database ({error.strerror}); "
-                            "choose a writable place with --storage.") from error
-        engine_kwargs["creator"] = functools.partial(connect_sqlite, path)
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
-        reason = str(error).splitlines()[0]
-        raise SpecError(f"cannot open storage {url!r} ({reason}); check the URL, the server and the driver.") \
-            from error
+def open_study(spec: Spec, *, create: bool, worker: int = 0) -> optuna.Study:
+    """Create or resume the spec's study; refuse to resume one made with a different spec.
 
-
-def connect_sqlite(path: Path) -> sqlite3.Connection:
-    """A study database connection in write-ahead-log mode with synchronous=NORMAL.
-
-    Every trial.report() is a commit; with SQLite's defaults each one waits for two fsyncs. WAL with NORMAL
-    syncs only at checkpoints: measured 1.7x less storage time per trial (bench/run.py, overhead section).
-    A crashed or killed process loses nothing; a power cut can lose the last commits, never corrupt the
-    file. WAL also lets readers (the dashboard, `best`) run while a trial writes.
+    `worker` numbers the processes that share the study; each samples from its own seed.
     """
-    connection = sqlite3.connect(path, check_same_thread=False)  # the connection pool hands it between threads
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
-    return connection
-
-
-def open_study(spec: Spec, *, create: bool) -> optuna.Study:
-    """Create or resume the spec's study; refuse to resume one made with a different spec."""
-    storage = open_storage(spec.storage_url)
+    storage = open_storage(spec.storage_url, spec.workers)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if spec.name not in existing and not create:
         raise SpecError(f"no study named {spec.name!r} in {spec.storage_url}; run `kdtune tune` first.")
     n_trials = existing[spec.name].n_trials if spec.name in existing else 0
-    # Offset the seed by the trials already run, so a resumed study does not replay its first proposals.
-    sampler = optuna.samplers.TPESampler(seed=spec.seed + n_trials)
+    # Offset the seed by the trials already run, so a resumed study does not replay its first proposals,
+    # and by the worker's number, so that workers starting together do not propose the same configurations.
+    sampler = optuna.samplers.TPESampler(seed=spec.seed + n_trials + WORKER_SEED_STRIDE * worker)
     study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize", sampler=sampler,
                                 pruner=make_pruner(spec), load_if_exists=True)
     if n_trials == 0 and spec.search.control_arms:
@@ -221,13 +200,48 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None) -> None:
-    """Run until the study holds `n_trials` finished (complete or pruned) trials, or `timeout` seconds pass."""
+def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None, progress_bar: bool = True,
+        poll_seconds: float = 1.0) -> None:
+    """Run until the study holds `n_trials` finished (complete or pruned) trials, or `timeout` seconds pass.
+
+    Other workers may share the study; each trial first makes sure it is needed (see `wait_for_a_place`).
+    """
     n_missing = n_trials - n_finished(study)
     if n_missing <= 0:
         return
-    study.optimize(objective, n_trials=n_missing, timeout=timeout, catch=TRIAL_FAILURES,
-                   callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], show_progress_bar=True)
+
+    def needed_objective(trial: optuna.Trial) -> float:
+        wait_for_a_place(trial, n_trials, poll_seconds)
+        return objective(trial)
+
+    study.optimize(needed_objective, n_trials=n_missing, timeout=timeout, catch=TRIAL_FAILURES,
+                   callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], show_progress_bar=progress_bar)
+
+
+def wait_for_a_place(trial: optuna.Trial, n_trials: int, poll_seconds: float) -> None:
+    """Let this trial train only if the trials numbered before it cannot reach `n_trials` without it.
+
+    N workers that each start a trial as the study nears its target would overshoot it by up to N - 1.
+    While earlier trials run, wait: if they finish, this trial is surplus and fails at once, untrained. If one
+    dies (its worker was killed: it goes stale and is failed after the grace period), its configuration is
+    enqueued again, and this trial gives its place to that retry.
+    """
+    while True:
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
+                   if t.number < trial.number]
+        if sum(t.state in FINISHED for t in earlier) >= n_trials:
+            surplus(trial, "other workers finished the study while it started")
+        if len(earlier) < n_trials:
+            return
+        optuna.storages.fail_stale_trials(trial.study)  # fails a dead worker's trial and enqueues its retry
+        if trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            surplus(trial, "it gave its place to a waiting retry")
+        time.sleep(poll_seconds)
+
+
+def surplus(trial: optuna.Trial, reason: str) -> None:
+    trial.set_user_attr("fail_reason", f"surplus: {reason}")
+    raise SurplusTrial(reason)
 
 
 def best(study: optuna.Study) -> dict:

@@ -135,7 +135,7 @@ def test_bad_input_is_one_line_and_exit_2(case, workdir, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["tune", "--trials", "-3"], "expected a positive int"),
     (["tune", "--timeout", "soon"], "expected a positive float"),
-    (["tune", "--jobs", "2"], "unrecognized arguments: --jobs"),
+    (["tune", "--jobs", "0"], "argument --jobs: expected a positive int"),
     (["teacher", "--spec", "missing.toml"], "missing.toml does not exist"),
     (["best", "--spec", "ok.toml"], "no study named 'ok'"),
 ])

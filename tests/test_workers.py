@@ -1,0 +1,98 @@
+"""Several workers on one study: the target is met exactly, a killed worker's trial is failed and retried,
+finished trials survive, and `status` says what is running, stale and waiting."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+
+import optuna
+import pytest
+from conftest import REPO, run_cli
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+FAST_HEARTBEAT = "\n[workers]\nheartbeat_seconds = 1\ngrace_seconds = 3\n"
+
+
+def load_study(workdir, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{workdir}/studies/{name}/study.db")
+
+
+def running_workers(workdir, name):
+    """{trial number: worker pid} of running trials, read-only (no schema race with the running tune)."""
+    database = workdir / "studies" / name / "study.db"
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            rows = connection.execute(
+                "SELECT t.number, a.value_json FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING' AND a.key = 'worker'").fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    return {number: int(json.loads(value).rsplit(":", 1)[1]) for number, value in rows}
+
+
+def test_two_workers_meet_the_target_exactly(tiny_spec, workdir):
+    spec = str(tiny_spec("pair", extra=FAST_HEARTBEAT))
+    done = run_cli("tune", "--spec", spec, "--trials", "8", "--jobs", "2", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = load_study(workdir, "pair").get_trials()
+    assert len([t for t in trials if t.state in FINISHED]) == 8
+    assert len({t.number for t in trials}) == len(trials)
+    assert {t.user_attrs["worker"] for t in trials if t.state in FINISHED}.__len__() == 2  # both worked
+    assert all("fail_reason" in t.user_attrs for t in trials if t.state == TrialState.FAIL)  # surplus, or chance
+
+
+def test_a_killed_worker_s_trial_is_failed_and_retried(tiny_spec, workdir):
+    spec = str(tiny_spec("killed", width="[256, 512]", student_epochs=30, pruner="none", extra=FAST_HEARTBEAT))
+    assert run_cli("teacher", "--spec", spec, cwd=workdir).returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    tune = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "tune", "--spec", spec, "--trials", "6",
+                             "--jobs", "2"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline, victim = time.monotonic() + 120, None
+    while victim is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        running = running_workers(workdir, "killed")
+        if len(set(running.values())) == 2:  # both workers are training: kill one mid-trial
+            victim = min(running)
+    assert victim is not None, "the two workers never trained at the same time"
+    finished_before = {t.number: t.value for t in load_study(workdir, "killed").get_trials(states=FINISHED)}
+    os.kill(running_workers(workdir, "killed")[victim], signal.SIGKILL)
+    _, stderr = tune.communicate(timeout=300)
+
+    assert tune.returncode == 0, stderr[-2000:]
+    assert "ended with signal SIGKILL" in stderr
+    trials = load_study(workdir, "killed").get_trials()
+    assert next(t for t in trials if t.number == victim).state == TrialState.FAIL
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim]
+    assert retries and retries[0].state in FINISHED
+    assert retries[0].params == next(t for t in trials if t.number == victim).params
+    assert len([t for t in trials if t.state in FINISHED]) == 6
+    assert all(next(t for t in trials if t.number == n).value == v for n, v in finished_before.items())
+
+
+def test_status_lists_trials_by_state_and_the_retries(tiny_spec, workdir):
+    spec = str(tiny_spec("seen", extra=FAST_HEARTBEAT))
+    assert run_cli("tune", "--spec", spec, "--trials", "3", cwd=workdir).returncode == 0
+    # a worker killed mid-trial: a running trial whose heartbeat stopped
+    study = load_study(workdir, "seen")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{workdir}/studies/seen/study.db", heartbeat_interval=1,
+                                         grace_period=3)
+    dead = study.ask()
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(4)
+    shown = run_cli("status", "--spec", spec, "--json", cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert status["counts"]["stale"] == 1 and status["counts"]["running"] == 0
+    assert status["counts"]["complete"] + status["counts"]["pruned"] == 3
+    assert status["running"][0]["trial"] == dead.number and status["running"][0]["stale"]
+    text = run_cli("status", "--spec", spec, cwd=workdir)
+    assert f"trial {dead.number}: stale" in text.stdout
