@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import data, report, study, teacher, workers
+from kdtune import artifacts, data, report, study, teacher, workers
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
 from kdtune.spec import DEFAULT_SPEC, Spec, load_spec
 
@@ -43,9 +43,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     spec = _spec(args)
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=True)  # before the teacher: a bad storage URL fails at once
-    if not teacher.cache_folder(spec, splits.fingerprint).exists():
+    if artifacts.RECORD_KEY not in the_study.user_attrs and not teacher.cache_folder(spec, splits.fingerprint).exists():
         print("No cached teacher for this data, teacher config and seed: training it first.")
-    cached = teacher.load_or_train(spec, splits)
+    cached = artifacts.teacher_for_study(the_study, spec, splits)
     study.record(the_study, spec, splits, cached)
     already = study.n_finished(the_study)
     print(f"Study {spec.name!r} in {spec.storage_url}: {already} finished trials, running to {args.trials}. "
@@ -99,7 +99,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     spec = _spec(args)
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=False)
-    cached = teacher.load_or_train(spec, splits)
+    cached = artifacts.teacher_for_study(the_study, spec, splits)
     print(f"Retraining the top {spec.report.n_candidates} configurations x {spec.report.n_seeds} seeds to pick the "
           "winner on validation, then the winner, its no-distillation twin and the reference on the test set:")
     result = report.evaluate(spec, splits, cached, the_study)

@@ -110,6 +110,7 @@ class Spec:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 only where the hardware has it natively)
     storage: str = ""  # Optuna storage URL; empty means sqlite:///studies/<name>/study.db
+    artifacts: str = ""  # where the study's teacher travels: a folder or s3://bucket; empty: studies/<name>/artifacts
     data: DataSpec = field(default_factory=DataSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)

@@ -17,7 +17,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from kdtune import data, hardware, study, teacher
+from kdtune import artifacts, data, hardware, study
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
 from kdtune.spec import Spec
 
@@ -83,7 +83,7 @@ def run_trials(job: WorkerJob) -> None:
     spec = job.spec
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=False, worker=job.worker)
-    cached = teacher.load(teacher.cache_folder(spec, splits.fingerprint))
+    cached = artifacts.teacher_for_study(the_study, spec, splits)  # cached by the parent: never a second teacher
     try:
         study.run(the_study, study.make_objective(spec, splits, cached), n_trials=job.n_trials,
                   timeout=job.timeout, progress_bar=job.worker == 0, poll_seconds=spec.workers.heartbeat_seconds)

@@ -1,8 +1,10 @@
 """Several workers on one study: the target is met exactly, a killed worker's trial is failed and retried,
-finished trials survive, and `status` says what is running, stale and waiting."""
+finished trials survive, `status` says what is running, stale and waiting, and the teacher travels with the
+study through its artifact store."""
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -12,12 +14,15 @@ from contextlib import closing
 
 import optuna
 import pytest
+import torch
 from conftest import REPO, run_cli
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from kdtune import artifacts, data, study, teacher
+from kdtune.spec import SpecError, load_spec
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 FAST_HEARTBEAT = "\n[workers]\nheartbeat_seconds = 1\ngrace_seconds = 3\n"
 
 
@@ -96,3 +101,38 @@ def test_status_lists_trials_by_state_and_the_retries(tiny_spec, workdir):
     assert status["running"][0]["trial"] == dead.number and status["running"][0]["stale"]
     text = run_cli("status", "--spec", spec, cwd=workdir)
     assert f"trial {dead.number}: stale" in text.stdout
+
+
+def tuned_once(tiny_spec, workdir, name):
+    spec = load_spec(tiny_spec(name))
+    splits = data.prepare(spec.data, spec.seed)
+    the_study = study.open_study(spec, create=True)
+    cached = artifacts.teacher_for_study(the_study, spec, splits, echo=lambda _: None)
+    return spec, splits, the_study, cached
+
+
+def refuse_training(*args, **kwargs):
+    raise AssertionError("a second teacher was trained for the study")
+
+
+def test_a_worker_without_the_cache_fetches_the_study_s_teacher(tiny_spec, workdir, monkeypatch):
+    spec, splits, the_study, cached = tuned_once(tiny_spec, workdir, "travel")
+    shutil.rmtree(cached.folder)  # another machine: no cache folder
+    monkeypatch.setattr(teacher, "train", refuse_training)
+    fetched = artifacts.teacher_for_study(study.open_study(spec, create=False), spec, splits, echo=lambda _: None)
+    assert fetched.cache_id == cached.cache_id
+    assert all(torch.equal(fetched.logits[part], cached.logits[part]) for part in ("train", "val", "test"))
+
+
+def test_a_tampered_teacher_artifact_is_refused(tiny_spec, workdir, monkeypatch):
+    spec, splits, the_study, cached = tuned_once(tiny_spec, workdir, "tampered")
+    weights_id = the_study.user_attrs[artifacts.RECORD_KEY]["files"]["weights.pt"]["artifact_id"]
+    stored = spec.output_dir / "artifacts" / weights_id
+    tampered = bytearray(stored.read_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF
+    stored.write_bytes(bytes(tampered))
+    shutil.rmtree(cached.folder)
+    monkeypatch.setattr(teacher, "train", refuse_training)
+    with pytest.raises(SpecError, match="weights.pt .* does not match the sha256 recorded in the study"):
+        artifacts.teacher_for_study(study.open_study(spec, create=False), spec, splits, echo=lambda _: None)
+    assert not cached.folder.exists()  # nothing half-fetched is left to be mistaken for a cache

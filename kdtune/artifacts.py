@@ -1,0 +1,89 @@
+"""The cached teacher travels with its study, through Optuna's artifact store.
+
+The first `tune` of a study publishes the teacher's cache files as study artifacts and records their sha256
+in the study itself. A worker on another machine that lacks the cache downloads them and checks them against
+that record before use, so no study ever has two teachers, and a tampered or truncated artifact is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+from kdtune import teacher
+from kdtune.data import Splits
+from kdtune.provenance import sha256_file
+from kdtune.spec import Spec, SpecError
+from kdtune.teacher import CachedTeacher
+
+RECORD_KEY = "teacher_artifacts"  # study user attribute: {"cache_id", "files": {name: {artifact_id, sha256}}}
+
+
+def open_artifact_store(spec: Spec):
+    """`artifacts = "s3://bucket"` is an S3-compatible bucket (boto3, configured the usual way: environment or
+    ~/.aws); anything else is a folder, by default studies/<name>/artifacts next to the study."""
+    if spec.artifacts.startswith("s3://"):
+        try:
+            from optuna.artifacts import Boto3ArtifactStore
+            return Boto3ArtifactStore(spec.artifacts.removeprefix("s3://").strip("/"))
+        except ImportError as error:
+            raise SpecError(f"artifacts = {spec.artifacts!r} needs boto3: pip install boto3.") from error
+    folder = Path(spec.artifacts) if spec.artifacts else spec.output_dir / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(folder))
+
+
+def teacher_for_study(study: optuna.Study, spec: Spec, splits: Splits,
+                      echo: Callable[[str], None] = print) -> CachedTeacher:
+    """The study's teacher: from the local cache, else from the study's artifacts; trained only when the
+    study has none yet, and then published."""
+    record = study.user_attrs.get(RECORD_KEY)
+    if record is None:
+        cached = teacher.load_or_train(spec, splits, echo=echo)
+        publish(study, spec, cached)
+        return cached
+    folder = teacher.cache_folder(spec, splits.fingerprint)
+    try:
+        return teacher.load(folder)
+    except teacher.CorruptCache:
+        echo(f"No usable teacher cache in {folder}: fetching the study's teacher from its artifact store.")
+        fetch(record, open_artifact_store(spec), folder)
+        return teacher.load(folder)
+
+
+def publish(study: optuna.Study, spec: Spec, cached: CachedTeacher) -> None:
+    store = open_artifact_store(spec)
+    files = {}
+    for path in sorted(p for p in cached.folder.iterdir() if p.is_file()):
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+        files[path.name] = {"artifact_id": artifact_id, "sha256": sha256_file(path)}
+    study.set_user_attr(RECORD_KEY, {"cache_id": cached.cache_id, "files": files})
+
+
+def fetch(record: dict, store, folder: Path) -> None:
+    """Download into a scratch folder, verify every file against the study's record, then move into place."""
+    scratch = folder.with_name(f"{folder.name}.fetch-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        for name, entry in record["files"].items():
+            try:
+                download_artifact(artifact_store=store, file_path=str(scratch / name),
+                                  artifact_id=entry["artifact_id"])
+            except ArtifactNotFound as error:
+                raise SpecError(f"the study's teacher artifact {name} ({entry['artifact_id']}) is missing from "
+                                "the artifact store; point `artifacts` in the spec at the study's store.") from error
+            if sha256_file(scratch / name) != entry["sha256"]:
+                raise SpecError(f"the study's teacher artifact {name} ({entry['artifact_id']}) does not match the "
+                                "sha256 recorded in the study: it was altered or truncated; restore the artifact "
+                                "store, or start a new study with --study-name.")
+        shutil.rmtree(folder, ignore_errors=True)
+        scratch.rename(folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
