@@ -205,17 +205,23 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
     """Run until the study holds `n_trials` finished (complete or pruned) trials, or `timeout` seconds pass.
 
     Other workers may share the study; each trial first makes sure it is needed (see `wait_for_a_place`).
+    Failed trials do not count, so this runs rounds of the missing trials until none is missing, or until a
+    round ends with no trial finished anywhere (every trial fails: more rounds would not help).
     """
-    n_missing = n_trials - n_finished(study)
-    if n_missing <= 0:
-        return
+    deadline = None if timeout is None else time.monotonic() + timeout
 
     def needed_objective(trial: optuna.Trial) -> float:
         wait_for_a_place(trial, n_trials, poll_seconds)
         return objective(trial)
 
-    study.optimize(needed_objective, n_trials=n_missing, timeout=timeout, catch=TRIAL_FAILURES,
-                   callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], show_progress_bar=progress_bar)
+    while (n_missing := n_trials - n_finished(study)) > 0:
+        seconds_left = None if deadline is None else deadline - time.monotonic()
+        if seconds_left is not None and seconds_left <= 0:
+            return
+        study.optimize(needed_objective, n_trials=n_missing, timeout=seconds_left, catch=TRIAL_FAILURES,
+                       callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], show_progress_bar=progress_bar)
+        if n_finished(study) == n_trials - n_missing:
+            return
 
 
 def wait_for_a_place(trial: optuna.Trial, n_trials: int, poll_seconds: float) -> None:
