@@ -58,12 +58,12 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(tiny_spec, workdir):
     spec = str(tiny_spec("killed", width="[256, 512]", student_epochs=30, pruner="none", extra=FAST_HEARTBEAT))
     assert run_cli("teacher", "--spec", spec, cwd=workdir).returncode == 0
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    tune = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "tune", "--spec", spec, "--trials", "6",
+    tune = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "tune", "--spec", spec, "--trials", "8",
                              "--jobs", "2"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline, victim = time.monotonic() + 120, None
-    while victim is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while victim is None and time.monotonic() < deadline and tune.poll() is None:
+        time.sleep(0.2)
         running = running_workers(workdir, "killed")
         if len(set(running.values())) == 2:  # both workers are training: kill one mid-trial
             victim = min(running)
@@ -79,7 +79,7 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(tiny_spec, workdir):
     retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim]
     assert retries and retries[0].state in FINISHED
     assert retries[0].params == next(t for t in trials if t.number == victim).params
-    assert len([t for t in trials if t.state in FINISHED]) == 6
+    assert len([t for t in trials if t.state in FINISHED]) == 8
     assert all(next(t for t in trials if t.number == n).value == v for n, v in finished_before.items())
 
 
