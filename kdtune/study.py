@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from kdtune import health
 from kdtune.data import Splits
+from kdtune.errors import STORAGE_ERRORS
 from kdtune.hardware import resolve_compute
 from kdtune.losses import LOSSES
 from kdtune.models import StudentMLP, student_n_parameters
@@ -218,8 +219,15 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
         seconds_left = None if deadline is None else deadline - time.monotonic()
         if seconds_left is not None and seconds_left <= 0:
             return
-        study.optimize(needed_objective, n_trials=n_missing, timeout=seconds_left, catch=TRIAL_FAILURES,
-                       callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], show_progress_bar=progress_bar)
+        try:
+            study.optimize(needed_objective, n_trials=n_missing, timeout=seconds_left, catch=TRIAL_FAILURES,
+                           callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], show_progress_bar=progress_bar)
+        except UnboundLocalError as error:
+            # Optuna 5.0.0: when the storage fails as a trial ends, _run_trial's clean-up raises UnboundLocalError
+            # over the storage error; surface the storage error, which the CLI reports as one line
+            if isinstance(error.__context__, STORAGE_ERRORS):
+                raise error.__context__ from None
+            raise
         if n_finished(study) == n_trials - n_missing:
             return
 
