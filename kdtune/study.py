@@ -22,6 +22,7 @@ from kdtune import health
 from kdtune.data import Splits
 from kdtune.errors import STORAGE_ERRORS
 from kdtune.hardware import resolve_compute
+from kdtune.interrupts import StopRequest
 from kdtune.losses import LOSSES
 from kdtune.models import StudentMLP, student_n_parameters
 from kdtune.provenance import versions
@@ -208,28 +209,35 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
     Other workers may share the study; each trial first makes sure it is needed (see `wait_for_a_place`).
     Failed trials do not count, so this runs rounds of the missing trials until none is missing, or until a
     round ends with no trial finished anywhere (every trial fails: more rounds would not help).
+    Ctrl-C or SIGTERM raises KeyboardInterrupt once no trial of this process is left RUNNING (see interrupts).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    stop = StopRequest()
 
     def needed_objective(trial: optuna.Trial) -> float:
-        wait_for_a_place(trial, n_trials, poll_seconds)
-        return objective(trial)
+        with stop.inside_objective():
+            wait_for_a_place(trial, n_trials, poll_seconds)
+            return objective(trial)
 
-    while (n_missing := n_trials - n_finished(study)) > 0:
-        seconds_left = None if deadline is None else deadline - time.monotonic()
-        if seconds_left is not None and seconds_left <= 0:
-            return
-        try:
-            study.optimize(needed_objective, n_trials=n_missing, timeout=seconds_left, catch=TRIAL_FAILURES,
-                           callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], show_progress_bar=progress_bar)
-        except UnboundLocalError as error:
-            # Optuna 5.0.0: when the storage fails as a trial ends, _run_trial's clean-up raises UnboundLocalError
-            # over the storage error; surface the storage error, which the CLI reports as one line
-            if isinstance(error.__context__, STORAGE_ERRORS):
-                raise error.__context__ from None
-            raise
-        if n_finished(study) == n_trials - n_missing:
-            return
+    with stop.installed():
+        while (n_missing := n_trials - n_finished(study)) > 0:
+            stop.raise_if_requested()
+            seconds_left = None if deadline is None else deadline - time.monotonic()
+            if seconds_left is not None and seconds_left <= 0:
+                return
+            try:
+                study.optimize(needed_objective, n_trials=n_missing, timeout=seconds_left, catch=TRIAL_FAILURES,
+                               callbacks=[MaxTrialsCallback(n_trials, states=FINISHED), stop.stop_after_trial],
+                               show_progress_bar=progress_bar)
+            except UnboundLocalError as error:
+                # Optuna 5.0.0: when the storage fails as a trial ends, _run_trial's clean-up raises
+                # UnboundLocalError over the storage error; surface the storage error (the CLI prints one line)
+                if isinstance(error.__context__, STORAGE_ERRORS):
+                    raise error.__context__ from None
+                raise
+            stop.raise_if_requested()
+            if n_finished(study) == n_trials - n_missing:
+                return
 
 
 def wait_for_a_place(trial: optuna.Trial, n_trials: int, poll_seconds: float) -> None:

@@ -1,11 +1,14 @@
 """The study: parameters, pruning, records, resume rules; trials never see the test set."""
 
 import dataclasses
+import os
+import signal
 import sqlite3
 
 import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
 from kdtune import data, study, teacher
 from kdtune.spec import SpecError, load_spec
@@ -136,3 +139,27 @@ def test_the_study_database_is_readable_while_a_trial_writes(tiny_spec):
     database = spec.storage_url.removeprefix("sqlite:///")
     with sqlite3.connect(database) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+class SignalWhileCreatingTrial(optuna.samplers.RandomSampler):
+    """Sends the signal from inside `study.ask()`, after the trial exists and before the objective runs:
+    the window in which a plain KeyboardInterrupt leaves the trial RUNNING."""
+
+    def __init__(self, signum: int, on_trial: int) -> None:
+        super().__init__(seed=0)
+        self.signum, self.on_trial = signum, on_trial
+
+    def before_trial(self, the_study, trial) -> None:
+        if trial.number == self.on_trial:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_while_a_trial_is_created_leaves_none_running(signum):
+    the_study = optuna.create_study(direction="maximize", sampler=SignalWhileCreatingTrial(signum, on_trial=2))
+    with pytest.raises(KeyboardInterrupt):
+        study.run(the_study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, timeout=None,
+                  progress_bar=False)
+    states = [t.state for t in the_study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
