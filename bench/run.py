@@ -37,6 +37,7 @@ from kdtune.train import accuracy, fit
 sys.path.insert(0, str(Path(__file__).parent))
 from batched import batched_speedup  # noqa: E402
 from peers import common_kd_objective, naive_fit, seed_cnn  # noqa: E402
+from storages import ms_per_trial  # noqa: E402
 
 WIDTHS = (64, 512, 2048)
 SECTIONS = ("machine", "students", "teacher", "overhead", "batched", "study")
@@ -228,27 +229,12 @@ def section_teacher(plan: Plan, splits, machine: dict) -> dict:
 
 def section_overhead(spec: Spec, splits, n_trials: int = 30, n_epochs: int = 10) -> dict:
     """Per-trial cost outside the training loop: storage writes, model set-up, evaluation."""
-    def bookkeeping(trial: optuna.Trial) -> float:  # the storage calls kdtune's objective makes
-        study.suggest(trial, spec.search, "hinton")
-        for name in ("loss", "n_parameters", "n_epochs", "seconds", "teacher_agreement", "kl_at_temperature",
-                     "calibration_error"):
-            trial.set_user_attr(name, 1.0)
-        for epoch in range(n_epochs):
-            trial.report(0.5, epoch)
-            trial.should_prune()
-        return 0.5
-
-    storage_ms = {}
     with tempfile.TemporaryDirectory() as folder:
         storages = {"in_memory": lambda: None, "sqlite_defaults": lambda: f"sqlite:///{folder}/defaults.db",
                     "sqlite_kdtune": lambda: open_storage(f"sqlite:///{folder}/kdtune.db"),
                     "journal_file": lambda: optuna.storages.JournalStorage(
                         optuna.storages.journal.JournalFileBackend(f"{folder}/journal.log"))}
-        for name, storage in storages.items():
-            bench_study = optuna.create_study(storage=storage(), direction="maximize", pruner=study.make_pruner(spec))
-            started = time.perf_counter()
-            bench_study.optimize(bookkeeping, n_trials=n_trials)
-            storage_ms[name] = 1000 * (time.perf_counter() - started) / n_trials
+        storage_ms = {name: ms_per_trial(storage(), spec, n_trials, n_epochs) for name, storage in storages.items()}
 
     def set_up_student() -> StudentMLP:
         model = StudentMLP(splits.image_shape, splits.n_classes, 2048)

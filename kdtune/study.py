@@ -39,6 +39,9 @@ class SurplusTrial(Exception):
 
 
 TRIAL_FAILURES = (TrainingDiverged, health.StuckAtChance, SurplusTrial)
+# How often a trial waiting for a place looks again. Every second costs one small query per waiting worker;
+# polling at the heartbeat interval (10 s) kept `tune --jobs 2` idle for up to 10 s as the study ended.
+PLACE_POLL_SECONDS = 1.0
 # Spec sections that decide what a trial's value means: resuming with any of them changed would mix
 # incomparable trials in one study.
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -202,8 +205,7 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None, progress_bar: bool = True,
-        poll_seconds: float = 1.0) -> None:
+def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None, progress_bar: bool = True) -> None:
     """Run until the study holds `n_trials` finished (complete or pruned) trials, or `timeout` seconds pass.
 
     Other workers may share the study; each trial first makes sure it is needed (see `wait_for_a_place`).
@@ -216,7 +218,7 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
 
     def needed_objective(trial: optuna.Trial) -> float:
         with stop.inside_objective():
-            wait_for_a_place(trial, n_trials, poll_seconds)
+            wait_for_a_place(trial, n_trials)
             return objective(trial)
 
     with stop.installed():
@@ -240,7 +242,7 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
                 return
 
 
-def wait_for_a_place(trial: optuna.Trial, n_trials: int, poll_seconds: float) -> None:
+def wait_for_a_place(trial: optuna.Trial, n_trials: int) -> None:
     """Let this trial train only if the trials numbered before it cannot reach `n_trials` without it.
 
     N workers that each start a trial as the study nears its target would overshoot it by up to N - 1.
@@ -258,7 +260,7 @@ def wait_for_a_place(trial: optuna.Trial, n_trials: int, poll_seconds: float) ->
         optuna.storages.fail_stale_trials(trial.study)  # fails a dead worker's trial and enqueues its retry
         if trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             surplus(trial, "it gave its place to a waiting retry")
-        time.sleep(poll_seconds)
+        time.sleep(PLACE_POLL_SECONDS)
 
 
 def surplus(trial: optuna.Trial, reason: str) -> None:

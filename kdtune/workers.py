@@ -86,7 +86,7 @@ def run_trials(job: WorkerJob) -> None:
     cached = artifacts.teacher_for_study(the_study, spec, splits)  # cached by the parent: never a second teacher
     try:
         study.run(the_study, study.make_objective(spec, splits, cached), n_trials=job.n_trials,
-                  timeout=job.timeout, progress_bar=job.worker == 0, poll_seconds=spec.workers.heartbeat_seconds)
+                  timeout=job.timeout, progress_bar=job.worker == 0)
     except KeyboardInterrupt:
         pass  # optuna has marked the running trial failed; finished trials are in the storage
 
