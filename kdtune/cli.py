@@ -15,9 +15,9 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import artifacts, data, report, study, teacher, workers
+from kdtune import artifacts, dashboard, data, figures, report, study, teacher, workers
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
-from kdtune.spec import DEFAULT_SPEC, Spec, load_spec
+from kdtune.spec import DEFAULT_SPEC, Spec, SpecError, load_spec
 
 EXIT_INTERRUPTED = 130
 
@@ -67,6 +67,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             interrupted = args.timeout is None and study.n_finished(the_study) < args.trials
     except KeyboardInterrupt:
         interrupted = True
+    dashboard.note_study(the_study)
     if interrupted:
         print(f"\nInterrupted: {study.n_finished(the_study)} finished trials are kept in {spec.storage_url}. "
               f"Resume with: {_resume_command(args)}", file=sys.stderr)
@@ -75,7 +76,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     n_pruned, n_failed = states.count(optuna.trial.TrialState.PRUNED), states.count(optuna.trial.TrialState.FAIL)
     print(f"{study.n_finished(the_study)} finished trials ({n_pruned} pruned, {n_failed} failed).")
     _print_best(study.best(the_study))
-    print(f"Browse: optuna-dashboard {spec.storage_url}")
+    print(f"Browse: {_command(args, 'dashboard')}")
     return 0
 
 
@@ -92,20 +93,34 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Pick the winner by retraining the top configurations over --seeds seeds, then test it against its
-    no-distillation twin and the seed project's configuration; write studies/<name>/report.md and .json.
+    no-distillation twin and the seed project's configuration; write studies/<name>/report.md and .json, and
+    with kdtune[plots] the pictures (figures/*.png) and one self-contained report.html.
 
     The winner is chosen on validation accuracy; the test set is read only for the three final configurations.
+    --figures-only redraws the pictures from the last report without training anything.
     """
     spec = _spec(args)
-    splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=False)
-    cached = artifacts.teacher_for_study(the_study, spec, splits)
-    print(f"Retraining the top {spec.report.n_candidates} configurations x {spec.report.n_seeds} seeds to pick the "
-          "winner on validation, then the winner, its no-distillation twin and the reference on the test set:")
-    result = report.evaluate(spec, splits, cached, the_study)
-    md_path, json_path = report.write(result, spec)
-    print(report.to_markdown(result))
-    print(f"Written: {md_path}, {json_path}")
+    if args.figures_only:
+        if lacking := figures.missing_libraries():
+            raise SpecError(f"drawing pictures needs {' and '.join(lacking)}: {figures.INSTALL_HINT}")
+        result = report.read(spec)
+    else:
+        splits = data.prepare(spec.data, spec.seed)
+        cached = artifacts.teacher_for_study(the_study, spec, splits)
+        print(f"Retraining the top {spec.report.n_candidates} configurations x {spec.report.n_seeds} seeds to pick "
+              "the winner on validation, then the winner, its no-distillation twin and the reference on the test "
+              "set:")
+        result = report.evaluate(spec, splits, cached, the_study)
+        print(report.to_markdown(result))
+        the_study.set_user_attr(dashboard.REPORT_NOTE_KEY, f"Report of {result['created']}:\n\n"
+                                + report.test_section(result))
+        dashboard.note_study(the_study)
+    written = report.write(result, spec, the_study)
+    print("Written: " + ", ".join(str(path) for path in written))
+    if lacking := figures.missing_libraries():
+        print(f"Pictures not drawn ({', '.join(lacking)} missing): {figures.INSTALL_HINT}, then "
+              f"{_command(args, 'report', '--figures-only')}")
     return 0
 
 
@@ -127,8 +142,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the study in optuna-dashboard until Ctrl-C: its trials with their notes and learning curves, and
+    the study's note with the best configuration, the teacher and, after `report`, the test table.
+
+    It listens on 127.0.0.1 unless --host says otherwise, and warns when it is reachable from other machines.
+    """
+    spec = _spec(args)
+    the_study = study.open_study(spec, create=False)
+    try:
+        dashboard.serve(spec, the_study, args.host, args.port)
+    except KeyboardInterrupt:
+        print("Dashboard stopped.")
+    return 0
+
+
 COMMANDS = {"teacher": cmd_teacher, "tune": cmd_tune, "best": cmd_best, "status": cmd_status,
-            "report": cmd_report}
+            "report": cmd_report, "dashboard": cmd_dashboard}
 TRAINING_COMMANDS = ("teacher", "tune", "report")
 
 
@@ -161,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("best", "status"):
         commands.choices[name].add_argument("--json", action="store_true", help="print JSON")
     commands.choices["report"].add_argument("--seeds", type=_positive(int), help="seeds per configuration")
+    commands.choices["report"].add_argument("--figures-only", action="store_true", help="redraw the pictures and "
+                                            "report.html from the last report; trains nothing")
+    commands.choices["dashboard"].add_argument("--host", default="127.0.0.1", help="address to listen on "
+                                               "(default 127.0.0.1: this machine only)")
+    commands.choices["dashboard"].add_argument("--port", type=_port, default=8080,
+                                               help="default 8080; 0 takes a free port")
     return parser
 
 
@@ -196,6 +232,12 @@ def _positive(kind):
     return parse
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
 def _print_best(found: dict) -> None:
     print(f"Best: trial {found['trial']}: temperature={found['temperature']:.3f} lambda={found['lambda']:.3f} "
           f"width={found['width']} val_accuracy={found['val_accuracy']:.4f} "
@@ -207,7 +249,12 @@ def _exit_reason(code: int) -> str:
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    parts = ["kdtune tune"] + [f"--spec {args.spec}"] * bool(args.spec) + [f"--trials {args.trials}"]
+    return _command(args, "tune", f"--trials {args.trials}")
+
+
+def _command(args: argparse.Namespace, command: str, *flags: str) -> str:
+    """The kdtune command line that runs `command` on the same study as this one."""
+    parts = [f"kdtune {command}"] + [f"--spec {args.spec}"] * bool(args.spec) + list(flags)
     parts += [f"--storage {args.storage}"] * bool(args.storage) + [f"--study-name {args.study_name}"] * bool(
         args.study_name)
     return " ".join(parts)

@@ -16,14 +16,16 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import optuna
 from scipy import stats
 
+from kdtune import figures, saved_runs
 from kdtune.data import Splits
 from kdtune.hardware import resolve_compute
 from kdtune.losses import UNLABELLED
-from kdtune.models import student_n_parameters
+from kdtune.models import StudentMLP, student_n_parameters
 from kdtune.provenance import machine, versions
 from kdtune.spec import Spec, SpecError, to_toml_dict
 from kdtune.study import StudentConfig, train_student
@@ -75,10 +77,20 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     seeds = [spec.seed + 1 + i for i in range(spec.report.n_seeds)]
     started = time.perf_counter()
 
+    context = {"student": dataclasses.asdict(spec.student), "transfer": dataclasses.asdict(spec.transfer),
+               "data": splits.fingerprint, "teacher": teacher.cache_id, "precision": compute.precision}
+
     def train_over_seeds(name: str, config: StudentConfig) -> list:
-        runs = [train_student(config, spec.student, data, seed, autocast_dtype=compute.autocast_dtype)
-                for seed in seeds]
-        echo(f"  {name:<24} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs))
+        runs, n_resumed = [], 0
+        for seed in seeds:
+            run, resumed = saved_runs.trained(
+                spec.output_dir / "report-runs", context, config.as_params(), seed, compute.device,
+                build=lambda: StudentMLP(data.image_shape, data.n_classes, config.width),
+                train=lambda: train_student(config, spec.student, data, seed, autocast_dtype=compute.autocast_dtype))
+            runs.append(run)
+            n_resumed += resumed
+        echo(f"  {name:<24} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs)
+             + (f"  ({n_resumed} of {len(runs)} from an earlier report)" if n_resumed else ""))
         return runs
 
     # 1. the winner, chosen on validation accuracy over seeds
@@ -104,6 +116,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         rows[name] = {"config": config.as_params(), "test_accuracy": tests,
                       "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests),
                       "val_mean": statistics.fmean(r.val_accuracy for _, r in runs),
+                      "val_curves": [r.val_curve for _, r in runs],
                       "n_parameters": student_n_parameters(data.image_shape, data.n_classes, config.width)}
     record_test_read(study, rows)
 
@@ -191,15 +204,7 @@ def to_markdown(report: dict) -> str:
         mark = " **winner**" if c["trial"] == report["winner_trial"] else ""
         lines.append(f"| {c['trial']}{mark} | {_config_cells(c['config'])} | {c['n_parameters']:,} | "
                      f"{100 * c['val_mean']:.2f} ± {100 * c['val_std']:.2f}% |")
-    lines += [
-        "", "## Test set (read only here, for these three configurations)", "",
-        "| model | temperature | lambda | width | loss | parameters | test accuracy |", "|---|---|---|---|---|---|---|",
-        f"| teacher (CNN) | | | | | {teacher['n_parameters']:,} | {100 * teacher['test_accuracy']:.2f}% |",
-    ]
-    for name, row in report["rows"].items():
-        lines.append(f"| {name.replace('_', ' ')} | {_config_cells(row['config'])} | {row['n_parameters']:,} | "
-                     f"{100 * row['test_mean']:.2f} ± {100 * row['test_std']:.2f}% |")
-    lines += ["", f"**Verdict.** {report['verdict']}", "",
+    lines += ["", test_section(report), "",
               f"**Temperature and width.** {report['temperature_by_width']['statement']}", "",
               f"Data fingerprint `{report['data_fingerprint'][:16]}`, teacher cache `{teacher['cache_id']}`, "
               f"{report['machine']}, torch {report['versions']['torch']}, optuna {report['versions']['optuna']}, "
@@ -207,14 +212,52 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_section(report: dict) -> str:
+    """The test table and the verdict: the part of the report that the study's dashboard note repeats."""
+    teacher = report["teacher"]
+    lines = [
+        "## Test set (read only here, for these three configurations)", "",
+        "| model | temperature | lambda | width | loss | parameters | test accuracy |", "|---|---|---|---|---|---|---|",
+        f"| teacher (CNN) | | | | | {teacher['n_parameters']:,} | {100 * teacher['test_accuracy']:.2f}% |",
+    ]
+    for name, row in report["rows"].items():
+        lines.append(f"| {name.replace('_', ' ')} | {_config_cells(row['config'])} | {row['n_parameters']:,} | "
+                     f"{100 * row['test_mean']:.2f} ± {100 * row['test_std']:.2f}% |")
+    lines += ["", f"**Verdict.** {report['verdict']}"]
+    return "\n".join(lines)
+
+
 def _config_cells(config: dict) -> str:
     return (f"{config['temperature']:.3g} | {config['lambda']:.3g} | {config['width']} | "
             f"{config['loss']}")
 
 
-def write(report: dict, spec: Spec) -> tuple[str, str]:
-    spec.output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = spec.output_dir / "report.json", spec.output_dir / "report.md"
+def write(report: dict, spec: Spec, study: optuna.Study) -> list[Path]:
+    """report.json, report.md and, with kdtune[plots], figures/*.png linked from it and the self-contained
+    report.html; returns the paths written."""
+    folder = spec.output_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / "report.json", folder / "report.md"
     json_path.write_text(json.dumps(report, indent=2))
-    md_path.write_text(to_markdown(report))
-    return str(md_path), str(json_path)
+    markdown = to_markdown(report)
+    lacking = figures.missing_libraries()
+    if lacking:
+        md_path.write_text(markdown + f"\nPictures: not drawn ({', '.join(lacking)} missing): "
+                           f"`{figures.INSTALL_HINT}`, then `kdtune report --figures-only`.\n")
+        return [md_path, json_path]
+    pngs, html_path = figures.write(study, report, markdown, folder)
+    md_path.write_text(markdown + "\n## Pictures\n\nInteractive, in one file that opens offline: "
+                       "[report.html](report.html).\n\n"
+                       + "\n\n".join(f"![{png.stem.replace('-', ' ')}](figures/{png.name})" for png in pngs) + "\n")
+    return [md_path, json_path, html_path, *pngs]
+
+
+def read(spec: Spec) -> dict:
+    """The last report of this study, as `write` saved it."""
+    path = spec.output_dir / "report.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"no report at {path}: run `kdtune report` first.") from None
+    except json.JSONDecodeError as error:
+        raise SpecError(f"{path} is not valid JSON ({error.msg}); rerun `kdtune report`.") from error

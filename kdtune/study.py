@@ -18,7 +18,7 @@ import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from kdtune import health
+from kdtune import dashboard, health
 from kdtune.data import Splits
 from kdtune.errors import STORAGE_ERRORS
 from kdtune.hardware import resolve_compute
@@ -114,27 +114,34 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callab
         config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))
         trial.set_user_attr("loss", config.loss)
         trial.set_user_attr("worker", WORKER_ID)  # `status` shows where a running trial runs
-        trial.set_user_attr("n_parameters", student_n_parameters(trial_data.image_shape, trial_data.n_classes,
-                                                                 config.width))
-        n_epochs, started = 0, time.perf_counter()
+        n_parameters = student_n_parameters(trial_data.image_shape, trial_data.n_classes, config.width)
+        trial.set_user_attr("n_parameters", n_parameters)
+        val_curve, started, outcome = [], time.perf_counter(), "interrupted"
 
         def report(epoch: int, val_accuracy: float) -> None:
-            nonlocal n_epochs
-            n_epochs = epoch + 1
+            val_curve.append(val_accuracy)
             trial.report(val_accuracy, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {n_epochs} at val_accuracy={val_accuracy:.4f}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val_accuracy={val_accuracy:.4f}")
 
         try:
             model, result = train_student(config, spec.student, trial_data, spec.seed, report,
                                           compute.autocast_dtype)
             health.check_learnt(result.val_accuracy, trial_data.n_classes)
+            outcome = f"complete, best validation accuracy {100 * result.val_accuracy:.2f}%"
+        except optuna.TrialPruned as pruned:
+            outcome = str(pruned)
+            raise
         except TRIAL_FAILURES as failure:
             trial.set_user_attr("fail_reason", str(failure))
+            outcome = f"failed: {failure}"
             raise
-        finally:  # pruned and failed trials keep their cost too
-            trial.set_user_attr("n_epochs", n_epochs)
-            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
+        finally:  # pruned and failed trials keep their cost and their note too
+            seconds = time.perf_counter() - started
+            trial.set_user_attr("n_epochs", len(val_curve))
+            trial.set_user_attr("seconds", round(seconds, 3))
+            dashboard.note_trial(trial, config.as_params(), n_parameters=n_parameters, n_epochs=len(val_curve),
+                                 seconds=seconds, val_curve=val_curve, outcome=outcome)
         student_val_logits = predict(model, trial_data.x_val, compute.autocast_dtype)
         for name, value in health.measure(student_val_logits, teacher_val_logits, trial_data.y_val,
                                           config.temperature).items():

@@ -43,7 +43,7 @@ def test_teacher_tune_resume_best_report(tiny_spec, workdir):
 
     tuned = run_cli("tune", "--spec", spec, "--trials", "3", cwd=workdir)
     assert tuned.returncode == 0, tuned.stderr
-    assert "optuna-dashboard sqlite:///studies/tiny/study.db" in tuned.stdout
+    assert "Browse: kdtune dashboard --spec" in tuned.stdout
     study = load_study(workdir, "tiny")
     assert len(study.trials) == 3
     assert all(set(t.params) == {"temperature", "lambda", "width"} and t.intermediate_values for t in study.trials)
@@ -69,6 +69,11 @@ def test_teacher_tune_resume_best_report(tiny_spec, workdir):
     assert report["rows"]["reference"]["n_parameters"] == 784 * 512 + 512 + 512 * 10 + 10
     assert len(report["gain"]["paired_differences"]) == 2
     assert "Verdict" in (workdir / "studies/tiny/report.md").read_text()
+
+    again = run_cli("report", "--spec", spec, "--seeds", "2", cwd=workdir)  # as after an interruption: resumes
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("(2 of 2 from an earlier report)") == 5 + 2  # every candidate, twin and reference
+    assert json.loads((workdir / "studies/tiny/report.json").read_text())["rows"] == report["rows"]
 
 
 def test_a_run_built_to_prune_prunes(tiny_spec, workdir):

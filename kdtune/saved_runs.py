@@ -1,0 +1,45 @@
+"""The students `report` trains, kept on disk: a report stopped after an hour of retraining (Ctrl-C, a lost
+session) resumes where it stopped instead of starting over.
+
+A run is keyed by everything that decides its weights: configuration, seed, student schedule, transfer set,
+data, teacher and precision. Change any of them and the run is trained afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kdtune.models import StudentMLP
+from kdtune.train import FitResult
+
+Run = tuple[StudentMLP, FitResult]
+
+
+def trained(folder: Path, context: dict, params: dict, seed: int, device: torch.device,
+            build: Callable[[], StudentMLP], train: Callable[[], Run]) -> tuple[Run, bool]:
+    """The run for `params` and `seed`, from `folder` when an earlier report finished it, else from `train()`
+    (and then saved). Returns the run and whether it came from disk."""
+    key = hashlib.sha256(json.dumps({**context, "params": params, "seed": seed}, sort_keys=True).encode())
+    path = folder / f"{key.hexdigest()[:20]}.pt"
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location=device, weights_only=True)
+            model = build().to(device)
+            model.load_state_dict(saved["state_dict"])
+            return (model, FitResult(**saved["fit"])), True
+        except (RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError):
+            pass  # a run cut off while saving, or from an older layout: train it again
+    model, result = train()
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save({"state_dict": model.state_dict(), "fit": dataclasses.asdict(result)}, partial)
+    os.replace(partial, path)  # atomic: a run on disk is always whole
+    return (model, result), False

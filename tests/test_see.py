@@ -1,0 +1,120 @@
+"""Seeing the study: the report's pictures, the self-contained report.html and `kdtune dashboard`, the last
+two checked in a real browser (Playwright driving Debian's chromium)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import matplotlib.image
+import optuna
+import pytest
+from conftest import REPO, run_cli
+
+from kdtune import dashboard, figures, report
+from kdtune.spec import load_spec
+
+PICTURES = ("optimization-history", "parameter-importances", "temperature-lambda-contour", "accuracy-by-width",
+            "learning-curves")
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """A tiny study, tuned and reported once for every test here: (working folder, spec path)."""
+    from conftest import TINY_SPEC, write_tiny_npz
+    workdir = tmp_path_factory.mktemp("see")
+    spec = workdir / "see.toml"
+    spec.write_text(TINY_SPEC.format(path=write_tiny_npz(workdir / "tiny.npz"), student_epochs=3, width="[8, 64]",
+                                     pruner="median", n_startup_trials=5, search=""))
+    for command in (["tune", "--trials", "8"], ["report", "--seeds", "2"]):
+        done = run_cli(*command, "--spec", str(spec), cwd=workdir)
+        assert done.returncode == 0, done.stderr
+    return workdir, spec
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if sync_playwright is None or chromium is None:
+        if os.environ.get("KDTUNE_REQUIRE_BROWSER"):
+            pytest.fail("KDTUNE_REQUIRE_BROWSER is set but Playwright or chromium is missing")
+        pytest.skip("needs Playwright (pip install playwright) and chromium (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        # Playwright's own browser download cannot reach the internet here: drive the system's chromium
+        launched = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def test_report_draws_every_picture_and_links_it(reported):
+    workdir, _ = reported
+    folder = workdir / "studies" / "see"
+    markdown = (folder / "report.md").read_text()
+    for name in PICTURES:
+        pixels = matplotlib.image.imread(folder / "figures" / f"{name}.png")
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.std() > 0.01, name  # decodes, not blank
+        assert f"(figures/{name}.png)" in markdown
+    assert "[report.html](report.html)" in markdown
+
+
+def test_without_the_plotting_libraries_report_says_how_to_get_them(reported, monkeypatch):
+    workdir, spec_path = reported
+    monkeypatch.chdir(workdir)
+    spec = load_spec(spec_path)
+    monkeypatch.setattr(figures, "missing_libraries", lambda: ["plotly"])
+    written = report.write(report.read(spec), spec, optuna.load_study(study_name="see", storage=spec.storage_url))
+    assert [path.name for path in written] == ["report.md", "report.json"]
+    assert 'pip install "kdtune[plots]"' in (workdir / "studies/see/report.md").read_text()
+
+
+def test_report_html_is_one_file_that_shows_tables_and_figures_offline(reported, browser, tmp_path):
+    workdir, _ = reported
+    page_file = workdir / "studies/see/report.html"
+    text = page_file.read_text()
+    assert not re.search(r"<script[^>]+src=", text), "the page loads a script from elsewhere"
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.route(re.compile(r"^https?://"), lambda route: route.abort())  # offline: any request would fail
+    page.goto(page_file.as_uri())
+    page.wait_for_selector(".plotly svg.main-svg")
+    assert page.get_by_text("Test set (read only here").first.is_visible()
+    assert page.get_by_text("Verdict.").first.is_visible()
+    assert page.locator(".plotly").count() == len(PICTURES)
+    page.screenshot(path=tmp_path / "report.png", full_page=True)
+    page.close()
+
+
+def test_dashboard_shows_the_study_its_trials_and_the_best_trials_note(reported, browser, tmp_path):
+    workdir, spec = reported
+    the_study = optuna.load_study(study_name="see", storage=f"sqlite:///{workdir}/studies/see/study.db")
+    n_trials, best = len(the_study.trials), the_study.best_trial.number
+    server = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "dashboard", "--spec", str(spec), "--port", "0"],
+                              cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"http://127\.0\.0\.1:\d+/dashboard/", server.stdout.readline()).group(0)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.get_by_text("Direction: MAXIMIZE").first.wait_for()  # the study list has loaded
+        assert re.search(r"\bsee\b", page.inner_text("body"))
+        page.screenshot(path=tmp_path / "dashboard-home.png")
+        page.goto(f"{url}studies/1/trials?numbers={best}")
+        page.get_by_text(f"{n_trials} Trials").first.wait_for()
+        page.get_by_text(f"Trial {best}: temperature").first.wait_for()  # the best trial's note
+        page.screenshot(path=tmp_path / "dashboard-best-trial.png", full_page=True)
+        page.goto(f"{url}studies/1/note")
+        page.get_by_text("Best so far").first.wait_for()
+        assert page.get_by_text("Verdict.").first.is_visible()  # the report's test table reached the study's note
+        page.screenshot(path=tmp_path / "dashboard-study-note.png", full_page=True)
+        page.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_dashboard_warns_when_reachable_from_other_machines():
+    assert dashboard.is_loopback("127.0.0.1") and dashboard.is_loopback("localhost") and dashboard.is_loopback("::1")
+    assert not dashboard.is_loopback("0.0.0.0") and not dashboard.is_loopback("my-workstation")
