@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny slice of the embedded Fashion-MNIST and specs that train in seconds."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 
 from kdtune.data import read_embedded
@@ -72,3 +74,26 @@ def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.Completed
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """One tiny study taken through the commands once per test session, as a user runs them: teacher (twice:
+    the second finds the cache), tune to 3 trials then resumed to 5, best, report, and report again (it
+    resumes from the students it kept). Returns the working folder, the spec and each command's result."""
+    workdir = tmp_path_factory.mktemp("tiny-study")
+    spec = workdir / "tiny.toml"
+    spec.write_text(TINY_SPEC.format(path=write_tiny_npz(workdir / "tiny.npz"), student_epochs=3, width="[8, 64]",
+                                     pruner="median", n_startup_trials=5, search=""))
+    steps = {"teacher": ["teacher"], "teacher_again": ["teacher"], "tune": ["tune", "--trials", "3"],
+             "tune_resumed": ["tune", "--trials", "5"], "best": ["best", "--json"],
+             "report": ["report", "--seeds", "2"], "report_again": ["report", "--seeds", "2"]}
+    done = {}
+    for step, command in steps.items():
+        done[step] = run_cli(*command, "--spec", str(spec), cwd=workdir)
+        if step == "tune":  # what the first three trials were, before the resumed run adds to them
+            done["first_three"] = [(t.params, t.value) for t in optuna.load_study(
+                study_name="tiny", storage=f"sqlite:///{workdir}/studies/tiny/study.db").trials]
+        if step == "report":
+            done["first_report"] = json.loads((workdir / "studies/tiny/report.json").read_text())
+    return workdir, spec, done

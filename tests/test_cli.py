@@ -32,47 +32,33 @@ def n_finished_so_far(workdir, name):
         return 0
 
 
-def test_teacher_tune_resume_best_report(tiny_spec, workdir):
-    spec = str(tiny_spec())
-    first = run_cli("teacher", "--spec", spec, cwd=workdir)
-    assert first.returncode == 0, first.stderr
-    assert "Training the teacher" in first.stdout
-    second = run_cli("teacher", "--spec", spec, cwd=workdir)
-    assert second.returncode == 0 and "Training" not in second.stdout
-    assert "validation accuracy" in second.stdout
+def test_teacher_tune_resume_best_report(tiny_study):
+    workdir, _, done = tiny_study
+    for step, result in done.items():
+        if hasattr(result, "returncode"):
+            assert result.returncode == 0, (step, result.stderr)
+    assert "Training the teacher" in done["teacher"].stdout
+    assert "Training" not in done["teacher_again"].stdout and "validation accuracy" in done["teacher_again"].stdout
 
-    tuned = run_cli("tune", "--spec", spec, "--trials", "3", cwd=workdir)
-    assert tuned.returncode == 0, tuned.stderr
-    assert "Browse: kdtune dashboard --spec" in tuned.stdout
-    study = load_study(workdir, "tiny")
-    assert len(study.trials) == 3
-    assert all(set(t.params) == {"temperature", "lambda", "width"} and t.intermediate_values for t in study.trials)
-    first_three = [(t.params, t.value) for t in study.trials]
-
-    resumed = run_cli("tune", "--spec", spec, "--trials", "5", cwd=workdir)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "3 finished trials, running to 5" in resumed.stdout
+    assert "Browse: kdtune dashboard --spec" in done["tune"].stdout
+    assert len(done["first_three"]) == 3
+    assert "3 finished trials, running to 5" in done["tune_resumed"].stdout
     study = load_study(workdir, "tiny")
     assert len(study.get_trials(states=FINISHED)) == 5
-    assert [(t.params, t.value) for t in study.trials[:3]] == first_three
+    assert all(set(t.params) == {"temperature", "lambda", "width"} and t.intermediate_values for t in study.trials)
+    assert [(t.params, t.value) for t in study.trials[:3]] == done["first_three"]
 
-    best = run_cli("best", "--spec", spec, "--json", cwd=workdir)
-    assert best.returncode == 0, best.stderr
-    found = json.loads(best.stdout)
+    found = json.loads(done["best"].stdout)
     assert found["val_accuracy"] == study.best_value and found["trial"] == study.best_trial.number
 
-    reported = run_cli("report", "--spec", spec, "--seeds", "2", cwd=workdir)
-    assert reported.returncode == 0, reported.stderr
-    report = json.loads((workdir / "studies/tiny/report.json").read_text())
+    report = done["first_report"]
     assert set(report["rows"]) == {"tuned", "no_distillation", "reference"}
     assert report["rows"]["no_distillation"]["config"]["lambda"] == 1.0
     assert report["rows"]["reference"]["n_parameters"] == 784 * 512 + 512 + 512 * 10 + 10
     assert len(report["gain"]["paired_differences"]) == 2
     assert "Verdict" in (workdir / "studies/tiny/report.md").read_text()
-
-    again = run_cli("report", "--spec", spec, "--seeds", "2", cwd=workdir)  # as after an interruption: resumes
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.count("(2 of 2 from an earlier report)") == 5 + 2  # every candidate, twin and reference
+    # the second report, as after an interruption, resumes from the students the first one kept
+    assert done["report_again"].stdout.count("(2 of 2 from an earlier report)") == 5 + 2
     assert json.loads((workdir / "studies/tiny/report.json").read_text())["rows"] == report["rows"]
 
 

@@ -20,16 +20,9 @@ PICTURES = ("optimization-history", "parameter-importances", "temperature-lambda
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory):
-    """A tiny study, tuned and reported once for every test here: (working folder, spec path)."""
-    from conftest import TINY_SPEC, write_tiny_npz
-    workdir = tmp_path_factory.mktemp("see")
-    spec = workdir / "see.toml"
-    spec.write_text(TINY_SPEC.format(path=write_tiny_npz(workdir / "tiny.npz"), student_epochs=3, width="[8, 64]",
-                                     pruner="median", n_startup_trials=5, search=""))
-    for command in (["tune", "--trials", "8"], ["report", "--seeds", "2"]):
-        done = run_cli(*command, "--spec", str(spec), cwd=workdir)
-        assert done.returncode == 0, done.stderr
+def reported(tiny_study):
+    """The session's tiny study, tuned and reported (conftest): (working folder, spec path)."""
+    workdir, spec, _ = tiny_study
     return workdir, spec
 
 
@@ -53,7 +46,7 @@ def browser():
 
 def test_report_draws_every_picture_and_links_it(reported):
     workdir, _ = reported
-    folder = workdir / "studies" / "see"
+    folder = workdir / "studies" / "tiny"
     markdown = (folder / "report.md").read_text()
     for name in PICTURES:
         pixels = matplotlib.image.imread(folder / "figures" / f"{name}.png")
@@ -62,19 +55,20 @@ def test_report_draws_every_picture_and_links_it(reported):
     assert "[report.html](report.html)" in markdown
 
 
-def test_without_the_plotting_libraries_report_says_how_to_get_them(reported, monkeypatch):
+def test_without_the_plotting_libraries_report_says_how_to_get_them(reported, tmp_path, monkeypatch):
     workdir, spec_path = reported
-    monkeypatch.chdir(workdir)
+    shutil.copytree(workdir / "studies/tiny", tmp_path / "studies/tiny", ignore=shutil.ignore_patterns("report-runs"))
+    monkeypatch.chdir(tmp_path)  # a copy: the shared study keeps its pictures
     spec = load_spec(spec_path)
     monkeypatch.setattr(figures, "missing_libraries", lambda: ["plotly"])
-    written = report.write(report.read(spec), spec, optuna.load_study(study_name="see", storage=spec.storage_url))
+    written = report.write(report.read(spec), spec, optuna.load_study(study_name="tiny", storage=spec.storage_url))
     assert [path.name for path in written] == ["report.md", "report.json"]
-    assert 'pip install "kdtune[plots]"' in (workdir / "studies/see/report.md").read_text()
+    assert 'pip install "kdtune[plots]"' in (tmp_path / "studies/tiny/report.md").read_text()
 
 
 def test_report_html_is_one_file_that_shows_tables_and_figures_offline(reported, browser, tmp_path):
     workdir, _ = reported
-    page_file = workdir / "studies/see/report.html"
+    page_file = workdir / "studies/tiny/report.html"
     text = page_file.read_text()
     assert not re.search(r"<script[^>]+src=", text), "the page loads a script from elsewhere"
     page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -90,7 +84,7 @@ def test_report_html_is_one_file_that_shows_tables_and_figures_offline(reported,
 
 def test_dashboard_shows_the_study_its_trials_and_the_best_trials_note(reported, browser, tmp_path):
     workdir, spec = reported
-    the_study = optuna.load_study(study_name="see", storage=f"sqlite:///{workdir}/studies/see/study.db")
+    the_study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir}/studies/tiny/study.db")
     n_trials, best = len(the_study.trials), the_study.best_trial.number
     server = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "dashboard", "--spec", str(spec), "--port", "0"],
                               cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -99,7 +93,7 @@ def test_dashboard_shows_the_study_its_trials_and_the_best_trials_note(reported,
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.get_by_text("Direction: MAXIMIZE").first.wait_for()  # the study list has loaded
-        assert re.search(r"\bsee\b", page.inner_text("body"))
+        assert re.search(r"\btiny\b", page.inner_text("body"))
         page.screenshot(path=tmp_path / "dashboard-home.png")
         page.goto(f"{url}studies/1/trials?numbers={best}")
         page.get_by_text(f"{n_trials} Trials").first.wait_for()
