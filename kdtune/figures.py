@@ -46,7 +46,7 @@ class Chart:
 def accuracy_by_width(study: optuna.Study, report: dict) -> Chart:
     """Every completed trial's validation accuracy against its width, the best distilled student up to each
     width, and the teacher and the no-distillation twin as levels."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     distilled = sorted((t for t in complete if t.params["lambda"] < 1.0), key=lambda t: t.params["width"])
     alone = [t for t in complete if t.params["lambda"] >= 1.0]
     best_so_far, envelope = 0.0, []
