@@ -104,6 +104,10 @@ def test_dashboard_shows_the_study_its_trials_and_the_best_trials_note(reported,
         assert page.get_by_text("Verdict.").first.is_visible()  # the report's test table reached the study's note
         page.screenshot(path=tmp_path / "dashboard-study-note.png", full_page=True)
         page.close()
+        port = url.split(":")[2].split("/")[0]
+        taken = run_cli("dashboard", "--spec", str(spec), "--port", port, cwd=workdir)
+        assert taken.returncode == 2 and f"cannot serve the dashboard on 127.0.0.1:{port}" in taken.stderr
+        assert "Traceback" not in taken.stderr
     finally:
         server.terminate()
         server.wait(timeout=30)
