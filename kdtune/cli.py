@@ -111,7 +111,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"Retraining the top {spec.report.n_candidates} configurations x {spec.report.n_seeds} seeds to pick "
               "the winner on validation, then the winner, its no-distillation twin and the reference on the test "
               "set:")
-        result = report.evaluate(spec, splits, cached, the_study)
+        try:
+            result = report.evaluate(spec, splits, cached, the_study)
+        except KeyboardInterrupt:
+            print(f"\nInterrupted: the students trained so far are kept in {report.runs_folder(spec)}. "
+                  f"Resume with: {_command(args, 'report', *[f'--seeds {args.seeds}'] * bool(args.seeds))}",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(report.to_markdown(result))
         the_study.set_user_attr(dashboard.REPORT_NOTE_KEY, f"Report of {result['created']}:\n\n"
                                 + report.test_section(result))

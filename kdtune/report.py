@@ -36,6 +36,11 @@ from kdtune.transfer import StudentData
 REFERENCE = StudentConfig(temperature=10.0, label_weight=0.5, width=512, loss="reference")
 
 
+def runs_folder(spec: Spec) -> Path:
+    """Where the students this report trains are kept, so that a stopped report resumes."""
+    return spec.output_dir / "report-runs"
+
+
 def arms(winner: StudentConfig) -> dict[str, StudentConfig]:
     return {
         "tuned": winner,
@@ -84,7 +89,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         runs, n_resumed = [], 0
         for seed in seeds:
             run, resumed = saved_runs.trained(
-                spec.output_dir / "report-runs", context, config.as_params(), seed, compute.device,
+                runs_folder(spec), context, config.as_params(), seed, compute.device,
                 build=lambda: StudentMLP(data.image_shape, data.n_classes, config.width),
                 train=lambda: train_student(config, spec.student, data, seed, autocast_dtype=compute.autocast_dtype))
             runs.append(run)
