@@ -2,7 +2,8 @@
 
 Every trial carries a note: its configuration, parameter count, epochs, seconds, how it ended and its
 validation curve. The study's note holds the best configuration so far and the teacher's accuracy and,
-once `report` has run, its test table with the distillation gain and interval. Notes live in the study's
+once `report` has run, its test table with the distillation gain and interval; the best trial's note
+repeats that summary below its own facts. Notes live in the study's
 storage (optuna-dashboard keeps them as system attributes), so every worker and every viewer sees them.
 """
 
@@ -21,6 +22,7 @@ from kdtune.spec import Spec, SpecError
 from kdtune.storage import open_storage
 
 REPORT_NOTE_KEY = "report_note"  # study user attribute: the last report's test table and verdict, in markdown
+BEST_NOTED_KEY = "best_trial_noted"  # study user attribute: the trial whose note carries the study's summary
 
 
 def serve(spec: Spec, the_study: optuna.Study, host: str, port: int) -> None:
@@ -55,37 +57,65 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def note_trial(trial: optuna.Trial, params: dict, *, n_parameters: int, n_epochs: int, seconds: float,
-               val_curve: list[float], outcome: str) -> None:
+def note_trial(trial: optuna.Trial, params: dict, **facts) -> None:
+    """The trial's note, written as it ends: see `trial_note` for the facts."""
+    optuna_dashboard.save_note(trial, trial_note(trial.number, params, **facts))
+
+
+def trial_note(number: int, params: dict, *, n_parameters: int, n_epochs: int, seconds: float,
+               val_curve: list[float], outcome: str) -> str:
     curve = ", ".join(f"{100 * value:.2f}" for value in val_curve) or "none (ended before its first epoch)"
-    optuna_dashboard.save_note(trial, "\n".join([
-        f"### Trial {trial.number}: temperature {params['temperature']:.3g}, lambda {params['lambda']:.3g}, "
+    return "\n".join([
+        f"### Trial {number}: temperature {params['temperature']:.3g}, lambda {params['lambda']:.3g}, "
         f"width {params['width']}",
         "",
         f"- outcome: {outcome}",
         f"- student parameters: {n_parameters:,}",
         f"- epochs: {n_epochs}, seconds: {seconds:.1f}",
         f"- validation accuracy by epoch (%): {curve}",
-    ]))
+    ])
 
 
 def note_study(the_study: optuna.Study) -> None:
-    """Rewrite the study's note from what the study holds now: best trial, teacher, the last report."""
+    """Rewrite the study's note, and the best trial's, from what the study holds now: the best trial, the
+    teacher, the last report. A trial that is no longer the best gets its own note back."""
     finished = the_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     complete = [t for t in finished if t.state == TrialState.COMPLETE]
-    lines = [f"## {the_study.study_name}", ""]
-    if complete:
-        best = max(complete, key=lambda t: t.value)
-        lines.append(f"**Best so far** (of {len(finished)} finished trials, by validation accuracy): trial "
-                     f"{best.number}, temperature {best.params['temperature']:.3g}, lambda "
-                     f"{best.params['lambda']:.3g}, width {best.params['width']}, "
-                     f"{best.user_attrs.get('n_parameters', 0):,} parameters, validation accuracy "
-                     f"{100 * best.value:.2f}%.")
+    best = max(complete, key=lambda t: t.value) if complete else None  # the first of equals, as Optuna's
+    if best is not None:
+        summary = [f"**Best so far** (of {len(finished)} finished trials, by validation accuracy): trial "
+                   f"{best.number}, temperature {best.params['temperature']:.3g}, lambda "
+                   f"{best.params['lambda']:.3g}, width {best.params['width']}, "
+                   f"{best.user_attrs.get('n_parameters', 0):,} parameters, validation accuracy "
+                   f"{100 * best.value:.2f}%."]
     else:
-        lines.append(f"No completed trial yet ({len(finished)} finished).")
+        summary = [f"No completed trial yet ({len(finished)} finished)."]
     teacher_val = the_study.user_attrs.get("teacher_val_accuracy")
     if teacher_val is not None:
-        lines += ["", f"Teacher validation accuracy: {100 * teacher_val:.2f}%."]
-    lines += ["", the_study.user_attrs.get(REPORT_NOTE_KEY,
-                                           "No report yet: `kdtune report` adds the test table here.")]
-    optuna_dashboard.save_note(the_study, "\n".join(lines))
+        summary += ["", f"Teacher validation accuracy: {100 * teacher_val:.2f}%."]
+    summary += ["", the_study.user_attrs.get(REPORT_NOTE_KEY,
+                                             "No report yet: `kdtune report` adds the test table here.")]
+    optuna_dashboard.save_note(the_study, "\n".join([f"## {the_study.study_name}", "", *summary]))
+    if best is None:
+        return
+    previous = the_study.user_attrs.get(BEST_NOTED_KEY)
+    if previous is not None and previous != best.number:
+        formerly_best = next(t for t in complete if t.number == previous)
+        _save_finished_trial_note(the_study, formerly_best, _complete_trial_note(formerly_best))
+    _save_finished_trial_note(the_study, best, "\n".join([_complete_trial_note(best), "", "---", "",
+                                                          "#### The best trial of the study", "", *summary]))
+    the_study.set_user_attr(BEST_NOTED_KEY, best.number)
+
+
+def _complete_trial_note(trial: optuna.trial.FrozenTrial) -> str:
+    """A completed trial's note, from what the study stored of it."""
+    curve = [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)]
+    return trial_note(trial.number, trial.params, n_parameters=trial.user_attrs.get("n_parameters", 0),
+                      n_epochs=len(curve), seconds=trial.user_attrs.get("seconds", 0.0), val_curve=curve,
+                      outcome=f"complete, best validation accuracy {100 * trial.value:.2f}%")
+
+
+def _save_finished_trial_note(the_study: optuna.Study, trial: optuna.trial.FrozenTrial, body: str) -> None:
+    # save_note takes a live Trial; rebuilding one for a finished trial only reads it (kdtune's TPE sampler
+    # does nothing before a trial), and the note itself is a study attribute, which a finished trial allows
+    optuna_dashboard.save_note(optuna.Trial(the_study, trial._trial_id), body)

@@ -9,6 +9,7 @@ import sys
 
 import matplotlib.image
 import optuna
+import optuna_dashboard
 import pytest
 from conftest import REPO, run_cli
 
@@ -98,6 +99,8 @@ def test_dashboard_shows_the_study_its_trials_and_the_best_trials_note(reported,
         page.goto(f"{url}studies/1/trials?numbers={best}")
         page.get_by_text(f"{n_trials} Trials").first.wait_for()
         page.get_by_text(f"Trial {best}: temperature").first.wait_for()  # the best trial's note
+        assert page.get_by_text("The best trial of the study").first.is_visible()
+        assert page.get_by_text("Teacher validation accuracy").first.is_visible()
         page.screenshot(path=tmp_path / "dashboard-best-trial.png", full_page=True)
         page.goto(f"{url}studies/1/note")
         page.get_by_text("Best so far").first.wait_for()
@@ -116,3 +119,27 @@ def test_dashboard_shows_the_study_its_trials_and_the_best_trials_note(reported,
 def test_dashboard_warns_when_reachable_from_other_machines():
     assert dashboard.is_loopback("127.0.0.1") and dashboard.is_loopback("localhost") and dashboard.is_loopback("::1")
     assert not dashboard.is_loopback("0.0.0.0") and not dashboard.is_loopback("my-workstation")
+
+
+def test_only_the_best_trial_s_note_carries_the_study_summary():
+    the_study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    the_study.set_user_attr("teacher_val_accuracy", 0.9)
+    distributions = {"temperature": optuna.distributions.FloatDistribution(1, 20),
+                     "lambda": optuna.distributions.FloatDistribution(0, 1),
+                     "width": optuna.distributions.IntDistribution(8, 64)}
+
+    def add(value: float) -> optuna.Trial:
+        the_study.add_trial(optuna.trial.create_trial(
+            params={"temperature": 2.0, "lambda": 0.5, "width": 32}, distributions=distributions, value=value,
+            intermediate_values={0: value}, user_attrs={"n_parameters": 25_450, "seconds": 1.5}))
+        dashboard.note_study(the_study)
+        return optuna.Trial(the_study, the_study.trials[-1]._trial_id)
+
+    first = add(0.5)
+    assert "The best trial of the study" in optuna_dashboard.get_note(first)
+    second = add(0.7)
+    assert "The best trial of the study" in optuna_dashboard.get_note(second)
+    assert "Teacher validation accuracy: 90.00%" in optuna_dashboard.get_note(second)
+    assert "The best trial of the study" not in optuna_dashboard.get_note(first)  # its own note again
+    assert "outcome: complete, best validation accuracy 50.00%" in optuna_dashboard.get_note(first)
+    assert "Best so far** (of 2 finished trials" in optuna_dashboard.get_note(the_study)
