@@ -85,7 +85,7 @@ def section_machine(plan: Plan, compute: hardware.Compute) -> dict:
     # Emulated bf16 runs ~100x slower than fp32: measure it on a small matrix only, or the run takes minutes.
     bf16_sizes = plan.matmul_sizes if native else (256,)
     return {
-        "cpu": cpu, "cpu_flags": sorted(f for f in hardware.REPORTED_CPU_FLAGS if f in hardware.cpu_flags()),
+        "cpu": cpu, "cpu_flags": hardware.reported_cpu_flags(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": str(compute.device),
         "gpu": torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(), "native_bf16": native,

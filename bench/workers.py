@@ -101,7 +101,7 @@ def main() -> None:
 
     binaries = postgres.server_binaries()
     server = postgres.Server(binaries) if binaries is not None else None
-    results = {"quick": args.quick, "versions": versions(), "cpu_flags": sorted(f for f in hardware.REPORTED_CPU_FLAGS if f in hardware.cpu_flags()),
+    results = {"quick": args.quick, "versions": versions(), "cpu_flags": hardware.reported_cpu_flags(),
                "available_cpus": hardware.available_cpus(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "command": " ".join(sys.argv)}
     started = time.perf_counter()

@@ -62,7 +62,8 @@ def accuracy_by_width(study: optuna.Study, report: dict) -> Chart:
                        [t.value for t in alone], lines=False),
                 Series("best distilled up to this width", widths, envelope, lines=True)],
         levels=[("teacher", report["teacher"]["val_accuracy"]),
-                ("no-distillation twin of the winner (mean over seeds)", report["rows"]["no_distillation"]["val_mean"])])
+                ("no-distillation twin of the winner (mean over seeds)",
+                 report["rows"]["no_distillation"]["val_mean"])])
 
 
 def learning_curves(report: dict) -> Chart | None:

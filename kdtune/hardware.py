@@ -84,6 +84,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def reported_cpu_flags() -> list[str]:
+    """Which of the flags that decide kdtune's speed this CPU has, for benchmark records."""
+    return sorted(flag for flag in REPORTED_CPU_FLAGS if flag in cpu_flags())
+
+
 @functools.cache
 def _warn_emulated_bf16(device: str) -> None:
     warnings.warn(f"precision = \"bf16\" on {device}, which has no native bf16 (found none of "
