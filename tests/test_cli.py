@@ -74,7 +74,6 @@ def test_a_run_built_to_prune_prunes(tiny_spec, workdir):
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_stopping_keeps_finished_trials_and_says_how_to_resume(tiny_spec, workdir, stop):
     spec = str(tiny_spec("sigint", width="[256, 512]", student_epochs=30, pruner="none"))
-    assert run_cli("teacher", "--spec", spec, cwd=workdir).returncode == 0
     process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "tune", "--spec", spec, "--trials", "50"],
                                cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
