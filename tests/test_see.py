@@ -67,6 +67,17 @@ def test_without_the_plotting_libraries_report_says_how_to_get_them(reported, tm
     assert 'pip install "kdtune[plots]"' in (tmp_path / "studies/tiny/report.md").read_text()
 
 
+def test_figures_only_redraws_the_pictures_without_training(reported, tmp_path):
+    workdir, spec_path = reported
+    shutil.copytree(workdir / "studies/tiny", tmp_path / "studies/tiny", ignore=shutil.ignore_patterns(
+        "report-runs", "figures", "report.html"))  # nothing to resume from: a retrain would show
+    redrawn = run_cli("report", "--spec", str(spec_path), "--figures-only", cwd=tmp_path)
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert "Retraining" not in redrawn.stdout and not (tmp_path / "studies/tiny/report-runs").exists()
+    assert sorted(p.stem for p in (tmp_path / "studies/tiny/figures").glob("*.png")) == sorted(PICTURES)
+    assert (tmp_path / "studies/tiny/report.html").exists()
+
+
 def test_report_html_is_one_file_that_shows_tables_and_figures_offline(reported, browser, tmp_path):
     workdir, _ = reported
     page_file = workdir / "studies/tiny/report.html"
