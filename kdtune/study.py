@@ -42,10 +42,10 @@ TRIAL_FAILURES = (TrainingDiverged, health.StuckAtChance, SurplusTrial)
 # How often a trial waiting for a place looks again. Every second costs one small query per waiting worker;
 # polling at the heartbeat interval (10 s) kept `tune --jobs 2` idle for up to 10 s as the study ended.
 PLACE_POLL_SECONDS = 1.0
-# Spec sections that decide what a trial's value means: resuming with any of them changed would mix
-# incomparable trials in one study.
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 WORKER_SEED_STRIDE = 1_000_003  # a prime far above any trial count
+# Spec sections that decide what a trial's value means: resuming with any of them changed would mix
+# incomparable trials in one study.
 RECORDED_SECTIONS = ("seed", "precision", "data", "teacher", "student", "search", "transfer")
 
 
