@@ -9,6 +9,7 @@ study stops after the trial it is storing, and a trial already created fails as 
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from contextlib import contextmanager
@@ -17,6 +18,17 @@ from typing import Iterator
 import optuna
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The logger of Optuna's trial loop: it logs the trial a stop interrupts with the whole traceback.
+OPTUNA_TRIAL_LOGGER = logging.getLogger("optuna.study._optimize")
+
+
+class NoInterruptTraceback(logging.Filter):
+    """Keeps Optuna's one line on the interrupted trial and drops its traceback: the user asked to stop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 class StopRequest:
@@ -39,9 +51,12 @@ class StopRequest:
         previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
+        quiet = NoInterruptTraceback()
+        OPTUNA_TRIAL_LOGGER.addFilter(quiet)
         try:
             yield self
         finally:
+            OPTUNA_TRIAL_LOGGER.removeFilter(quiet)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
