@@ -2,9 +2,11 @@
 
     python bench/pruners.py [--spec studies/quickstart.toml] [--trials 100] [--pruners median,hyperband,none]
 
-Runs the same study (same spec, same cached teacher, same sampler seed) once per pruner, in memory, and
-prints wall time, student epochs trained, trials pruned and the best validation accuracy of each; writes
-the table as JSON to bench/results/pruners-<machine>-<date>.json.
+Runs the same study (same spec, same cached teacher, same sampler seed, the control arms first as `tune`
+runs them) once per pruner, in memory, and prints wall time, student epochs trained, trials pruned and the
+best validation accuracy of each; writes the table as JSON to bench/results/pruners-<machine>-<date>.json.
+Besides the spec's pruners, `percentile-P` is a candidate measured here only: Optuna's PercentilePruner
+keeping the top P% of trials at each epoch (the median pruner keeps the top 50%).
 """
 
 import argparse
@@ -23,14 +25,25 @@ from kdtune.provenance import versions
 from kdtune.spec import load_spec
 
 
-def run_one(spec, splits, cached, n_trials: int) -> dict:
+def make_candidate(spec, name: str) -> optuna.pruners.BasePruner:
+    if name.startswith("percentile-"):
+        return optuna.pruners.PercentilePruner(float(name.removeprefix("percentile-")),
+                                               n_startup_trials=spec.search.n_startup_trials,
+                                               n_warmup_steps=spec.search.n_warmup_epochs)
+    return study.make_pruner(dataclasses.replace(spec, search=dataclasses.replace(spec.search, pruner=name)))
+
+
+def run_one(spec, pruner: str, splits, cached, n_trials: int) -> dict:
     the_study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=spec.seed),
-                                    pruner=study.make_pruner(spec), study_name=spec.name)
+                                    pruner=make_candidate(spec, pruner), study_name=spec.name)
+    if spec.search.control_arms:
+        for params, attrs in study.control_arms(spec.search):
+            the_study.enqueue_trial(params, user_attrs=attrs)
     started = time.perf_counter()
     the_study.optimize(study.make_objective(spec, splits, cached), n_trials=n_trials)
     seconds = time.perf_counter() - started
     trials = the_study.trials
-    return {"pruner": spec.search.pruner, "n_trials": len(trials), "seconds": round(seconds, 1),
+    return {"pruner": pruner, "n_trials": len(trials), "seconds": round(seconds, 1),
             "student_epochs": sum(t.user_attrs["n_epochs"] for t in trials),
             "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
             "best_val_accuracy": the_study.best_value, "best_params": the_study.best_params}
@@ -50,8 +63,7 @@ def main() -> None:
     cached = teacher.load_or_train(spec, splits)
     rows = []
     for pruner in args.pruners.split(","):
-        variant = dataclasses.replace(spec, search=dataclasses.replace(spec.search, pruner=pruner))
-        rows.append(run_one(variant, splits, cached, args.trials))
+        rows.append(run_one(spec, pruner, splits, cached, args.trials))
         print(json.dumps(rows[-1]), flush=True)
 
     baseline = next((r for r in rows if r["pruner"] == "none"), rows[0])
