@@ -36,9 +36,7 @@ def make_candidate(spec, name: str) -> optuna.pruners.BasePruner:
 def run_one(spec, pruner: str, splits, cached, n_trials: int) -> dict:
     the_study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=spec.seed),
                                     pruner=make_candidate(spec, pruner), study_name=spec.name)
-    if spec.search.control_arms:
-        for params, attrs in study.control_arms(spec.search):
-            the_study.enqueue_trial(params, user_attrs=attrs)
+    study.enqueue_control_arms(the_study, spec.search)
     started = time.perf_counter()
     the_study.optimize(study.make_objective(spec, splits, cached), n_trials=n_trials)
     seconds = time.perf_counter() - started

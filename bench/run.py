@@ -116,28 +116,17 @@ def kdtune_student_epoch(splits, soft, width: int, epochs: int, seed: int, dtype
             "val_accuracy": result.val_curve[-1]}
 
 
-def naive_student_epoch(splits, soft, width: int, epochs: int, seed: int) -> dict:
+def naive_student_epoch(splits, teacher, width: int, epochs: int, seed: int) -> dict:
+    """The naive loop's epoch on cached logits; given a teacher *module*, the common KD loop's, which runs the
+    teacher on every batch (there only the speed is compared: any weights cost the same forward pass)."""
     torch.manual_seed(seed)
     model = StudentMLP(splits.image_shape, splits.n_classes, width)
     loss_fn = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
     started = time.perf_counter()
     curve = naive_fit(model, splits.x_train, splits.y_train, splits.x_val, splits.y_val, loss_fn=loss_fn,
                       epochs=epochs, batch_size=StudentSpec.batch_size, learning_rate=StudentSpec.learning_rate,
-                      seed=seed, teacher=soft)
+                      seed=seed, teacher=teacher)
     return {"seconds_per_epoch": (time.perf_counter() - started) / epochs, "val_accuracy": curve[-1]}
-
-
-def common_kd_student_epoch(splits, teacher_model, width: int, epochs: int, seed: int) -> dict:
-    """The common KD loop's epoch: the naive loop plus the teacher's forward pass on every batch. Only its speed
-    is compared: the teacher here has untrained weights, since a forward pass costs the same whatever they are."""
-    torch.manual_seed(seed)
-    model = StudentMLP(splits.image_shape, splits.n_classes, width)
-    loss_fn = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
-    started = time.perf_counter()
-    naive_fit(model, splits.x_train, splits.y_train, splits.x_val, splits.y_val, loss_fn=loss_fn, epochs=epochs,
-              batch_size=StudentSpec.batch_size, learning_rate=StudentSpec.learning_rate, seed=seed,
-              teacher=teacher_model)
-    return {"seconds_per_epoch": (time.perf_counter() - started) / epochs}
 
 
 def fastest(runs: list[dict]) -> dict:
@@ -168,7 +157,7 @@ def section_students(plan: Plan, compute, splits, soft, machine: dict) -> list[d
             measured["naive"].append(naive_student_epoch(splits, soft, width, plan.student_epochs, 0))
             measured["kdtune_1_thread"].append(with_threads(1, lambda: kdtune_student_epoch(
                 splits, soft, width, plan.student_epochs, 0)))
-            measured["common_kd"].append(common_kd_student_epoch(splits, teacher_model, width, plan.student_epochs, 0))
+            measured["common_kd"].append(naive_student_epoch(splits, teacher_model, width, plan.student_epochs, 0))
         kd, naive, one, common = (fastest(measured[k]) for k in ("kdtune", "naive", "kdtune_1_thread", "common_kd"))
         # bf16: the full measurement where it is native; emulated, one epoch on 512 images, scaled up
         bf16 = kdtune_student_epoch(splits, soft, width, plan.student_epochs if native else 1, 0,

@@ -105,6 +105,13 @@ def control_arms(search: SearchSpec) -> list[tuple[dict, dict]]:
             if all(ranges[k].low <= v <= ranges[k].high for k, v in params.items())]
 
 
+def enqueue_control_arms(study: optuna.Study, search: SearchSpec) -> None:
+    """Queue the control arms ahead of the sampler, unless the spec turns them off."""
+    if search.control_arms:
+        for params, attrs in control_arms(search):
+            study.enqueue_trial(params, user_attrs=attrs)
+
+
 def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher) -> Callable[[optuna.Trial], float]:
     compute = resolve_compute(spec.device, spec.precision)
     trial_data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
@@ -183,9 +190,8 @@ def open_study(spec: Spec, *, create: bool, worker: int = 0) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=spec.seed + n_trials + WORKER_SEED_STRIDE * worker)
     study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize", sampler=sampler,
                                 pruner=make_pruner(spec), load_if_exists=True)
-    if n_trials == 0 and spec.search.control_arms:
-        for params, attrs in control_arms(spec.search):
-            study.enqueue_trial(params, user_attrs=attrs)
+    if n_trials == 0:
+        enqueue_control_arms(study, spec.search)
     recorded = study.user_attrs.get("spec")
     current = to_toml_dict(spec)
     if recorded is not None:
