@@ -92,7 +92,7 @@ def common_kd_objective(spec: Spec, splits, teacher_model: nn.Module) -> Callabl
     teacher_model.eval()
 
     def objective(trial: optuna.Trial) -> float:
-        config = suggest(trial, spec.search, spec.student.loss)
+        config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))  # control arms
         torch.manual_seed(spec.seed)
         model = StudentMLP(splits.image_shape, splits.n_classes, config.width)
 

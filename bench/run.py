@@ -284,6 +284,7 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path) -> dict:
         rows[label] = summarize_study(the_study, time.perf_counter() - started)
     peer = optuna.create_study(storage=f"sqlite:///{folder}/peer.db", direction="maximize",
                                sampler=optuna.samplers.TPESampler(seed=spec.seed), pruner=study.make_pruner(spec))
+    study.enqueue_control_arms(peer, spec.search)  # kdtune's study runs them first; so must its peer
     started = time.perf_counter()
     seed_teacher = seed_cnn(splits.image_shape, splits.n_classes)  # the peer's own model, kdtune's weights
     seed_teacher.load_state_dict(teacher.load_model(cached).state_dict())
