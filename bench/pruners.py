@@ -1,10 +1,15 @@
-"""Which pruner should a kdtune study use by default? Measure it, side by side, in one process.
+"""Which pruner should a kdtune study use by default? Measure it, side by side, over several seeds.
 
     python bench/pruners.py [--spec studies/quickstart.toml] [--trials 100] [--pruners median,hyperband,none]
+                            [--seeds 3] [--jobs 2]
 
-Runs the same study (same spec, same cached teacher, same sampler seed, the control arms first as `tune`
-runs them) once per pruner, in memory, and prints wall time, student epochs trained, trials pruned and the
-best validation accuracy of each; writes the table as JSON to bench/results/pruners-<machine>-<date>.json.
+Runs the same study (same spec, same cached teacher, the control arms first as `tune` runs them) once per
+pruner and seed, in memory, and prints wall time, student epochs trained, trials pruned and the best
+validation accuracy of each, then their means over seeds; writes it all as JSON to
+bench/results/pruners-<machine>-<date>.json. A seed sets both the sampler and the students' initialisation
+(the validation split stays the spec's), so "the same best accuracy" is judged over seeds, not on one lucky
+one. `--jobs N` runs N studies at once, each in its own process with its share of the CPUs; the epoch counts
+and accuracies do not depend on it, the seconds do (compare seconds within one run with the same --jobs).
 Besides the spec's pruners, `percentile-P` is a candidate measured here only: Optuna's PercentilePruner
 keeping the top P% of trials at each epoch (the median pruner keeps the top 50%).
 """
@@ -13,14 +18,15 @@ import argparse
 import dataclasses
 import json
 import platform
+import statistics
 import time
 import warnings
 from pathlib import Path
 
+import joblib
 import optuna
-import torch
 
-from kdtune import data, study, teacher
+from kdtune import data, hardware, study, teacher
 from kdtune.provenance import versions
 from kdtune.spec import load_spec
 
@@ -33,18 +39,46 @@ def make_candidate(spec, name: str) -> optuna.pruners.BasePruner:
     return study.make_pruner(dataclasses.replace(spec, search=dataclasses.replace(spec.search, pruner=name)))
 
 
-def run_one(spec, pruner: str, splits, cached, n_trials: int) -> dict:
-    the_study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=spec.seed),
+def run_one(spec, pruner: str, seed: int, splits, cached, n_trials: int, n_threads: int) -> dict:
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # again: a joblib worker is a fresh process
+    hardware.configure_threads(n_threads)
+    spec = dataclasses.replace(spec, seed=seed)
+    the_study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
                                     pruner=make_candidate(spec, pruner), study_name=spec.name)
     study.enqueue_control_arms(the_study, spec.search)
     started = time.perf_counter()
     the_study.optimize(study.make_objective(spec, splits, cached), n_trials=n_trials)
     seconds = time.perf_counter() - started
-    trials = the_study.trials
-    return {"pruner": pruner, "n_trials": len(trials), "seconds": round(seconds, 1),
+    trials = the_study.get_trials(states=study.FINISHED)  # not the control arms still queued in a short run
+    return {"pruner": pruner, "seed": seed, "n_trials": len(trials), "seconds": round(seconds, 1),
             "student_epochs": sum(t.user_attrs["n_epochs"] for t in trials),
             "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
             "best_val_accuracy": the_study.best_value, "best_params": the_study.best_params}
+
+
+def summarize(rows: list[dict], baseline: str) -> list[dict]:
+    """Per pruner, means over seeds, and the best accuracy's change against the baseline on the same seed."""
+    base = {r["seed"]: r for r in rows if r["pruner"] == baseline}
+    base_epochs = statistics.fmean(r["student_epochs"] for r in base.values())
+    base_seconds = statistics.fmean(r["seconds"] for r in base.values())
+    summary = []
+    for pruner in dict.fromkeys(r["pruner"] for r in rows):
+        mine = [r for r in rows if r["pruner"] == pruner]
+        best = [r["best_val_accuracy"] for r in mine]
+        change = [100 * (r["best_val_accuracy"] - base[r["seed"]]["best_val_accuracy"]) for r in mine]
+        summary.append({
+            "pruner": pruner, "seeds": len(mine),
+            "seconds": statistics.fmean(r["seconds"] for r in mine),
+            "student_epochs": statistics.fmean(r["student_epochs"] for r in mine),
+            "n_pruned": statistics.fmean(r["n_pruned"] for r in mine),
+            "best_val_accuracy": statistics.fmean(best),
+            "best_val_sd": statistics.stdev(best) if len(best) > 1 else 0.0,
+            "epochs_vs_baseline": base_epochs / statistics.fmean(r["student_epochs"] for r in mine),
+            "time_vs_baseline": base_seconds / statistics.fmean(r["seconds"] for r in mine),
+            "best_change_points": statistics.fmean(change),
+            "best_change_min_points": min(change), "best_change_max_points": max(change)})
+    return summary
 
 
 def main() -> None:
@@ -52,30 +86,41 @@ def main() -> None:
     parser.add_argument("--spec", type=Path, default=Path("studies/quickstart.toml"))
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--pruners", default="median,hyperband,none")
+    parser.add_argument("--seeds", type=int, default=1, help="studies per pruner, seeds from the spec's upwards")
+    parser.add_argument("--jobs", type=int, default=1, help="studies run at once, each in its own process")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruners = args.pruners.split(",")
+    if "none" not in pruners:
+        parser.error("--pruners must include none: every figure is measured against no pruning")
 
     spec = load_spec(args.spec)
     splits = data.prepare(spec.data, spec.seed)
     cached = teacher.load_or_train(spec, splits)
+    n_threads = max(1, hardware.available_cpus() // args.jobs)
+    runs = [(pruner, spec.seed + i) for i in range(args.seeds) for pruner in pruners]
     rows = []
-    for pruner in args.pruners.split(","):
-        rows.append(run_one(spec, pruner, splits, cached, args.trials))
-        print(json.dumps(rows[-1]), flush=True)
+    for row in joblib.Parallel(n_jobs=args.jobs, return_as="generator")(
+            joblib.delayed(run_one)(spec, pruner, seed, splits, cached, args.trials, n_threads)
+            for pruner, seed in runs):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
-    baseline = next((r for r in rows if r["pruner"] == "none"), rows[0])
-    print(f"\n{'pruner':<10} {'seconds':>8} {'epochs':>7} {'pruned':>7} {'best val':>9} "
+    summary = summarize(rows, baseline="none")
+    print(f"\nmeans over {args.seeds} seed(s), {args.trials} trials each, {args.jobs} at once, "
+          f"{n_threads} torch thread(s) each")
+    print(f"{'pruner':<16} {'seconds':>8} {'epochs':>8} {'pruned':>7} {'best val':>16} {'best vs none':>22} "
           f"{'epochs vs none':>15} {'time vs none':>13}")
-    for r in rows:
-        print(f"{r['pruner']:<10} {r['seconds']:>8.1f} {r['student_epochs']:>7} {r['n_pruned']:>7} "
-              f"{r['best_val_accuracy']:>9.4f} {baseline['student_epochs'] / r['student_epochs']:>14.2f}x "
-              f"{baseline['seconds'] / r['seconds']:>12.2f}x")
+    for s in summary:
+        print(f"{s['pruner']:<16} {s['seconds']:>8.1f} {s['student_epochs']:>8.1f} {s['n_pruned']:>7.1f} "
+              f"{s['best_val_accuracy']:>9.4f} ± {s['best_val_sd']:.4f} "
+              f"{s['best_change_points']:>+7.2f} ({s['best_change_min_points']:+.2f}..{s['best_change_max_points']:+.2f})"
+              f" {s['epochs_vs_baseline']:>14.2f}x {s['time_vs_baseline']:>12.2f}x")
     out = Path("bench/results") / f"pruners-{platform.node() or 'machine'}-{time.strftime('%Y%m%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"spec": str(args.spec), "trials": args.trials, "rows": rows,
-                               "torch_threads": torch.get_num_threads(), "cpu": platform.processor(),
-                               "versions": versions()}, indent=2))
+    out.write_text(json.dumps({"spec": str(args.spec), "trials": args.trials, "seeds": args.seeds,
+                               "jobs": args.jobs, "torch_threads": n_threads, "cpu": platform.processor(),
+                               "cpu_flags": hardware.reported_cpu_flags(), "versions": versions(),
+                               "rows": rows, "summary": summary}, indent=2))
     print(f"written {out}")
 
 
