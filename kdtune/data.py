@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdtune.models import TEACHER_MIN_SIDE
 from kdtune.spec import DataSpec, SpecError
 
 
@@ -59,15 +62,23 @@ class Splits:
 
 def read_npz(path: Path) -> Dataset:
     keys = ("x_train", "y_train", "x_test", "y_test")
+    path = _existing_file(path, "format 'npz' needs the .npz file itself")
+    remedy = f"re-create it with numpy.savez({path.name!r}, {'=..., '.join(keys)}=...)"
     try:
-        with np.load(_existing(path), allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in keys if k in archive.files}
-    except (ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path} is not a readable .npz archive ({error}); re-create it with numpy.savez.") \
-            from error
-    if len(arrays) < len(keys):
-        missing = sorted(set(keys) - set(arrays))
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                arrays = {k: loaded[k] for k in keys if k in loaded.files}
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise DataError(f"{path} is not a readable .npz archive ({error}); {remedy}.") from error
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} holds one array, as a .npy file does, not an .npz archive; {remedy}.")
+    missing = sorted(set(keys) - set(arrays))
+    if missing:
         raise DataError(f"{path} lacks arrays {missing}; an .npz needs {', '.join(keys)}.")
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # np.load hands back a member that is not a .npy file as bytes
+            raise DataError(f"{path}: {key} is not a NumPy array; {remedy}.")
     return Dataset(*(arrays[k] for k in keys))
 
 
@@ -79,21 +90,28 @@ def read_embedded(path: Path | None = None) -> Dataset:
 
 def read_idx_file(path: Path) -> np.ndarray:
     """One IDX file (the MNIST/EMNIST/Fashion-MNIST binary format), gzipped or not."""
-    raw = _existing(path).read_bytes()
+    raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise DataError(f"{path} is a damaged gzip file ({error}); download or copy it again.") from error
     if len(raw) < 4 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number); is it the right file?")
     n_dims = raw[3]
+    header_size = 4 + 4 * n_dims
+    if len(raw) < header_size:
+        raise DataError(f"{path} is truncated inside its header; download or copy it again.")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(n_dims))
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * n_dims)
-    if body.size != int(np.prod(shape)):
+    body = np.frombuffer(raw, dtype=np.uint8, offset=header_size)
+    if body.size != math.prod(shape):
         raise DataError(f"{path} is truncated: header says {shape}, found {body.size} bytes of data.")
     return body.reshape(shape)
 
 
 def read_idx(folder: Path) -> Dataset:
     """A folder holding the four IDX files, found by the names both MNIST and EMNIST use."""
+    folder = _existing_folder(folder, "format 'idx' needs the folder holding the four IDX files")
     arrays = [read_idx_file(_find_one(folder, patterns)) for patterns in (
         ("*train-images*",), ("*train-labels*",), ("*t10k-images*", "*test-images*"),
         ("*t10k-labels*", "*test-labels*"))]
@@ -103,11 +121,15 @@ def read_idx(folder: Path) -> Dataset:
 def read_emnist_mat(path: Path) -> Dataset:
     """The official EMNIST MATLAB file: dataset.train.images (N x 784, row-major), dataset.train.labels."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
+    path = _existing_file(path, "format 'emnist-mat' needs the EMNIST .mat file itself")
     try:
-        dataset = loadmat(_existing(path), simplify_cells=True)["dataset"]
+        dataset = loadmat(path, simplify_cells=True)["dataset"]
         parts = [(dataset[split]["images"], dataset[split]["labels"]) for split in ("train", "test")]
-    except (KeyError, TypeError, ValueError) as error:
+    # scipy reports a cut or foreign file as MatReadError, OSError or ValueError, a v7.3 (HDF5) file as
+    # NotImplementedError; the lookups fail with the others when the layout is not EMNIST's
+    except (MatReadError, OSError, NotImplementedError, KeyError, IndexError, TypeError, ValueError) as error:
         raise DataError(f"{path} is not an official EMNIST .mat file ({error!r}).") from error
     (x_train, y_train), (x_test, y_test) = parts
     return Dataset(_rows_to_images(x_train, path), y_train, _rows_to_images(x_test, path), y_test)
@@ -115,40 +137,35 @@ def read_emnist_mat(path: Path) -> Dataset:
 
 def read_emnist_csv(folder: Path) -> Dataset:
     """The Kaggle EMNIST CSVs: one image per row, the label then 784 pixels, no header."""
+    folder = _existing_folder(folder, "format 'emnist-csv' needs the folder holding *train*.csv and *test*.csv")
     arrays = []
     for patterns in (("*train*.csv",), ("*test*.csv",)):
         path = _find_one(folder, patterns)
-        with path.open(newline="") as f:
-            try:
-                rows = np.array([[int(v) for v in row] for row in csv.reader(f) if row], dtype=np.int64)
-            except ValueError as error:
-                raise DataError(f"{path} holds a non-integer value ({error}); expected label,784 pixels.") from error
-        if rows.ndim != 2 or rows.shape[0] == 0:
-            raise DataError(f"{path} has no rows; expected one image per line: label, then 784 pixels.")
+        rows = _read_csv_numbers(path)
         arrays += [_rows_to_images(rows[:, 1:], path), rows[:, 0]]
     return Dataset(arrays[0], arrays[1], arrays[2], arrays[3])
 
 
-READERS = {
+READERS = {  # keyed by spec.DATA_FORMATS
     "embedded": read_embedded,
     "npz": read_npz,
     "idx": read_idx,
     "emnist-mat": read_emnist_mat,
     "emnist-csv": read_emnist_csv,
 }
-# EMNIST stores each 28x28 image column-major (transposed) in every official format.
-TRANSPOSED_FORMATS = {"emnist-mat", "emnist-csv"}
 
 
 def load(spec: DataSpec) -> Dataset:
-    """Read, orient, relabel and validate the dataset a spec names."""
+    """Read, relabel, validate and orient the dataset a spec names."""
     raw = READERS[spec.format](Path(spec.path) if spec.path else None)
-    transpose = spec.transpose or spec.format in TRANSPOSED_FORMATS
-    images = [np.ascontiguousarray(x.transpose(0, 2, 1)) if transpose else x for x in (raw.x_train, raw.x_test)]
-    labels = [np.asarray(y).reshape(-1).astype(np.int64) - spec.label_offset for y in (raw.y_train, raw.y_test)]
-    dataset = Dataset(images[0], labels[0], images[1], labels[1])
-    validate(dataset, spec)
-    return dataset
+    where = spec.path or spec.format
+    y_train, y_test = (_whole_labels(y, where, name) - spec.label_offset
+                       for y, name in ((raw.y_train, "y_train"), (raw.y_test, "y_test")))
+    validate(Dataset(raw.x_train, y_train, raw.x_test, y_test), spec)
+    # after validation, which has checked that the images are (N, H, W)
+    x_train, x_test = (np.ascontiguousarray(x.transpose(0, 2, 1)) if spec.transpose else x
+                       for x in (raw.x_train, raw.x_test))
+    return Dataset(x_train, y_train, x_test, y_test)
 
 
 def validate(dataset: Dataset, spec: DataSpec) -> None:
@@ -162,6 +179,11 @@ def validate(dataset: Dataset, spec: DataSpec) -> None:
     if dataset.x_train.shape[1:] != dataset.x_test.shape[1:]:
         raise DataError(f"{where}: train images are {dataset.x_train.shape[1:]} but test images are "
                         f"{dataset.x_test.shape[1:]}.")
+    height, width = dataset.x_train.shape[1:]
+    if min(height, width) < TEACHER_MIN_SIDE:
+        side = f"{TEACHER_MIN_SIDE}x{TEACHER_MIN_SIDE}"
+        raise DataError(f"{where}: images are {height}x{width} pixels, but the teacher CNN needs at least {side}; "
+                        f"pad or resize the images to at least {side}.")
     for x_name, y_name in (("x_train", "y_train"), ("x_test", "y_test")):
         n_images, n_labels = len(getattr(dataset, x_name)), len(getattr(dataset, y_name))
         if n_images != n_labels:
@@ -170,12 +192,20 @@ def validate(dataset: Dataset, spec: DataSpec) -> None:
     if low < 0:
         raise DataError(f"{where}: labels go below 0 after data.label_offset = {spec.label_offset}; "
                         "lower label_offset.")
-    counts = np.bincount(dataset.y_train, minlength=dataset.n_classes)
+    # np.unique, not np.bincount: one stray label of 10**12 must not allocate an array of that length
+    classes, counts = np.unique(dataset.y_train, return_counts=True)
+    gaps = np.flatnonzero(classes != np.arange(len(classes)))
+    if gaps.size:
+        hint = " Labels may start at 1: set data.label_offset = 1." if gaps[0] == 0 else ""
+        raise DataError(f"{where}: no training image has label {gaps[0]}, but labels must run 0..C-1 and the "
+                        f"largest is {classes[-1]}.{hint}")
+    if len(classes) < 2:
+        raise DataError(f"{where}: every training image has label {classes[0]}; a classifier needs at least 2 "
+                        "classes.")
     if counts.min() < 2:
-        empty = int(np.argmin(counts))
-        hint = " Labels may start at 1: set data.label_offset = 1." if empty == 0 else ""
-        raise DataError(f"{where}: class {empty} has {counts.min()} training images; every class 0..C-1 needs "
-                        f"at least 2.{hint}")
+        rare = classes[np.argmin(counts)]
+        raise DataError(f"{where}: class {rare} has only 1 training image; every class needs at least 2, one for "
+                        "training and one for the validation split.")
     if dataset.y_test.max() >= dataset.n_classes:
         raise DataError(f"{where}: test label {dataset.y_test.max()} never occurs in the training labels.")
 
@@ -223,27 +253,81 @@ def prepare(spec: DataSpec, seed: int) -> Splits:
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def _existing(path: Path | None) -> Path:
+def _existing_file(path: Path | None, needs: str) -> Path:
+    if path is not None and path.is_dir():
+        raise DataError(f"data.path {path} is a folder, but {needs}; set data.path to that file.")
     if path is None or not path.is_file():
         raise DataError(f"data file {path} does not exist; check data.path in the spec.")
     return path
 
 
-def _find_one(folder: Path | None, patterns: tuple[str, ...]) -> Path:
+def _existing_folder(folder: Path | None, needs: str) -> Path:
+    if folder is not None and folder.is_file():
+        raise DataError(f"data.path {folder} is a file, but {needs}; set data.path to that folder.")
     if folder is None or not folder.is_dir():
-        raise DataError(f"data folder {folder} does not exist; set data.path to the folder holding the files.")
-    found = sorted({p for pattern in patterns for p in folder.glob(pattern)})
+        raise DataError(f"data folder {folder} does not exist; {needs}: check data.path in the spec.")
+    return folder
+
+
+def _find_one(folder: Path, patterns: tuple[str, ...]) -> Path:
+    found = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
     if len(found) != 1:
         what = "no file" if not found else f"{len(found)} files ({', '.join(p.name for p in found)})"
         raise DataError(f"{folder}: expected one file matching {' or '.join(patterns)}, found {what}.")
     return found[0]
 
 
+def _read_csv_numbers(path: Path) -> np.ndarray:
+    """One row per non-empty line, each as long as the first: int64, or float64 where a line holds "3.0"."""
+    rows: list[list] = []
+    try:
+        with path.open(newline="") as f:
+            reader = csv.reader(f)
+            for row in filter(None, reader):
+                if rows and len(row) != len(rows[0]):
+                    raise DataError(f"{path}: line {reader.line_num} holds {len(row)} values but the first line holds "
+                                    f"{len(rows[0])}; every line must be a label, then the same number of pixels.")
+                rows.append(_numbers(row, path, reader.line_num))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path} is not a readable text CSV ({error}); expected a label, then the pixels, per "
+                        "line.") from error
+    if not rows:
+        raise DataError(f"{path} has no rows; expected one image per line: a label, then the pixels.")
+    return np.array(rows)
+
+
+def _numbers(row: list[str], path: Path, line: int) -> list:
+    try:
+        return [int(v) for v in row]  # the common case, and small ints are shared objects: a full CSV fits
+    except ValueError:
+        pass
+    try:
+        return [float(v) for v in row]  # pandas writes a float column as "3.0"; labels and pixels are checked later
+    except ValueError as error:
+        raise DataError(f"{path}, line {line}: {error}; expected a label, then the pixels, as numbers.") from error
+
+
 def _rows_to_images(rows: np.ndarray, path: Path) -> np.ndarray:
     rows = np.asarray(rows)
-    side = int(round(np.sqrt(rows.shape[-1]))) if rows.ndim == 2 else 0
-    if side * side != (rows.shape[-1] if rows.ndim == 2 else -1):
+    n_pixels = rows.shape[-1] if rows.ndim == 2 else 0
+    side = math.isqrt(n_pixels)
+    if n_pixels == 0 or side * side != n_pixels:
         raise DataError(f"{path}: image rows must hold a square number of pixels, but got shape {rows.shape}.")
-    if rows.size and (rows.min() < 0 or rows.max() > 255):
-        raise DataError(f"{path}: pixel values must lie in 0..255.")
+    if rows.size and not (0 <= rows.min() and rows.max() <= 255):
+        raise DataError(f"{path}: pixel values must lie in 0..255, but range over {rows.min()}..{rows.max()}.")
+    if rows.dtype.kind == "f" and not np.array_equal(rows, np.floor(rows)):
+        raise DataError(f"{path}: pixel values must be whole numbers 0..255, but some have a fraction.")
     return rows.astype(np.uint8).reshape(-1, side, side)
+
+
+def _whole_labels(labels: np.ndarray, where: str, name: str) -> np.ndarray:
+    """int64 labels; float labels are fine when whole (3.0 from a CSV or .mat), but never truncated."""
+    labels = np.asarray(labels).reshape(-1)
+    if labels.dtype.kind == "f":
+        bad = labels[~np.isfinite(labels) | (labels != np.floor(labels))]
+        if bad.size:
+            raise DataError(f"{where}: {name} must hold whole-number labels, but holds {bad[0]}; fix those labels "
+                            "or drop their images.")
+    elif labels.dtype.kind not in "biu":
+        raise DataError(f"{where}: {name} must hold integer labels, but got dtype {labels.dtype}.")
+    return labels.astype(np.int64)

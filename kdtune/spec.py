@@ -34,13 +34,26 @@ class Range:
         return self.low == self.high
 
 
+# EMNIST stores each image column-major (transposed) in its .mat file and the Kaggle CSVs copy that; its IDX
+# files are transposed too, but nothing in an IDX file tells them from MNIST's, so `idx` defaults to upright.
+TRANSPOSED_FORMATS = ("emnist-mat", "emnist-csv")
+DATA_FORMATS = ("embedded", "npz", "idx", *TRANSPOSED_FORMATS)
+
+
 @dataclass(frozen=True)
 class DataSpec:
     format: str = "embedded"  # embedded | npz | idx | emnist-mat | emnist-csv
     path: str = ""  # the file (npz, emnist-mat) or folder (idx, emnist-csv), relative to the working directory
-    transpose: bool = False  # EMNIST IDX files store images transposed; the .mat and .csv readers always transpose
+    # Transpose every image. Unset (None; TOML cannot write it) means the format's default, true for
+    # TRANSPOSED_FORMATS; it is resolved on construction, so a study records the bool it used.
+    transpose: bool | None = None
     label_offset: int = 0  # subtracted from every label: EMNIST-letters labels 1..26 need 1
     val_fraction: float = 0.1
+
+    def __post_init__(self):
+        if self.transpose is None:
+            # a frozen dataclass can set a field in __post_init__ only through object.__setattr__
+            object.__setattr__(self, "transpose", self.format in TRANSPOSED_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,10 @@ class Spec:
 TOML_KEYS = {"label_weight": "lambda"}
 PRUNERS = ("median", "successive-halving", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
+# Optuna's TPESampler takes seeds in [0, 2**32) and numpy's default_rng none below 0. kdtune adds offsets to the
+# spec's seed (study.sampler_seed: the trials run, 1,000,003 per worker and up to that again for a process joining
+# a running study; report: 1..n_seeds): seeds below 2**31 leave 2**31 for them, room for 2,000 workers.
+MAX_SEED = 2**31 - 1
 
 
 def load_spec(path: Path | None = None, **overrides: object) -> Spec:
@@ -167,11 +184,13 @@ def validate(spec: Spec) -> None:
 
     check(spec.name.replace("-", "").replace("_", "").isalnum(), f"name must be letters, digits, - or _, "
           f"but got name={spec.name!r}.")
+    check(0 <= spec.seed <= MAX_SEED, f"seed must lie in [0, {MAX_SEED}], but got seed={spec.seed}.")
     check(spec.device == "auto" or spec.device == "cpu" or spec.device.startswith("cuda"),
           f"device must be auto, cpu or cuda[:N], but got device={spec.device!r}.")
     choose(dict.fromkeys(PRECISIONS), spec.precision, "precision")
     check(0.0 < spec.data.val_fraction < 0.5, f"data.val_fraction must lie in (0, 0.5), "
           f"but got {spec.data.val_fraction=}.")
+    choose(dict.fromkeys(DATA_FORMATS), spec.data.format, "data.format")
     check(spec.data.format == "embedded" or spec.data.path != "", f"data.path is required for "
           f"data.format={spec.data.format!r}.")
     for section in ("teacher", "student"):
@@ -188,6 +207,9 @@ def validate(spec: Spec) -> None:
         key = f"search.{TOML_KEYS.get(name, name)}"
         check(low_limit <= r.low <= r.high <= high_limit, f"{key} must satisfy {low_limit} <= low <= high <= "
               f"{high_limit}, but got [{r.low}, {r.high}].")
+    # suggest_int would silently truncate a fractional bound
+    check(float(search.width.low).is_integer() and float(search.width.high).is_integer(), "search.width must be "
+          f"whole numbers of hidden units, but got [{search.width.low}, {search.width.high}].")
     check(search.n_startup_trials >= 0 and search.n_warmup_epochs >= 0,
           "search.n_startup_trials and search.n_warmup_epochs must not be negative.")
     check(spec.transfer.labelled > 0 and (spec.transfer.labelled <= 1 or spec.transfer.labelled.is_integer()),
@@ -247,7 +269,7 @@ def _coerce(hint, value, key: str):
         return float(value)
     if isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected):
         return value
-    names = " or ".join(t.__name__ for t in expected)
+    names = " or ".join(t.__name__ for t in expected if t is not types.NoneType)  # TOML has no null
     raise SpecError(f"{key} must be {names}, but got {value!r}.")
 
 

@@ -1,6 +1,7 @@
 """Every reader on fixtures written here in its exact on-disk format; validation; the split."""
 
 import gzip
+import zipfile
 
 import numpy as np
 import pytest
@@ -83,6 +84,130 @@ def test_emnist_csv_reader(tmp_path, upright):
         np.savetxt(folder / name, rows, fmt="%d", delimiter=",")
     data = load(DataSpec(format="emnist-csv", path=str(folder), label_offset=1))
     assert np.array_equal(data.x_train, x) and np.array_equal(data.y_train, y)
+
+
+def test_emnist_csv_transpose_false_loads_an_upright_csv_upright(tmp_path, upright):
+    x, y = upright
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for name, images, labels in (("train.csv", x, y), ("test.csv", x[:4], y[:4])):
+        np.savetxt(folder / name, np.column_stack([labels, images.reshape(len(images), -1)]), fmt="%d", delimiter=",")
+    data = load(DataSpec(format="emnist-csv", path=str(folder), transpose=False))
+    assert np.array_equal(data.x_train, x)
+
+
+def write_csv_folder(folder, train_text):
+    folder.mkdir()
+    (folder / "train.csv").write_bytes(train_text)
+    (folder / "test.csv").write_text("0," + ",".join(["0"] * 16) + "\n")
+
+
+def write_npy(path, x, y):
+    with path.open("wb") as f:
+        np.save(f, x)
+
+
+def write_npz_with_bytes_for_x_train(path, x, y):
+    with path.open("wb") as f:  # a file object: np.savez would add .npz to a path
+        np.savez(f, y_train=y, x_test=x, y_test=y)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("x_train.npy", b"hello")  # np.load hands back a member without the .npy magic as bytes
+
+
+def write_mat_cut(path, x, y):
+    scipy.io.savemat(path, {"dataset": {"train": {"images": x.reshape(len(x), -1), "labels": y[:, None]}}})
+    path.write_bytes(path.read_bytes()[:len(x) * 28 * 28 // 2])
+
+
+def write_idx_cut(folder, x, y, n_bytes):
+    write_idx_folder(folder, x, y, prefix="", test_name="t10k", compress=True)
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:n_bytes])
+
+
+# (format, what to write at tmp_path / "d" given the upright images and labels, what the message must say)
+MALFORMED_FILES = {
+    "idx gz cut in half": ("idx", lambda d, x, y: write_idx_cut(d, x, y, 300), "train-images-idx3-ubyte.gz"),
+    "idx gz header cut": ("idx", lambda d, x, y: write_idx_cut(d, x, y, 15), "train-images-idx3-ubyte.gz"),
+    "idx header claiming 0 images": (
+        "idx", lambda d, x, y: write_idx_folder(d, x[:0], y[:0], prefix="", test_name="t10k", compress=False),
+        "non-empty"),
+    "idx path is a file": ("idx", lambda d, x, y: d.write_bytes(b"x"),
+                           "is a file, but format 'idx' needs the folder holding the four IDX files"),
+    "csv of labels only": ("emnist-csv", lambda d, x, y: write_csv_folder(d, b"1\n2\n"), "train.csv"),
+    "csv ragged": ("emnist-csv", lambda d, x, y: write_csv_folder(d, b"1,0,0,0,0\n2,0,0,0\n"), "line 2 holds 4"),
+    "csv not text": ("emnist-csv", lambda d, x, y: write_csv_folder(d, b"\xff\xfe\x00\x81"), "train.csv"),
+    "csv path is a file": ("emnist-csv", lambda d, x, y: d.write_bytes(b"x"), "is a file"),
+    "mat cut in half": ("emnist-mat", write_mat_cut, "not an official EMNIST .mat file"),
+    "mat is text": ("emnist-mat", lambda d, x, y: d.write_text("label,pixels\n" * 20), "not an official EMNIST"),
+    "npz is a .npy": ("npz", write_npy, "holds one array"),
+    "npz member not an array": ("npz", write_npz_with_bytes_for_x_train, "x_train is not"),
+    "npz path is a folder": ("npz", lambda d, x, y: d.mkdir(), "is a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_FILES))
+def test_malformed_files_are_one_line_data_errors_naming_the_file(tmp_path, upright, case):
+    data_format, write, message = MALFORMED_FILES[case]
+    write(tmp_path / "d", *upright)
+    with pytest.raises(DataError) as error:
+        load(DataSpec(format=data_format, path=str(tmp_path / "d")))
+    assert message in str(error.value) and str(tmp_path / "d") in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_npz_only_says_it_does_not_exist(tmp_path):
+    with pytest.raises(DataError) as error:
+        load(DataSpec(format="npz", path=str(tmp_path / "nowhere.npz")))
+    assert str(error.value) == f"data file {tmp_path / 'nowhere.npz'} does not exist; check data.path in the spec."
+
+
+@pytest.mark.parametrize("bad, shown", [(np.nan, "nan"), (np.inf, "inf"), (0.7, "0.7")])
+def test_non_integer_labels_are_refused_with_an_example(tmp_path, upright, bad, shown):
+    x, y = upright
+    labels = y.astype(np.float64)
+    labels[5] = bad
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=labels, x_test=x, y_test=y)
+    with pytest.raises(DataError, match=f"d.npz: y_train must hold whole-number labels, but holds {shown}"):
+        load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
+
+
+def test_integer_valued_float_labels_are_accepted(tmp_path, upright):
+    x, y = upright
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y.astype(np.float64), x_test=x, y_test=y.astype(np.float32))
+    assert np.array_equal(load(DataSpec(format="npz", path=str(tmp_path / "d.npz"))).y_train, y)
+
+
+def test_a_csv_of_integer_valued_floats_loads(tmp_path, upright):
+    x, y = upright
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for name, images, labels in (("train.csv", x, y), ("test.csv", x[:4], y[:4])):
+        np.savetxt(folder / name, np.column_stack([labels, images.reshape(len(images), -1)]), fmt="%.1f",
+                   delimiter=",")
+    assert np.array_equal(load(DataSpec(format="emnist-csv", path=str(folder), transpose=False)).x_train, x)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (lambda y: np.zeros_like(y), "every training image has label 0; a classifier needs at least 2 classes"),
+    (lambda y: np.where(np.arange(len(y)) < 28, y, 10), "class 9 has only 1 training image;"),
+    (lambda y: np.where(np.arange(len(y)) < 28, y, 10**12), "no training image has label 10, but labels must "
+                                                             "run 0..C-1 and the largest is 1000000000000"),
+])
+def test_classes_the_split_cannot_serve_are_refused(tmp_path, upright, labels, message):
+    x, y = upright  # 3 images per class 0..9, sorted by class
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=labels(y), x_test=x[:1], y_test=y[:1])
+    with pytest.raises(DataError, match=message):
+        load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
+
+
+def test_images_below_the_teachers_minimum_are_refused_with_a_remedy(tmp_path, upright):
+    x, y = upright
+    np.savez(tmp_path / "d.npz", x_train=x[:, :3, :3], y_train=y, x_test=x[:, :3, :3], y_test=y)
+    with pytest.raises(DataError, match="images are 3x3 pixels.*pad or resize the images to at least 4x4"):
+        load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
+    np.savez(tmp_path / "d.npz", x_train=x[:, :8, :8], y_train=y, x_test=x[:, :8, :8], y_test=y)
+    assert load(DataSpec(format="npz", path=str(tmp_path / "d.npz"))).x_train.shape[1:] == (8, 8)
 
 
 def test_labels_starting_at_one_get_a_hint(tmp_path, upright):

@@ -45,10 +45,41 @@ def test_cli_overrides_win_over_the_toml(tmp_path):
     ("[teacher]\nbatch_size = 0\n", "teacher.batch_size must be at least 1"),
     ("seed = true\n", "seed must be int"),
     ("data = 3\n", "[data] must be a table"),
+    ("seed = -1\n", "seed must lie in [0, 2147483647], but got seed=-1."),
+    (f"seed = {2**63 - 1}\n", f"seed must lie in [0, 2147483647], but got seed={2**63 - 1}."),
+    ("[search]\nwidth = [16.5, 100]\n", "search.width must be whole numbers of hidden units, but got [16.5, 100]"),
+    ("[search]\nwidth = 16.5\n", "search.width must be whole numbers"),
+    ("[data]\nformat = 'csv'\npath = 'x'\n", "data.format must be one of ['embedded', 'emnist-csv', "),
+    ("[data]\ntranspose = 'yes'\n", "data.transpose must be bool, but got 'yes'."),
 ])
 def test_bad_values_name_the_key(tmp_path, text, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_spec(write(tmp_path, text))
+
+
+def test_the_largest_seed_leaves_room_for_the_offsets_kdtune_adds(tmp_path):
+    import optuna
+    import torch
+
+    from kdtune.study import WORKER_SEED_STRIDE
+
+    seed = load_spec(write(tmp_path, f"seed = {2**31 - 1}\n")).seed
+    optuna.samplers.TPESampler(seed=seed + 100_000 + WORKER_SEED_STRIDE * 1001)  # trials, 1000 workers, a joiner
+    torch.manual_seed(seed + 1 + 1000)  # report's fresh seeds
+
+
+@pytest.mark.parametrize("data, transpose", [
+    ("format = 'emnist-csv'\npath = 'x'\n", True),
+    ("format = 'emnist-mat'\npath = 'x'\n", True),
+    ("format = 'emnist-csv'\npath = 'x'\ntranspose = false\n", False),
+    ("format = 'idx'\npath = 'x'\n", False),
+    ("format = 'idx'\npath = 'x'\ntranspose = true\n", True),
+    ("", False),
+])
+def test_transpose_defaults_by_format_and_the_record_holds_the_resolved_value(tmp_path, data, transpose):
+    spec = load_spec(write(tmp_path, f"[data]\n{data}"))
+    assert spec.data.transpose is transpose
+    assert to_toml_dict(spec)["data"]["transpose"] is transpose
 
 
 def test_missing_or_broken_files(tmp_path):
