@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -86,17 +87,22 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     context = {"student": dataclasses.asdict(spec.student), "transfer": dataclasses.asdict(spec.transfer),
                "data": splits.fingerprint, "teacher": teacher.cache_id, "precision": compute.precision}
 
-    def train_over_seeds(name: str, config: StudentConfig) -> list:
-        runs, n_resumed = [], 0
-        for seed in seeds:
-            run, resumed = saved_runs.trained(
-                runs_folder(spec), context, config.as_params(), seed, compute.device,
-                build=lambda: StudentMLP(data.image_shape, data.n_classes, config.width),
-                train=lambda: train_student(config, spec.student, data, seed, autocast_dtype=compute.autocast_dtype))
-            runs.append(run)
-            n_resumed += resumed
+    # A configuration can be both a candidate and an arm (the twin of a winner that does not distil, the
+    # reference among the top trials): each run is trained or loaded once per report and then reused, so a
+    # run this report trained is never reloaded and counted as from an earlier report.
+    @functools.cache
+    def run_for(config: StudentConfig, seed: int) -> tuple[saved_runs.Run, bool]:
+        return saved_runs.trained(
+            runs_folder(spec), context, config.as_params(), seed, compute.device,
+            build=lambda: StudentMLP(data.image_shape, data.n_classes, config.width),
+            train=lambda: train_student(config, spec.student, data, seed, autocast_dtype=compute.autocast_dtype))
+
+    def train_over_seeds(name: str, config: StudentConfig) -> list[saved_runs.Run]:
+        fetched = [run_for(config, seed) for seed in seeds]
+        runs = [run for run, _ in fetched]
+        n_from_earlier = sum(from_earlier for _, from_earlier in fetched)
         echo(f"  {name:<24} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs)
-             + (f"  ({n_resumed} of {len(runs)} from an earlier report)" if n_resumed else ""))
+             + (f"  ({n_from_earlier} of {len(runs)} from an earlier report)" if n_from_earlier else ""))
         return runs
 
     # 1. the winner, chosen on validation accuracy over seeds
@@ -181,18 +187,43 @@ def temperature_by_width(study: optuna.Study, n_top: int = 5) -> dict:
             "statement": statement}
 
 
+# What to try when distillation does not pay, with a teacher ahead of the student trained alone or behind it.
+ADVICE = ("Train the student alone, or give distillation more to transfer: a stronger teacher (more epochs, more "
+          "data than the student's labels), or unlabelled transfer images that only the teacher labels.")
+WEAK_TEACHER_ADVICE = ("Train the student alone, or first make the teacher stronger than the student (more epochs, "
+                       "more data than the student's labels).")
+
+
+def teacher_standing(teacher_lead: float) -> str:
+    """Where the teacher stands against the student trained alone; `teacher_lead` is the difference in accuracy
+    (0.02: 2 points)."""
+    if teacher_lead < 0:
+        return f"The teacher is {-100 * teacher_lead:.2f} points behind the student trained alone"
+    return f"The teacher is {100 * teacher_lead:+.2f} points ahead of the student trained alone"
+
+
+def weak_teacher_warning(teacher_lead: float) -> str | None:
+    """The warning for a teacher behind the student trained alone, else None. `tune` can give it as soon as a
+    no-distillation control arm beats the teacher on validation."""
+    if teacher_lead >= 0:
+        return None
+    return f"{teacher_standing(teacher_lead)}: distilling from this teacher cannot be expected to help."
+
+
 def verdict(gain: float, low: float, high: float, teacher_lead: float, winner_distils: bool = True) -> str:
     points = f"{100 * gain:+.2f} points (95% CI {100 * low:+.2f} to {100 * high:+.2f})"
-    lead = f"The teacher is {100 * teacher_lead:+.2f} points ahead of the student trained alone."
-    advice = ("Train the student alone, or give distillation more to transfer: a stronger teacher (more epochs, "
-              "more data than the student's labels), or unlabelled transfer images that only the teacher labels.")
+    warning = weak_teacher_warning(teacher_lead)
+    lead_and_advice = f"{warning} {WEAK_TEACHER_ADVICE}" if warning else f"{teacher_standing(teacher_lead)}. {ADVICE}"
     if not winner_distils:
-        return f"No gain here: the best configuration on validation does not distil (lambda = 1). {lead} {advice}"
+        return f"No gain here: the best configuration on validation does not distil (lambda = 1). {lead_and_advice}"
     if low > 0:
-        return f"Distillation pays: the tuned student beats the same student trained alone by {points}. {lead}"
+        # a gain measured against the same student alone stands even from a weaker teacher (its soft targets
+        # can act as a regulariser): no warning that it cannot help, no advice
+        return (f"Distillation pays: the tuned student beats the same student trained alone by {points}. "
+                f"{teacher_standing(teacher_lead)}.")
     if high < 0:
-        return f"Distillation hurts here: {points} against the same student trained alone. {lead} {advice}"
-    return f"No gain distinguishable from seed noise at 95%: {points}. {lead} {advice}"
+        return f"Distillation hurts here: {points} against the same student trained alone. {lead_and_advice}"
+    return f"No gain distinguishable from seed noise at 95%: {points}. {lead_and_advice}"
 
 
 def to_markdown(report: dict) -> str:

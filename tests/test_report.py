@@ -1,9 +1,20 @@
-"""The report's statistics and verdict (the end-to-end report runs in test_cli.py)."""
+"""The report: its statistics and verdict, and one real report on tiny data for what users rely on: the winner,
+the seeds, the pairing of the gain and the saved runs (the end-to-end report through the CLI is in test_cli.py)."""
 
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
 import pytest
+from conftest import TINY_SPEC, write_tiny_npz
+from optuna.distributions import FloatDistribution, IntDistribution
 
-from kdtune.report import arms, paired_interval, pick_winner, verdict
-from kdtune.study import StudentConfig
+from kdtune import data, report, teacher
+from kdtune.report import arms, paired_interval, pick_winner, verdict, weak_teacher_warning
+from kdtune.spec import Spec, load_spec
+from kdtune.study import StudentConfig, train_student
+from kdtune.train import accuracy
 
 
 def test_identical_arms_give_a_zero_width_interval():
@@ -44,3 +55,149 @@ def test_winner_is_the_best_mean_over_seeds_and_ties_go_to_the_smaller_student()
 def test_verdict_when_the_winner_does_not_distil():
     assert verdict(0.0, 0.0, 0.0, teacher_lead=0.03, winner_distils=False).startswith(
         "No gain here: the best configuration on validation does not distil")
+
+
+@pytest.mark.parametrize("gain, low, high, winner_distils", [
+    (0.003, -0.002, 0.008, True), (-0.01, -0.02, -0.001, True), (0.0, 0.0, 0.0, False)])
+def test_verdict_says_a_weaker_teacher_is_behind_and_cannot_be_expected_to_help(gain, low, high, winner_distils):
+    said = verdict(gain, low, high, teacher_lead=-0.0224, winner_distils=winner_distils)
+    assert ("The teacher is 2.24 points behind the student trained alone: distilling from this teacher cannot be "
+            "expected to help.") in said
+    assert "ahead" not in said and "unlabelled transfer images" not in said
+
+
+def test_a_measured_gain_from_a_weaker_teacher_is_not_denied():
+    said = verdict(0.01, 0.004, 0.016, teacher_lead=-0.0224)
+    assert said.startswith("Distillation pays") and said.endswith("2.24 points behind the student trained alone.")
+
+
+def test_the_weak_teacher_warning_comes_only_when_the_teacher_is_behind():
+    assert weak_teacher_warning(0.0) is None and weak_teacher_warning(0.02) is None
+    assert weak_teacher_warning(-0.005) == ("The teacher is 0.50 points behind the student trained alone: "
+                                            "distilling from this teacher cannot be expected to help.")
+
+
+# ------------------------------------------------------------------------------------ one real report
+
+SEARCH_DISTRIBUTIONS = {"temperature": FloatDistribution(1.0, 20.0, log=True), "lambda": FloatDistribution(0.0, 1.0),
+                        "width": IntDistribution(1, 512, log=True)}
+
+
+@dataclass
+class Evaluated:
+    folder: Path  # the working directory the report ran in
+    spec: Spec
+    splits: data.Splits
+    cached: teacher.CachedTeacher
+    study: optuna.Study
+    report: dict
+    echoed: list[str]
+    trained: list[tuple[StudentConfig, int, tuple]]  # every train_student call: (config, seed, (model, result))
+
+    def fresh_run(self, config: StudentConfig, seed: int) -> tuple:
+        """The run the report trained for this config and seed."""
+        [run] = [run for c, s, run in self.trained if (c, s) == (config, seed)]
+        return run
+
+    def test_accuracy(self, config: StudentConfig, seed: int) -> float:
+        model, _ = self.fresh_run(config, seed)
+        return accuracy(model, self.splits.x_test, self.splits.y_test)
+
+
+def add_trial(study: optuna.Study, value: float, config: StudentConfig) -> None:
+    """A finished trial of `config`, recorded with `value` as if the search had measured it."""
+    params = config.as_params()
+    study.add_trial(optuna.trial.create_trial(
+        params={name: params[name] for name in SEARCH_DISTRIBUTIONS}, distributions=SEARCH_DISTRIBUTIONS,
+        value=value, user_attrs={"loss": config.loss}))
+
+
+def config_of(params: dict) -> StudentConfig:
+    return StudentConfig(params["temperature"], params["lambda"], params["width"], params["loss"])
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Evaluated:
+    """A report on tiny data (2 seeds, 2 epochs) over a study whose recorded values rank its trials against what
+    training gives: a 2-unit student recorded at 0.99, a 64-unit one at 0.5, and the seed project's
+    configuration at 0.3, which is also the report's reference arm. Every train_student call is recorded."""
+    folder = tmp_path_factory.mktemp("report")
+    npz = write_tiny_npz(folder / "tiny.npz", n_test_per_class=50)  # 500 test images: per-seed accuracies differ
+    spec_path = folder / "tiny.toml"
+    spec_path.write_text(TINY_SPEC.format(path=npz, student_epochs=2, width="[8, 64]", pruner="median",
+                                          n_startup_trials=5, search="") + "n_candidates = 3\n")
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 0.99, StudentConfig(temperature=4.0, label_weight=0.5, width=2))
+    add_trial(study, 0.5, StudentConfig(temperature=4.0, label_weight=0.5, width=64))
+    add_trial(study, 0.3, report.REFERENCE)
+    trained, echoed = [], []
+
+    def recording_train_student(config, schedule, student_data, seed, **options):
+        run = train_student(config, schedule, student_data, seed, **options)
+        trained.append((config, seed, run))
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setattr(report, "train_student", recording_train_student)
+        spec = load_spec(spec_path)
+        splits = data.prepare(spec.data, spec.seed)
+        cached = teacher.load_or_train(spec, splits, echo=lambda _: None)
+        result = report.evaluate(spec, splits, cached, study, echo=echoed.append)
+    return Evaluated(folder, spec, splits, cached, study, result, echoed, trained)
+
+
+def test_the_winner_is_the_best_mean_over_fresh_seeds_not_the_best_search_value(evaluated):
+    candidates = {trial.number: StudentConfig.from_trial(trial) for trial in evaluated.study.trials}
+    fresh_mean = {number: statistics.fmean(evaluated.fresh_run(config, seed)[1].val_accuracy
+                                           for seed in evaluated.report["seeds"])
+                  for number, config in candidates.items()}
+    best_fresh = max(fresh_mean, key=fresh_mean.get)
+    assert best_fresh != evaluated.study.best_trial.number  # else this report could not tell the two apart
+    assert evaluated.report["winner_trial"] == best_fresh
+
+
+def test_the_gain_pairs_the_tuned_and_twin_runs_of_each_seed(evaluated):
+    tuned, twin = (config_of(evaluated.report["rows"][arm]["config"]) for arm in ("tuned", "no_distillation"))
+    seeds = evaluated.report["seeds"]
+    tuned_tests = [evaluated.test_accuracy(tuned, seed) for seed in seeds]
+    twin_tests = [evaluated.test_accuracy(twin, seed) for seed in seeds]
+    assert twin_tests != twin_tests[::-1]  # else a pairing across seeds would go unseen
+    assert evaluated.report["rows"]["tuned"]["test_accuracy"] == pytest.approx(tuned_tests)
+    assert evaluated.report["rows"]["no_distillation"]["test_accuracy"] == pytest.approx(twin_tests)
+    assert evaluated.report["gain"]["paired_differences"] == pytest.approx(
+        [t - n for t, n in zip(tuned_tests, twin_tests)])
+
+
+def test_the_report_never_trains_with_the_search_seed(evaluated):
+    seeds = evaluated.report["seeds"]
+    assert len(set(seeds)) == evaluated.spec.report.n_seeds and evaluated.spec.seed not in seeds
+    assert {seed for _, seed, _ in evaluated.trained} == set(seeds)
+
+
+def test_a_first_report_trains_each_run_once_and_calls_none_from_an_earlier_report(evaluated):
+    configs = [c["config"] for c in evaluated.report["candidates"]]
+    assert evaluated.report["rows"]["reference"]["config"] in configs  # a candidate that is also an arm
+    assert not [line for line in evaluated.echoed if "earlier report" in line]
+    trained_keys = [(config, seed) for config, seed, _ in evaluated.trained]
+    assert len(trained_keys) == len(set(trained_keys))
+
+
+def refuse_training(*args, **options):
+    raise AssertionError("a resumed report retrained a student it had saved")
+
+
+def test_a_resumed_report_loads_each_seed_its_own_saved_run(evaluated, monkeypatch):
+    monkeypatch.chdir(evaluated.folder)
+    saved = sorted(report.runs_folder(evaluated.spec).glob("*.pt"))
+    assert len(saved) == len(evaluated.trained)  # one file per configuration and seed
+    monkeypatch.setattr(report, "train_student", refuse_training)
+    echoed = []
+    resumed = report.evaluate(evaluated.spec, evaluated.splits, evaluated.cached, evaluated.study, echo=echoed.append)
+    n_seeds = len(evaluated.report["seeds"])
+    assert echoed and all(f"({n_seeds} of {n_seeds} from an earlier report)" in line for line in echoed)
+    for arm, row in resumed["rows"].items():
+        config = config_of(row["config"])
+        assert row["test_accuracy"] == pytest.approx(
+            [evaluated.test_accuracy(config, seed) for seed in resumed["seeds"]]), arm
+        assert row["val_curves"] == [evaluated.fresh_run(config, seed)[1].val_curve for seed in resumed["seeds"]]
