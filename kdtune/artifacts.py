@@ -42,13 +42,18 @@ def open_artifact_store(spec: Spec):
 def teacher_for_study(study: optuna.Study, spec: Spec, splits: Splits,
                       echo: Callable[[str], None] = print) -> CachedTeacher:
     """The study's teacher: from the local cache, else from the study's artifacts; trained only when the
-    study has none yet, and then published."""
+    study has none yet, and then published.
+
+    A study's teacher is the one its record names, kept locally under that name, wherever this machine would
+    cache a teacher for the spec: other data (refused earlier, see `study_setup`) never borrows it.
+    """
     record = study.user_attrs.get(RECORD_KEY)
     if record is None:
         cached = teacher.load_or_train(spec, splits, echo=echo)
-        publish(study, spec, cached)
-        return cached
-    folder = teacher.cache_folder(spec, splits.fingerprint)
+        record = publish(study, spec, cached)
+        if record["cache_id"] == cached.cache_id:
+            return cached
+    folder = teacher.CACHE_ROOT / record["cache_id"]
     try:
         return teacher.load(folder)
     except teacher.CorruptCache:
@@ -57,13 +62,19 @@ def teacher_for_study(study: optuna.Study, spec: Spec, splits: Splits,
         return teacher.load(folder)
 
 
-def publish(study: optuna.Study, spec: Spec, cached: CachedTeacher) -> None:
+def publish(study: optuna.Study, spec: Spec, cached: CachedTeacher) -> dict:
+    """Upload the teacher's files and record them in the study; returns the study's record, which is another
+    process's when one published first (the study keeps the first teacher)."""
+    if (record := study.user_attrs.get(RECORD_KEY)) is not None:
+        return record
     store = open_artifact_store(spec)
     files = {}
     for path in sorted(p for p in cached.folder.iterdir() if p.is_file()):
         artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
         files[path.name] = {"artifact_id": artifact_id, "sha256": sha256_file(path)}
-    study.set_user_attr(RECORD_KEY, {"cache_id": cached.cache_id, "files": files})
+    record = {"cache_id": cached.cache_id, "files": files}
+    study.set_user_attr(RECORD_KEY, record)
+    return record
 
 
 def fetch(record: dict, store, folder: Path) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import signal
 import sys
 from pathlib import Path
 
 import optuna
 
-from kdtune import artifacts, dashboard, data, figures, report, study, teacher, workers
+from kdtune import dashboard, data, figures, report, study, study_setup, teacher, workers
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
 from kdtune.spec import DEFAULT_SPEC, Spec, SpecError, load_spec
 
@@ -43,15 +44,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     spec = _spec(args)
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=True)  # before the teacher: a bad storage URL fails at once
-    if artifacts.RECORD_KEY not in the_study.user_attrs and not teacher.cache_folder(spec, splits.fingerprint).exists():
-        print("No cached teacher for this data, teacher config and seed: training it first.")
-    cached = artifacts.teacher_for_study(the_study, spec, splits)
-    study.record(the_study, spec, splits, cached)
-    already = study.n_finished(the_study)
-    print(f"Study {spec.name!r} in {spec.storage_url}: {already} finished trials, running to {args.trials}. "
-          f"Teacher validation accuracy {cached.val_accuracy:.4f}.")
     interrupted = False
     try:
+        cached = study_setup.set_up(the_study, spec, splits)
+        already = study.n_finished(the_study)
+        print(f"Study {spec.name!r} in {spec.storage_url}: {already} finished trials, running to {args.trials}. "
+              f"Teacher validation accuracy {cached.val_accuracy:.4f}.")
         if args.jobs == 1:
             study.run(the_study, study.make_objective(spec, splits, cached), n_trials=args.trials,
                       timeout=args.timeout)
@@ -59,6 +57,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             exit_codes = workers.run_workers(spec, n_trials=args.trials, timeout=args.timeout, n_workers=args.jobs)
             if EXIT_USAGE in exit_codes:
                 return EXIT_USAGE  # the worker printed its one-line error
+            if any(exit_codes):  # on a line of its own: a killed worker 0 leaves its progress bar unfinished
+                print(file=sys.stderr)
             for number, code in enumerate(exit_codes):
                 if code != 0:
                     print(f"worker {number} ended with {_exit_reason(code)}; a trial it was running is failed "
@@ -83,7 +83,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     """Print the best trial so far: temperature, lambda, width, validation accuracy, trial number, parameters."""
     spec = _spec(args)
-    found = study.best(study.open_study(spec, create=False))
+    found = study.best(study.open_study(spec, create=False, read_only=True))
     if args.json:
         print(json.dumps(found, indent=2))
     else:
@@ -92,12 +92,13 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Pick the winner by retraining the top configurations over --seeds seeds, then test it against its
-    no-distillation twin and the seed project's configuration; write studies/<name>/report.md and .json, and
-    with kdtune[plots] the pictures (figures/*.png) and one self-contained report.html.
+    """Pick the winner over fresh seeds on validation, then test it against its no-distillation twin and the
+    seed project's configuration.
 
-    The winner is chosen on validation accuracy; the test set is read only for the three final configurations.
-    --figures-only redraws the pictures from the last report without training anything.
+    The top configurations are retrained over --seeds seeds and the winner is chosen on validation accuracy; the
+    test set is read only for the three final configurations. Writes studies/<name>/report.md and .json, and
+    with kdtune[plots] the pictures (figures/*.png) and one self-contained report.html. --figures-only redraws
+    the pictures from the last report without training anything.
     """
     spec = _spec(args)
     the_study = study.open_study(spec, create=False)
@@ -107,7 +108,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         result = report.read(spec)
     else:
         splits = data.prepare(spec.data, spec.seed)
-        cached = artifacts.teacher_for_study(the_study, spec, splits)
+        cached = study_setup.teacher_of(the_study, spec, splits)
         print(f"Retraining the top {spec.report.n_candidates} configurations x {spec.report.n_seeds} seeds to pick "
               "the winner on validation, then the winner, its no-distillation twin and the reference on the test "
               "set:")
@@ -131,10 +132,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """List the study's trials by state (complete, pruned, failed, running, stale, waiting) and what will be
-    retried: a trial whose worker died goes stale, is failed after the grace period and its configuration rerun."""
+    """List the study's trials by state and what will be retried.
+
+    States: complete, pruned, failed, running, stale, waiting. A trial whose worker died goes stale, is failed
+    after the grace period, and its configuration is queued again (waiting).
+    """
     spec = _spec(args)
-    found = workers.trial_status(study.open_study(spec, create=False))
+    found = workers.trial_status(study.open_study(spec, create=False, read_only=True))
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
@@ -155,7 +159,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     It listens on 127.0.0.1 unless --host says otherwise, and warns when it is reachable from other machines.
     """
     spec = _spec(args)
-    the_study = study.open_study(spec, create=False)
+    the_study = study.open_study(spec, create=False, read_only=True)
     try:
         dashboard.serve(spec, the_study, args.host, args.port)
     except KeyboardInterrupt:
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, command in COMMANDS.items():
         doc = inspect.getdoc(command)
-        sub = commands.add_parser(name, help=doc.splitlines()[0], description=doc)
+        sub = commands.add_parser(name, help=first_sentence(doc), description=doc)
         sub.add_argument("--spec", type=Path, help=f"study spec TOML (default: {DEFAULT_SPEC}, or the built-in "
                          "quickstart where that file is absent)")
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -226,13 +230,19 @@ def _spec(args: argparse.Namespace) -> Spec:
                      report_n_seeds=getattr(args, "seeds", None))
 
 
+def first_sentence(doc: str) -> str:
+    """A command's summary for `kdtune --help`: its docstring's first sentence, however many lines it spans."""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    return paragraph.split(". ")[0].removesuffix(".") + "."
+
+
 def _positive(kind):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
+        if not (0 < value < math.inf):  # also refuses nan, which compares false with everything
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
     return parse

@@ -18,6 +18,7 @@ import optuna_dashboard
 from optuna.trial import TrialState
 
 from kdtune.artifacts import open_artifact_store
+from kdtune.optuna_compat import live_trial
 from kdtune.spec import Spec, SpecError
 from kdtune.storage import open_storage
 
@@ -116,6 +117,5 @@ def _complete_trial_note(trial: optuna.trial.FrozenTrial) -> str:
 
 
 def _save_finished_trial_note(the_study: optuna.Study, trial: optuna.trial.FrozenTrial, body: str) -> None:
-    # save_note takes a live Trial; rebuilding one for a finished trial only reads it (kdtune's TPE sampler
-    # does nothing before a trial), and the note itself is a study attribute, which a finished trial allows
-    optuna_dashboard.save_note(optuna.Trial(the_study, trial._trial_id), body)
+    # save_note takes a live Trial; the note itself is a study attribute, which a finished trial allows
+    optuna_dashboard.save_note(live_trial(the_study, trial), body)

@@ -9,7 +9,6 @@ study stops after the trial it is storing, and a trial already created fails as 
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from contextlib import contextmanager
@@ -18,17 +17,6 @@ from typing import Iterator
 import optuna
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# The logger of Optuna's trial loop: it logs the trial a stop interrupts with the whole traceback.
-OPTUNA_TRIAL_LOGGER = logging.getLogger("optuna.study._optimize")
-
-
-class NoInterruptTraceback(logging.Filter):
-    """Keeps Optuna's one line on the interrupted trial and drops its traceback: the user asked to stop."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
-            record.exc_info, record.exc_text = None, None
-        return True
 
 
 class StopRequest:
@@ -48,15 +36,15 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             yield self
             return
-        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-        for signum in STOP_SIGNALS:
+        # a signal ignored when kdtune started stays ignored: a shell starts background jobs with SIGINT ignored,
+        # so that a Ctrl-C meant for the foreground does not stop them
+        previous = {signum: handler for signum in STOP_SIGNALS
+                    if (handler := signal.getsignal(signum)) is not signal.SIG_IGN}
+        for signum in previous:
             signal.signal(signum, self._handle)
-        quiet = NoInterruptTraceback()
-        OPTUNA_TRIAL_LOGGER.addFilter(quiet)
         try:
             yield self
         finally:
-            OPTUNA_TRIAL_LOGGER.removeFilter(quiet)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+import time
 from pathlib import Path
 
 import optuna
@@ -15,32 +16,61 @@ from kdtune.spec import SpecError, WorkersSpec
 
 # How long a SQLite writer waits for another worker's write to finish before giving up.
 SQLITE_BUSY_SECONDS = 60
+# Processes that open a new database at the same moment race to create its tables (SQLite: "table studies
+# already exists"; PostgreSQL: a duplicate key in its catalogue); the loser finds the tables on a second try.
+N_OPEN_ATTEMPTS = 5
 
 
-def open_storage(url: str, workers: WorkersSpec | None = None) -> optuna.storages.RDBStorage:
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for any other storage."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def open_storage(url: str, workers: WorkersSpec | None = None, *, read_only: bool = False
+                 ) -> optuna.storages.RDBStorage:
     """The storage at `url`; with `workers`, running trials send heartbeats, and a trial whose worker stopped
-    sending them for the grace period is failed and its configuration enqueued again."""
+    sending them for the grace period is failed and its configuration enqueued again.
+
+    `read_only` opens an existing SQLite database without writing to it (so `best` and `status` work on a
+    study.db the user may not write) and creates no table; other storages are opened as given.
+    """
     engine_kwargs = {}
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise SpecError(f"cannot create {path.parent} for the study database ({error.strerror}); "
-                            "choose a writable place with --storage.") from error
-        engine_kwargs["creator"] = functools.partial(connect_sqlite, path)
+    if (path := sqlite_path(url)) is not None:
+        if not read_only:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise SpecError(f"cannot create {path.parent} for the study database ({error.strerror}); "
+                                "choose a writable place with --storage.") from error
+        engine_kwargs["creator"] = functools.partial(connect_sqlite, path, read_only=read_only)
     heartbeat = {} if workers is None else {
         "heartbeat_interval": workers.heartbeat_seconds, "grace_period": workers.grace_seconds,
         "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=workers.max_retries)}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
-        reason = str(error).splitlines()[0]
-        raise SpecError(f"cannot open storage {url!r} ({reason}); check the URL, the server and the driver.") \
-            from error
+    for attempt in range(1, N_OPEN_ATTEMPTS + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=read_only,
+                                              **heartbeat)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) \
+                as error:
+            if attempt == N_OPEN_ATTEMPTS or not _lost_a_creation_race(error):
+                raise _cannot_open(url, error) from error
+            time.sleep(0.1 * attempt)
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
+            raise _cannot_open(url, error) from error
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def connect_sqlite(path: Path) -> sqlite3.Connection:
+def _lost_a_creation_race(error: sqlalchemy.exc.DBAPIError) -> bool:
+    reason = str(error.orig).lower()
+    return "already exists" in reason or "duplicate key" in reason or "unique constraint" in reason
+
+
+def _cannot_open(url: str, error: BaseException) -> SpecError:
+    reason = str(error).splitlines()[0]
+    return SpecError(f"cannot open storage {url!r} ({reason}); check the URL, the server and the driver.")
+
+
+def connect_sqlite(path: Path, read_only: bool = False) -> sqlite3.Connection:
     """A study database connection in write-ahead-log mode with synchronous=NORMAL.
 
     Every trial.report() is a commit; with SQLite's defaults each one waits for two fsyncs. WAL with NORMAL
@@ -50,6 +80,9 @@ def connect_sqlite(path: Path) -> sqlite3.Connection:
     workers queue for up to SQLITE_BUSY_SECONDS instead of failing at once.
     """
     # check_same_thread=False: the connection pool and Optuna's heartbeat thread hand connections between threads
+    if read_only:
+        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=SQLITE_BUSY_SECONDS,
+                               check_same_thread=False)
     connection = sqlite3.connect(path, timeout=SQLITE_BUSY_SECONDS, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")

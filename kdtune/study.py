@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +19,7 @@ import optuna
 import torch
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
+from tqdm import tqdm
 
 from kdtune import dashboard, health
 from kdtune.data import Splits
@@ -27,10 +30,11 @@ from kdtune.losses import LOSSES
 from kdtune.models import StudentMLP, student_n_parameters
 from kdtune.provenance import versions
 from kdtune.spec import Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
-from kdtune.storage import open_storage
+from kdtune.storage import open_storage, sqlite_path
 from kdtune.teacher import CachedTeacher
 from kdtune.train import FitResult, TrainingDiverged, fit, predict
 from kdtune.transfer import StudentData
+from kdtune.trial_log import quiet_trial_log
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial that ends this way is recorded as failed, with its reason, and the study goes on.
@@ -47,6 +51,8 @@ WORKER_SEED_STRIDE = 1_000_003  # a prime far above any trial count
 # Spec sections that decide what a trial's value means: resuming with any of them changed would mix
 # incomparable trials in one study.
 RECORDED_SECTIONS = ("seed", "precision", "data", "teacher", "student", "search", "transfer")
+# study user attribute: the process setting a new study up, {"worker": host:pid, "beat": n}; None once it stopped
+SET_UP_BY_KEY = "set_up_by"
 
 
 @dataclass(frozen=True)
@@ -175,32 +181,72 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
     }[search.pruner]()
 
 
-def open_study(spec: Spec, *, create: bool, worker: int = 0) -> optuna.Study:
+def open_study(spec: Spec, *, create: bool, worker: int = 0, read_only: bool = False) -> optuna.Study:
     """Create or resume the spec's study; refuse to resume one made with a different spec.
 
-    `worker` numbers the processes that share the study; each samples from its own seed.
+    Of several processes that start a new study at the same moment, exactly one creates it (the storage holds
+    one study per name) and queues its control arms; see `study_setup` for what the others wait for.
+    `worker` numbers the processes that `tune --jobs` starts; each samples from its own seed. `read_only`
+    (best, status) writes nothing and needs the study to exist.
     """
-    storage = open_storage(spec.storage_url, spec.workers)
+    path = sqlite_path(spec.storage_url)
+    if not create and path is not None and not path.is_file():  # opening it would leave an empty database
+        raise _no_such_study(spec)
+    storage = open_storage(spec.storage_url, spec.workers, read_only=read_only)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if spec.name not in existing and not create:
-        raise SpecError(f"no study named {spec.name!r} in {spec.storage_url}; run `kdtune tune` first.")
+        raise _no_such_study(spec)
     n_trials = existing[spec.name].n_trials if spec.name in existing else 0
-    # Offset the seed by the trials already run, so a resumed study does not replay its first proposals,
-    # and by the worker's number, so that workers starting together do not propose the same configurations.
-    sampler = optuna.samplers.TPESampler(seed=spec.seed + n_trials + WORKER_SEED_STRIDE * worker)
-    study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize", sampler=sampler,
-                                pruner=make_pruner(spec), load_if_exists=True)
-    if n_trials == 0:
-        enqueue_control_arms(study, spec.search)
+    pruner = make_pruner(spec)
+    if spec.name in existing:
+        study = optuna.load_study(storage=storage, study_name=spec.name, pruner=pruner)
+    else:
+        try:
+            study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize", pruner=pruner)
+            mark_creator(study)
+            enqueue_control_arms(study, spec.search)
+        except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago
+            study = optuna.load_study(storage=storage, study_name=spec.name, pruner=pruner)
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(spec.seed, n_trials, worker, joins_live_study(study)))
     recorded = study.user_attrs.get("spec")
-    current = to_toml_dict(spec)
     if recorded is not None:
-        # a key missing from the record predates it; such studies ran with its default, which matches
-        changed = [k for k in RECORDED_SECTIONS if recorded.get(k, current[k]) != current[k]]
-        if changed:
-            raise SpecError(f"study {spec.name!r} was made with a different [{changed[0]}] section; restore it, "
-                            "or start a new study with --study-name.")
+        check_same_spec(spec, recorded)
     return study
+
+
+def sampler_seed(seed: int, n_trials: int, worker: int, joining: bool) -> int:
+    """The seed plus the trials already run, so a resumed study does not replay its first proposals, plus the
+    worker's number, so that `--jobs` workers do not propose the same configurations. A process that joins a
+    study other processes are running (started at the same moment, or later) cannot know its rank among them:
+    its host and process id tell it apart, at the price of a proposal sequence no later run repeats."""
+    joiner = zlib.crc32(WORKER_ID.encode()) % WORKER_SEED_STRIDE if joining else 0
+    return seed + n_trials + WORKER_SEED_STRIDE * worker + joiner
+
+
+def joins_live_study(study: optuna.Study) -> bool:
+    """Whether other processes are setting this study up or running its trials right now."""
+    set_up_by = study.user_attrs.get(SET_UP_BY_KEY)
+    setting_up = "spec" not in study.user_attrs and not (set_up_by and set_up_by["worker"] == WORKER_ID)
+    return setting_up or bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def mark_creator(study: optuna.Study) -> None:
+    """The study's creator sets it up (teacher, record); others wait until it has (see `study_setup`)."""
+    study.set_user_attr(SET_UP_BY_KEY, {"worker": WORKER_ID, "beat": 0})
+
+
+def check_same_spec(spec: Spec, recorded: dict) -> None:
+    current = to_toml_dict(spec)
+    # a key missing from the record predates it; such studies ran with its default, which matches
+    changed = [k for k in RECORDED_SECTIONS if recorded.get(k, current[k]) != current[k]]
+    if changed:
+        section = changed[0] if changed[0] in ("seed", "precision") else f"[{changed[0]}] section"
+        raise SpecError(f"study {spec.name!r} was made with a different {section}; restore it, "
+                        "or start a new study with --study-name.")
+
+
+def _no_such_study(spec: Spec) -> SpecError:
+    return SpecError(f"no study named {spec.name!r} in {spec.storage_url}; run `kdtune tune` first.")
 
 
 def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeacher) -> None:
@@ -228,13 +274,14 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     stop = StopRequest()
+    teacher_behind = TeacherBehindWarning()
 
     def needed_objective(trial: optuna.Trial) -> float:
         with stop.inside_objective():
             wait_for_a_place(trial, n_trials)
             return objective(trial)
 
-    with stop.installed():
+    with stop.installed(), quiet_trial_log(expected=(KeyboardInterrupt, *TRIAL_FAILURES), silent=(SurplusTrial,)):
         while (n_missing := n_trials - n_finished(study)) > 0:
             stop.raise_if_requested()
             seconds_left = None if deadline is None else deadline - time.monotonic()
@@ -242,7 +289,8 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
                 return
             try:
                 study.optimize(needed_objective, n_trials=n_missing, timeout=seconds_left, catch=TRIAL_FAILURES,
-                               callbacks=[MaxTrialsCallback(n_trials, states=FINISHED), stop.stop_after_trial],
+                               callbacks=[MaxTrialsCallback(n_trials, states=FINISHED), stop.stop_after_trial,
+                                          teacher_behind],
                                show_progress_bar=progress_bar)
             except UnboundLocalError as error:
                 # Optuna 5.0.0: when the storage fails as a trial ends, _run_trial's clean-up raises
@@ -253,6 +301,26 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
             stop.raise_if_requested()
             if n_finished(study) == n_trials - n_missing:
                 return
+
+
+class TeacherBehindWarning:
+    """An Optuna callback that warns, once, when a student trained without distillation beats the teacher on
+    validation: distilling from such a teacher cannot be expected to help, and the user should know before
+    the study spends its budget (see the report's verdict for what to do)."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        teacher_accuracy = study.user_attrs.get("teacher_val_accuracy")
+        if self.warned or teacher_accuracy is None or trial.state != TrialState.COMPLETE \
+                or trial.user_attrs.get("control") != "no_distillation" or trial.value <= teacher_accuracy:
+            return
+        self.warned = True
+        tqdm.write(f"warning: the student of width {trial.params['width']} trained without distillation reaches "
+                   f"{trial.value:.4f} validation accuracy, above the teacher's {teacher_accuracy:.4f}: distilling "
+                   "from this teacher cannot be expected to help. Consider a stronger teacher (more epochs, more "
+                   "data) before spending the study's budget.", file=sys.stderr)
 
 
 def wait_for_a_place(trial: optuna.Trial, n_trials: int) -> None:

@@ -68,7 +68,10 @@ def load_or_train(spec: Spec, splits: Splits, *, force: bool = False,
     folder = cache_folder(spec, splits.fingerprint)
     if folder.exists() and not force:
         try:
-            return load(folder)
+            cached = load(folder)
+            if cached.meta["data_fingerprint"] != splits.fingerprint:  # a cache of older kdtune filled wrongly
+                raise CorruptCache("it was trained on other data")
+            return cached
         except CorruptCache as problem:
             echo(f"teacher cache {folder} is corrupt ({problem}); retraining it.")
     return train(spec, splits, folder, echo=echo)

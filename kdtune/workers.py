@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -17,8 +18,9 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from kdtune import artifacts, data, hardware, study
+from kdtune import data, hardware, study, study_setup
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
+from kdtune.optuna_compat import stale_trial_numbers
 from kdtune.spec import Spec
 
 
@@ -59,13 +61,24 @@ def run_workers(spec: Spec, *, n_trials: int, timeout: float | None, n_workers: 
 
 
 def set_up_process(n_threads: int | None = None) -> None:
-    """What every kdtune process that trains needs: its torch threads, quiet Optuna logging, and SIGTERM
-    (kill, timeout(1), batch schedulers) handled like Ctrl-C, so finished trials are kept and the running
-    one is marked failed."""
+    """What every kdtune process needs: its torch threads, one-line errors from threads, quiet Optuna logging,
+    and SIGTERM (kill, timeout(1), batch schedulers) handled like Ctrl-C, so finished trials are kept and the
+    running one is marked failed."""
     hardware.configure_threads(n_threads)
+    threading.excepthook = one_line_thread_error
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def one_line_thread_error(args: threading.ExceptHookArgs) -> None:
+    """A user error in a background thread is one line too: Optuna's heartbeat thread stops with the storage
+    error when the database goes away (the main thread then recovers or stops with its own one line)."""
+    if isinstance(args.exc_value, USER_ERRORS):
+        print(f"kdtune: the background thread {args.thread.name} stopped: {one_line(args.exc_value)}",
+              file=sys.stderr)
+    else:
+        threading.__excepthook__(args)
 
 
 def work(job: WorkerJob) -> None:
@@ -83,7 +96,7 @@ def run_trials(job: WorkerJob) -> None:
     spec = job.spec
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=False, worker=job.worker)
-    cached = artifacts.teacher_for_study(the_study, spec, splits)  # cached by the parent: never a second teacher
+    cached = study_setup.teacher_of(the_study, spec, splits)  # set up by the parent: never a second teacher
     try:
         study.run(the_study, study.make_objective(spec, splits, cached), n_trials=job.n_trials,
                   timeout=job.timeout, progress_bar=job.worker == 0)
@@ -99,17 +112,14 @@ def trial_status(the_study: optuna.Study) -> dict:
     """Trials by state, with running trials split into live and stale (no heartbeat for the grace period:
     their worker died), and the waiting trials that retry a failed one."""
     trials = the_study.get_trials(deepcopy=False)
-    storage = the_study._storage
-    # Optuna exposes stale trials only through fail_stale_trials(), which changes them; status must not
-    stale_ids = set(storage._get_stale_trial_ids(the_study._study_id)) if hasattr(storage, "_get_stale_trial_ids") \
-        else set()
+    stale = stale_trial_numbers(the_study)
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    counts["stale"] = sum(t._trial_id in stale_ids for t in running)
+    counts["stale"] = sum(t.number in stale for t in running)
     counts["running"] -= counts["stale"]
     return {
         "counts": counts,
-        "running": [{"trial": t.number, "worker": t.user_attrs.get("worker"), "stale": t._trial_id in stale_ids,
+        "running": [{"trial": t.number, "worker": t.user_attrs.get("worker"), "stale": t.number in stale,
                      "epochs_reported": len(t.intermediate_values),
                      "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None}
                     for t in running],

@@ -33,8 +33,12 @@ class Server:
             self.port = probe.getsockname()[1]
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
         self.start()
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "kdtune")
-        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/kdtune"
+        self.url = self.new_database("kdtune")
+
+    def new_database(self, name: str) -> str:
+        """An empty database on this server, without Optuna's tables; returns its URL."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
 
     def _run(self, tool: str, *args: str) -> None:
         subprocess.run([*self.as_postgres, str(self.binaries / tool), *args], check=True, capture_output=True)

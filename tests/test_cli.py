@@ -1,6 +1,7 @@
 """End to end through `python cli.py` in subprocesses, as a user runs it, on a tiny slice of real data."""
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -12,7 +13,7 @@ import optuna
 import pytest
 from conftest import REPO, run_cli
 
-from kdtune.cli import main
+from kdtune.cli import COMMANDS, main
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -74,13 +75,8 @@ def test_a_run_built_to_prune_prunes(tiny_spec, workdir):
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_stopping_keeps_finished_trials_and_says_how_to_resume(tiny_spec, workdir, stop):
     spec = str(tiny_spec("sigint", width="[256, 512]", student_epochs=30, pruner="none"))
-    process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "tune", "--spec", spec, "--trials", "50"],
-                               cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(1)
-        if n_finished_so_far(workdir, "sigint") >= 2:
-            break
+    process = start_cli(workdir, "tune", "--spec", spec, "--trials", "50")
+    wait_until(lambda: n_finished_so_far(workdir, "sigint") >= 2, "two trials finished")
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-2000:]
@@ -92,6 +88,103 @@ def test_stopping_keeps_finished_trials_and_says_how_to_resume(tiny_spec, workdi
     resumed = run_cli("tune", "--spec", spec, "--trials", str(n_finished + 1), cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert len(load_study(workdir, "sigint").get_trials(states=FINISHED)) == n_finished + 1
+
+
+def start_cli(workdir, *args):
+    """`python cli.py ...` in the background, stoppable with Ctrl-C even when pytest itself runs as a background
+    job (started with SIGINT ignored, which its children would inherit)."""
+    return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_until(condition, what, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for: {what}"
+        time.sleep(0.2)
+
+
+def study_attr(workdir, name, key):
+    """A study user attribute read-only (None until it exists), while `tune` may be creating the database."""
+    database = workdir / "studies" / name / "study.db"
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            row = connection.execute("SELECT value_json FROM study_user_attributes WHERE key = ?", (key,)).fetchone()
+    except sqlite3.OperationalError:  # not created yet
+        return None
+    return None if row is None else json.loads(row[0])
+
+
+def test_interrupted_while_the_teacher_trains_says_how_to_resume(tiny_spec, workdir):
+    spec = tiny_spec("early")
+    spec.write_text(spec.read_text().replace("[teacher]\nmax_epochs = 2\n",
+                                             "[teacher]\nmax_epochs = 1000\npatience_epochs = 1000\n"))
+    process = start_cli(workdir, "tune", "--spec", str(spec), "--trials", "5")
+    # the study exists and its set-up (a teacher of 1,000 epochs) has begun
+    wait_until(lambda: study_attr(workdir, "early", "set_up_by") is not None, "the set-up began")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert f"Resume with: kdtune tune --spec {spec} --trials 5" in stderr and "Traceback" not in stderr
+    assert study_attr(workdir, "early", "set_up_by") is None  # the next start takes the set-up over at once
+
+
+def test_resuming_on_changed_data_is_refused_and_new_data_gets_its_own_teacher(tiny_spec, workdir):
+    """The data file replaced at the same path, one pixel changed: the study refuses to go on (exit 2, both
+    fingerprints named), keeps its trials, and a new study on the new data trains a teacher of its own."""
+    import numpy as np
+    spec = str(tiny_spec("moved"))
+    assert run_cli("tune", "--spec", spec, "--trials", "2", cwd=workdir).returncode == 0
+    with np.load(workdir / "tiny.npz") as archive:
+        arrays = dict(archive)
+    arrays["x_train"][0, 0, 0] ^= 1
+    np.savez(workdir / "tiny.npz", **arrays)
+    resumed = run_cli("tune", "--spec", spec, "--trials", "4", cwd=workdir)
+    assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr
+    old = load_study(workdir, "moved")
+    recorded = old.user_attrs["data_fingerprint"]
+    assert "was made on other data" in resumed.stderr and recorded[:16] in resumed.stderr
+    assert "--study-name" in resumed.stderr
+    assert len(old.get_trials(states=FINISHED)) == 2
+    fresh = run_cli("tune", "--spec", spec, "--study-name", "moved2", "--trials", "1", cwd=workdir)
+    assert fresh.returncode == 0, fresh.stderr
+    assert "Training the teacher" in fresh.stdout
+    new = load_study(workdir, "moved2").user_attrs
+    assert new["data_fingerprint"] != recorded and new["data_fingerprint"][:16] in resumed.stderr
+    assert new["teacher_cache_id"] != old.user_attrs["teacher_cache_id"]
+
+
+@pytest.mark.parametrize("command", ["best", "status", "report", "dashboard"])
+def test_commands_on_a_missing_study_leave_no_database_behind(command, workdir, capsys):
+    (workdir / "none.toml").write_text("")
+    assert main([command, "--spec", "none.toml"]) == 2
+    assert "no study named 'none'" in capsys.readouterr().err
+    assert not (workdir / "studies").exists()
+
+
+def test_best_and_status_read_a_study_they_may_not_write(tiny_study):
+    """A study.db the user may only read (here made immutable, which binds root too)."""
+    workdir, spec, done = tiny_study
+    database = workdir / "studies/tiny/study.db"
+    if subprocess.run(["chattr", "+i", str(database)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make the database read-only here (chattr +i)")
+    try:
+        for command in ("best", "status"):
+            shown = run_cli(command, "--spec", str(spec), cwd=workdir)
+            assert shown.returncode == 0, shown.stderr
+    finally:
+        subprocess.run(["chattr", "-i", str(database)], check=True)
+    assert json.loads(done["best"].stdout)["trial"] == load_study(workdir, "tiny").best_trial.number
+
+
+def test_help_summarises_each_command_in_whole_sentences(capsys):
+    assert exit_code(["--help"]) == 0
+    # an entry is "    name   summary", its summary wrapped onto lines indented further
+    summaries = dict(re.findall(r"^    (\w+) +(.*(?:\n {6,}\S.*)*)", capsys.readouterr().out, re.MULTILINE))
+    assert set(summaries) >= set(COMMANDS)
+    for name in COMMANDS:
+        assert summaries[name].endswith("."), (name, summaries[name])
 
 
 BAD_SPECS = {
@@ -125,6 +218,8 @@ def test_bad_input_is_one_line_and_exit_2(case, workdir, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["tune", "--trials", "-3"], "expected a positive int"),
     (["tune", "--timeout", "soon"], "expected a positive float"),
+    (["tune", "--timeout", "nan"], "expected a positive float"),
+    (["tune", "--timeout", "inf"], "expected a positive float"),
     (["tune", "--jobs", "0"], "argument --jobs: expected a positive int"),
     (["teacher", "--spec", "missing.toml"], "missing.toml does not exist"),
     (["best", "--spec", "ok.toml"], "no study named 'ok'"),

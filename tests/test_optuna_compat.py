@@ -1,0 +1,60 @@
+"""Each private piece of Optuna that kdtune relies on, pinned: an Optuna release that moves one fails here."""
+
+import logging
+import sqlite3
+from contextlib import closing
+
+import optuna
+
+from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME, live_trial, stale_trial_numbers
+
+
+def test_stale_trials_are_running_trials_whose_heartbeat_stopped(tmp_path):
+    database = tmp_path / "s.db"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{database}", heartbeat_interval=1, grace_period=60)
+    the_study = optuna.create_study(storage=storage)
+    dead, alive = the_study.ask(), the_study.ask()
+    with closing(sqlite3.connect(database)) as connection, connection:
+        for trial, age in ((dead, "-1 hour"), (alive, "-1 second")):
+            connection.execute("INSERT INTO trial_heartbeats (trial_id, heartbeat) SELECT trial_id, "
+                               "datetime('now', ?) FROM trials WHERE number = ?", (age, trial.number))
+    assert stale_trial_numbers(the_study) == {dead.number}
+    assert {t.number for t in the_study.get_trials(states=(optuna.trial.TrialState.RUNNING,))} == {0, 1}  # untouched
+
+
+def test_a_storage_without_heartbeats_has_no_stale_trials():
+    the_study = optuna.create_study()
+    the_study.ask()
+    assert stale_trial_numbers(the_study) == set()
+
+
+def test_a_live_handle_on_a_finished_trial_reads_it():
+    the_study = optuna.create_study()
+    the_study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    finished = the_study.trials[1]
+    handle = live_trial(the_study, finished)
+    assert handle.number == 1 and handle.params == finished.params
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_optuna_logs_failed_trials_on_the_trial_loop_logger():
+    def fail(trial):
+        raise ValueError("expected")
+
+    collected = Collect()
+    logger = logging.getLogger(TRIAL_LOOP_LOGGER_NAME)  # Optuna's loggers do not propagate to pytest's
+    logger.addHandler(collected)
+    try:
+        optuna.create_study().optimize(fail, n_trials=1, catch=(ValueError,))
+    finally:
+        logger.removeHandler(collected)
+    failed = [r for r in collected.records if r.exc_info]
+    assert failed and isinstance(failed[0].exc_info[1], ValueError)

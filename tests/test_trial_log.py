@@ -1,0 +1,62 @@
+"""A normal run prints no traceback: trials that end in a way kdtune expects are one line or nothing."""
+
+import logging
+
+import optuna
+import pytest
+
+from kdtune import study
+from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME
+from kdtune.train import TrainingDiverged
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def trial_log():
+    """What Optuna's trial loop logs (its loggers do not propagate to pytest's capture)."""
+    collected = Collect()
+    logger = logging.getLogger(TRIAL_LOOP_LOGGER_NAME)
+    logger.addHandler(collected)
+    yield collected.records
+    logger.removeHandler(collected)
+
+
+def run_one(objective):
+    the_study = optuna.create_study(direction="maximize")
+    study.run(the_study, objective, n_trials=1, timeout=None, progress_bar=False)
+    return the_study
+
+
+def raise_(error):
+    def objective(trial):
+        trial.suggest_float("x", 0, 1)
+        raise error
+    return objective
+
+
+def test_an_expected_failure_is_one_line_without_traceback(trial_log):
+    run_one(raise_(TrainingDiverged("the training loss became nan in epoch 1")))
+    assert len(trial_log) == 1 and "TrainingDiverged('the training loss became nan" in trial_log[0].getMessage()
+    assert trial_log[0].exc_info is None
+
+
+def test_a_surplus_trial_logs_nothing(trial_log):
+    def surplus(trial):
+        study.surplus(trial, "other workers finished the study while it started")
+
+    assert run_one(surplus).trials[0].state == optuna.trial.TrialState.FAIL
+    assert trial_log == []
+
+
+def test_an_unexpected_error_keeps_its_traceback(trial_log):
+    with pytest.raises(ZeroDivisionError):
+        run_one(raise_(ZeroDivisionError("a bug")))
+    assert any(record.exc_info for record in trial_log)
