@@ -2,14 +2,16 @@
 
 import functools
 import warnings
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from kdtune import hardware
+from kdtune import data, hardware, study, teacher
 from kdtune.losses import hinton_loss
 from kdtune.models import StudentMLP
-from kdtune.spec import StudentSpec
+from kdtune.spec import StudentSpec, load_spec
 from kdtune.train import fit, predict
 
 CPU = torch.device("cpu")
@@ -49,17 +51,57 @@ def test_fp32_never_autocasts(cpu_with_bf16):
     assert hardware.resolve_compute("cpu", "fp32").autocast_dtype is None
 
 
-def test_a_student_trains_under_bf16_autocast_and_keeps_fp32_weights():
+def record_linear_output_dtypes(model: torch.nn.Module, seen: list | None = None) -> list[tuple[bool, torch.dtype]]:
+    """(training?, output dtype) of every Linear layer's forward pass, appended to `seen` as the model runs."""
+    seen = [] if seen is None else seen
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.register_forward_hook(lambda module, inputs, output: seen.append((module.training, output.dtype)))
+    return seen
+
+
+@pytest.mark.parametrize("autocast_dtype, expected", [(torch.bfloat16, torch.bfloat16), (None, torch.float32)],
+                         ids=["bf16", "fp32"])
+def test_a_student_trains_in_the_autocast_dtype_and_keeps_fp32_weights(autocast_dtype, expected):
     torch.manual_seed(0)
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 3, (64,))
     model = StudentMLP((8, 8), 3, 16)
+    seen = record_linear_output_dtypes(model)
     loss_fn = functools.partial(hinton_loss, temperature=2.0, label_weight=0.5)
     result = fit(model, x, y, x, y, loss_fn=loss_fn, schedule=StudentSpec(max_epochs=2, batch_size=32), seed=0,
-                 teacher_logits=torch.randn(64, 3), autocast_dtype=torch.bfloat16)
+                 teacher_logits=torch.randn(64, 3), autocast_dtype=autocast_dtype)
     assert result.n_epochs == 2
+    training = [dtype for is_training, dtype in seen if is_training]
+    evaluating = [dtype for is_training, dtype in seen if not is_training]
+    assert len(training) == 2 * 2 * 2  # 2 epochs x 2 batches x 2 layers
+    assert set(training) == set(evaluating) == {expected}  # validation runs in it too
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    logits = predict(model, x, torch.bfloat16)
+    logits = predict(model, x, autocast_dtype)
     assert logits.dtype == torch.float32 and logits.shape == (64, 3)
+
+
+@pytest.mark.parametrize("precision, expected", [("auto", torch.bfloat16), ("fp32", torch.float32)])
+def test_a_trial_trains_in_the_precision_the_policy_picks(cpu_with_bf16, tiny_spec, monkeypatch, precision,
+                                                          expected):
+    """End to end: the spec's precision, resolved for this (claimed) CPU, reaches the student inside a trial."""
+    spec = replace(load_spec(tiny_spec(student_epochs=1, width="16", search="control_arms = false")),
+                   precision=precision)
+    splits = data.prepare(spec.data, spec.seed)
+    logits = {"train": torch.randn(len(splits.x_train), splits.n_classes),
+              "val": torch.randn(len(splits.x_val), splits.n_classes)}
+    stub_teacher = teacher.CachedTeacher("stub", Path("."), logits, {"val_accuracy": 0.5})
+    seen = []
+
+    class RecordedStudent(StudentMLP):
+        def __init__(self, *args):
+            super().__init__(*args)
+            record_linear_output_dtypes(self, seen)
+
+    monkeypatch.setattr(study, "StudentMLP", RecordedStudent)
+    the_study = study.open_study(spec, create=True)
+    study.run(the_study, study.make_objective(spec, splits, stub_teacher), n_trials=1, timeout=None,
+              progress_bar=False)
+    assert seen and {dtype for is_training, dtype in seen if is_training} == {expected}
 
 
 def test_configure_threads_sets_torch_threads():

@@ -4,6 +4,9 @@ import dataclasses
 import os
 import signal
 import sqlite3
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
 import optuna
 import pytest
@@ -59,27 +62,82 @@ def test_median_pruner_stops_a_trial_below_the_median(tiny_spec):
     assert weak.should_prune()
 
 
-def test_resume_with_a_changed_search_is_refused(setup):
-    spec, splits, cached = setup
+# One change per recorded section, each of which changes what a trial's value means.
+SECTION_CHANGES = {
+    "seed": lambda spec: dataclasses.replace(spec, seed=spec.seed + 1),
+    "precision": lambda spec: dataclasses.replace(spec, precision="bf16"),
+    "data": lambda spec: dataclasses.replace(spec, data=dataclasses.replace(spec.data, val_fraction=0.2)),
+    "teacher": lambda spec: dataclasses.replace(spec, teacher=dataclasses.replace(spec.teacher, max_epochs=3)),
+    "student": lambda spec: dataclasses.replace(spec, student=dataclasses.replace(spec.student, patience_epochs=2)),
+    "search": lambda spec: dataclasses.replace(spec, search=dataclasses.replace(spec.search, pruner="none")),
+    "transfer": lambda spec: dataclasses.replace(spec, transfer=dataclasses.replace(spec.transfer, labelled=0.5)),
+}
+# What `record` reads of the teacher; resume checks need no trained one.
+STUB_TEACHER = teacher.CachedTeacher("stub", Path("."), {}, {"val_accuracy": 0.5})
+
+
+@pytest.fixture
+def recorded(tiny_spec):
+    """A new study with its record written, as `tune` leaves it."""
+    spec = load_spec(tiny_spec())
     the_study = study.open_study(spec, create=True)
-    study.record(the_study, spec, splits, cached)
-    changed = dataclasses.replace(spec, search=dataclasses.replace(spec.search, pruner="none"))
-    with pytest.raises(SpecError, match=r"different \[search\] section"):
-        study.open_study(changed, create=True)
+    study.record(the_study, spec, data.prepare(spec.data, spec.seed), STUB_TEACHER)
+    return spec
+
+
+def test_every_recorded_section_has_a_change_to_resume_with():
+    assert set(SECTION_CHANGES) == set(study.RECORDED_SECTIONS)
+
+
+@pytest.mark.parametrize("section", sorted(SECTION_CHANGES))
+def test_resume_with_a_changed_recorded_section_is_refused(recorded, section):
+    spec = recorded
+    study.open_study(spec, create=True)  # the same spec resumes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 where it is emulated says so
+        changed = SECTION_CHANGES[section](spec)
+        with pytest.raises(SpecError, match=rf"different \[?{section}\b"):
+            study.open_study(changed, create=True)
+
+
+def test_resume_with_changed_workers_or_report_settings_is_accepted(recorded):
+    """`tune --jobs` and `report --seeds` change these on a recorded study: they do not change what trials mean."""
+    spec = recorded
+    changed = dataclasses.replace(spec, workers=dataclasses.replace(spec.workers, max_retries=3),
+                                  report=dataclasses.replace(spec.report, n_seeds=3))
+    assert study.open_study(changed, create=False).study_name == spec.name
 
 
 def test_trials_never_touch_the_test_set(setup):
-    """Poison the test tensors: any read of them inside a trial would fail or change nothing silently."""
+    """Poison the test images, labels and the teacher's test logits: any read of them while the objective is
+    built or a trial runs fails loudly instead of leaking test information into the search."""
     spec, splits, cached = setup
     poisoned = dataclasses.replace(splits, x_test=PoisonTensor(), y_test=PoisonTensor())
+    poisoned_teacher = dataclasses.replace(cached, logits={**cached.logits, "test": PoisonTensor()})
     the_study = study.open_study(spec, create=True)
-    study.run(the_study, study.make_objective(spec, poisoned, cached), n_trials=1, timeout=None)
+    study.run(the_study, study.make_objective(spec, poisoned, poisoned_teacher), n_trials=1, timeout=None,
+              progress_bar=False)
     assert the_study.trials[0].state == optuna.trial.TrialState.COMPLETE
 
 
 class PoisonTensor:
+    """Stands in for a test tensor: attribute access, indexing, len, iteration and torch functions all fail."""
+
     def __getattr__(self, name):
         raise AssertionError(f"a trial read the test set ({name})")
+
+    def __getitem__(self, index):
+        raise AssertionError("a trial indexed the test set")
+
+    def __len__(self):
+        raise AssertionError("a trial took the length of the test set")
+
+    def __iter__(self):
+        raise AssertionError("a trial iterated over the test set")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise AssertionError(f"a trial passed the test set to {func}")
 
 
 def test_nan_loss_fails_the_trial_not_the_study(setup, tiny_spec):
@@ -106,6 +164,25 @@ def test_a_new_study_runs_the_control_arms_first(setup, tiny_spec):
     assert the_study.trials[4].user_attrs.get("control") is None
     again = study.open_study(spec, create=True)  # resuming enqueues nothing more
     assert not again.get_trials(states=(optuna.trial.TrialState.WAITING,))
+
+
+def test_a_resumed_study_draws_new_proposals(tiny_spec):
+    """The sampler is seeded by the spec; a resumed study must not replay the configurations it began with.
+    Control arms off: they are queued only on a new study, and would hide what the sampler proposes."""
+    spec = load_spec(tiny_spec("resumed", search="control_arms = false"))
+
+    def objective(trial):
+        config = study.suggest(trial, spec.search, spec.student.loss)
+        return config.temperature * (1 - config.label_weight)
+
+    first = study.open_study(spec, create=True)
+    study.record(first, spec, data.prepare(spec.data, spec.seed), STUB_TEACHER)  # as `tune` does
+    study.run(first, objective, n_trials=3, timeout=None, progress_bar=False)
+    resumed = study.open_study(spec, create=True)
+    study.run(resumed, objective, n_trials=6, timeout=None, progress_bar=False)
+    params = [tuple(sorted(t.params.items())) for t in resumed.trials]
+    assert len(params) == 6
+    assert not set(params[:3]) & set(params[3:])
 
 
 def test_controls_outside_the_search_space_are_left_out(tiny_spec):
@@ -154,12 +231,67 @@ class SignalWhileCreatingTrial(optuna.samplers.RandomSampler):
             os.kill(os.getpid(), self.signum)
 
 
+@contextmanager
+def signal_handlers(handlers: dict):
+    """Install `handlers` for the test and put back whatever the test process had: pytest started in the
+    background of a non-interactive shell inherits SIGINT ignored, not Python's default handler."""
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# What a `tune` started from a terminal's foreground has.
+FOREGROUND = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_stop_signal_while_a_trial_is_created_leaves_none_running(signum):
     the_study = optuna.create_study(direction="maximize", sampler=SignalWhileCreatingTrial(signum, on_trial=2))
-    with pytest.raises(KeyboardInterrupt):
-        study.run(the_study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, timeout=None,
-                  progress_bar=False)
+    with signal_handlers(FOREGROUND):
+        with pytest.raises(KeyboardInterrupt):
+            study.run(the_study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, timeout=None,
+                      progress_bar=False)
+        assert {n: signal.getsignal(n) for n in FOREGROUND} == FOREGROUND  # the handlers are given back
     states = [t.state for t in the_study.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+
+def test_a_background_run_keeps_ignoring_ctrl_c():
+    """A shell starts background jobs with SIGINT ignored, so that a Ctrl-C meant for the foreground job
+    does not stop them: the study must not take it."""
+    the_study = optuna.create_study(direction="maximize",
+                                    sampler=SignalWhileCreatingTrial(signal.SIGINT, on_trial=2))
+    with signal_handlers({signal.SIGINT: signal.SIG_IGN}):
+        try:
+            study.run(the_study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, timeout=None,
+                      progress_bar=False)
+        except KeyboardInterrupt:  # not left to pytest, which would take it as the user's and end the session
+            pytest.fail("a Ctrl-C the shell told the study to ignore stopped it")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert [t.state for t in the_study.get_trials()] == [TrialState.COMPLETE] * 5
+
+
+def no_distillation_control(value: float) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        params={"temperature": 1.0, "lambda": 1.0, "width": 64}, value=value,
+        distributions={"temperature": optuna.distributions.FloatDistribution(1.0, 20.0),
+                       "lambda": optuna.distributions.FloatDistribution(0.0, 1.0),
+                       "width": optuna.distributions.IntDistribution(8, 64)},
+        user_attrs={"control": "no_distillation", "loss": "hinton"})
+
+
+@pytest.mark.parametrize("control_value, warned", [(0.91, True), (0.89, False)])
+def test_tune_warns_once_when_the_student_alone_beats_the_teacher(control_value, warned, capsys):
+    the_study = optuna.create_study(direction="maximize")
+    the_study.set_user_attr("teacher_val_accuracy", 0.90)
+    warn = study.TeacherBehindWarning()
+    for _ in range(2):
+        the_study.add_trial(no_distillation_control(control_value))
+        warn(the_study, the_study.trials[-1])
+    err = capsys.readouterr().err
+    assert err.count("distilling from this teacher cannot be expected to help") == (1 if warned else 0)
+    if warned:
+        assert "reaches 0.9100 validation accuracy, above the teacher's 0.9000" in err
