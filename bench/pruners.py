@@ -113,7 +113,8 @@ def main() -> None:
     for s in summary:
         print(f"{s['pruner']:<16} {s['seconds']:>8.1f} {s['student_epochs']:>8.1f} {s['n_pruned']:>7.1f} "
               f"{s['best_val_accuracy']:>9.4f} ± {s['best_val_sd']:.4f} "
-              f"{s['best_change_points']:>+7.2f} ({s['best_change_min_points']:+.2f}..{s['best_change_max_points']:+.2f})"
+              f"{s['best_change_points']:>+7.2f} "
+              f"({s['best_change_min_points']:+.2f}..{s['best_change_max_points']:+.2f})"
               f" {s['epochs_vs_baseline']:>14.2f}x {s['time_vs_baseline']:>12.2f}x")
     out = Path("bench/results") / f"pruners-{platform.node() or 'machine'}-{time.strftime('%Y%m%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
