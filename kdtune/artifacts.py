@@ -55,11 +55,15 @@ def teacher_for_study(study: optuna.Study, spec: Spec, splits: Splits,
             return cached
     folder = teacher.CACHE_ROOT / record["cache_id"]
     try:
-        return teacher.load(folder)
+        cached = teacher.load(folder)
     except teacher.CorruptCache:
         echo(f"No usable teacher cache in {folder}: fetching the study's teacher from its artifact store.")
         fetch(record, open_artifact_store(spec), folder)
-        return teacher.load(folder)
+        cached = teacher.load(folder)
+    if cached.meta["data_fingerprint"] != splits.fingerprint:  # study_setup refuses this earlier; never train on it
+        raise SpecError(f"the study's teacher {record['cache_id']} was trained on other data than "
+                        f"{spec.data.path or spec.data.format}; start a new study on this data with --study-name.")
+    return cached
 
 
 def publish(study: optuna.Study, spec: Spec, cached: CachedTeacher) -> dict:

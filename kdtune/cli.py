@@ -43,7 +43,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """
     spec = _spec(args)
     splits = data.prepare(spec.data, spec.seed)
-    the_study = study.open_study(spec, create=True)  # before the teacher: a bad storage URL fails at once
+    try:
+        the_study = study.open_study(spec, create=True)  # before the teacher: a bad storage URL fails at once
+    except KeyboardInterrupt:
+        print(f"\nInterrupted while opening the study. Resume with: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     interrupted = False
     try:
         cached = study_setup.set_up(the_study, spec, splits)

@@ -203,8 +203,7 @@ def teacher_standing(teacher_lead: float) -> str:
 
 
 def weak_teacher_warning(teacher_lead: float) -> str | None:
-    """The warning for a teacher behind the student trained alone, else None. `tune` can give it as soon as a
-    no-distillation control arm beats the teacher on validation."""
+    """The warning for a teacher behind the student trained alone (on the test set), else None."""
     if teacher_lead >= 0:
         return None
     return f"{teacher_standing(teacher_lead)}: distilling from this teacher cannot be expected to help."

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -46,7 +47,8 @@ def open_storage(url: str, workers: WorkersSpec | None = None, *, read_only: boo
     heartbeat = {} if workers is None else {
         "heartbeat_interval": workers.heartbeat_seconds, "grace_period": workers.grace_seconds,
         "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=workers.max_retries)}
-    for attempt in range(1, N_OPEN_ATTEMPTS + 1):
+    attempt = 1
+    while True:
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=read_only,
                                               **heartbeat)
@@ -54,10 +56,10 @@ def open_storage(url: str, workers: WorkersSpec | None = None, *, read_only: boo
                 as error:
             if attempt == N_OPEN_ATTEMPTS or not _lost_a_creation_race(error):
                 raise _cannot_open(url, error) from error
-            time.sleep(0.1 * attempt)
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
             raise _cannot_open(url, error) from error
-    raise AssertionError("unreachable: the last attempt returns or raises")
+        time.sleep(0.1 * attempt)
+        attempt += 1
 
 
 def _lost_a_creation_race(error: sqlalchemy.exc.DBAPIError) -> bool:
@@ -68,6 +70,31 @@ def _lost_a_creation_race(error: sqlalchemy.exc.DBAPIError) -> bool:
 def _cannot_open(url: str, error: BaseException) -> SpecError:
     reason = str(error).splitlines()[0]
     return SpecError(f"cannot open storage {url!r} ({reason}); check the URL, the server and the driver.")
+
+
+def sqlite_holds_studies(path: Path) -> bool:
+    """Whether the file at `path` is a SQLite database with Optuna's tables (kdtune before 0.2 could leave an
+    empty one behind when asked about a study that did not exist)."""
+    if not path.is_file():
+        return False
+    try:
+        with closing(_connect_read_only(path)) as connection:
+            return connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'studies'").fetchone() is not None
+    except sqlite3.DatabaseError as error:
+        raise SpecError(f"{path} is not a readable study database ({error}); check --storage.") from error
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Reading a database in WAL mode takes a shared-memory file beside it. In a folder this process may not
+    write, that file cannot be made; `immutable` then reads the database as it stands, without one."""
+    uri = path.resolve().as_uri()
+    connection = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=SQLITE_BUSY_SECONDS, check_same_thread=False)
+    try:
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return connection
+    except sqlite3.OperationalError:  # "unable to open database file": no shared-memory file here
+        connection.close()
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)
 
 
 def connect_sqlite(path: Path, read_only: bool = False) -> sqlite3.Connection:
@@ -81,8 +108,7 @@ def connect_sqlite(path: Path, read_only: bool = False) -> sqlite3.Connection:
     """
     # check_same_thread=False: the connection pool and Optuna's heartbeat thread hand connections between threads
     if read_only:
-        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=SQLITE_BUSY_SECONDS,
-                               check_same_thread=False)
+        return _connect_read_only(path)
     connection = sqlite3.connect(path, timeout=SQLITE_BUSY_SECONDS, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")

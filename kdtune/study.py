@@ -28,9 +28,10 @@ from kdtune.hardware import resolve_compute
 from kdtune.interrupts import StopRequest
 from kdtune.losses import LOSSES
 from kdtune.models import StudentMLP, student_n_parameters
+from kdtune.optuna_compat import stale_trial_numbers
 from kdtune.provenance import versions
-from kdtune.spec import Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
-from kdtune.storage import open_storage, sqlite_path
+from kdtune.spec import TRANSPOSED_FORMATS, Range, SearchSpec, Spec, SpecError, StudentSpec, to_toml_dict
+from kdtune.storage import open_storage, sqlite_holds_studies, sqlite_path
 from kdtune.teacher import CachedTeacher
 from kdtune.train import FitResult, TrainingDiverged, fit, predict
 from kdtune.transfer import StudentData
@@ -53,6 +54,8 @@ WORKER_SEED_STRIDE = 1_000_003  # a prime far above any trial count
 RECORDED_SECTIONS = ("seed", "precision", "data", "teacher", "student", "search", "transfer")
 # study user attribute: the process setting a new study up, {"worker": host:pid, "beat": n}; None once it stopped
 SET_UP_BY_KEY = "set_up_by"
+# study user attribute: how the record reads; absent in studies recorded before it existed
+RECORD_VERSION_KEY, RECORD_VERSION = "record_version", 2
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,11 @@ def control_arms(search: SearchSpec) -> list[tuple[dict, dict]]:
 
 
 def enqueue_control_arms(study: optuna.Study, search: SearchSpec) -> None:
-    """Queue the control arms ahead of the sampler, unless the spec turns them off."""
+    """Queue the control arms ahead of the sampler, unless the spec turns them off. Arms are queued in order,
+    so a set-up interrupted part-way leaves the first few: only the rest are queued."""
     if search.control_arms:
-        for params, attrs in control_arms(search):
+        n_queued = sum("control" in t.user_attrs for t in study.get_trials(deepcopy=False))
+        for params, attrs in control_arms(search)[n_queued:]:
             study.enqueue_trial(params, user_attrs=attrs)
 
 
@@ -190,7 +195,7 @@ def open_study(spec: Spec, *, create: bool, worker: int = 0, read_only: bool = F
     (best, status) writes nothing and needs the study to exist.
     """
     path = sqlite_path(spec.storage_url)
-    if not create and path is not None and not path.is_file():  # opening it would leave an empty database
+    if not create and path is not None and not sqlite_holds_studies(path):  # opening it would create the tables
         raise _no_such_study(spec)
     storage = open_storage(spec.storage_url, spec.workers, read_only=read_only)
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
@@ -210,7 +215,7 @@ def open_study(spec: Spec, *, create: bool, worker: int = 0, read_only: bool = F
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(spec.seed, n_trials, worker, joins_live_study(study)))
     recorded = study.user_attrs.get("spec")
     if recorded is not None:
-        check_same_spec(spec, recorded)
+        check_same_spec(spec, recorded, study.user_attrs.get(RECORD_VERSION_KEY))
     return study
 
 
@@ -224,10 +229,12 @@ def sampler_seed(seed: int, n_trials: int, worker: int, joining: bool) -> int:
 
 
 def joins_live_study(study: optuna.Study) -> bool:
-    """Whether other processes are setting this study up or running its trials right now."""
+    """Whether another process is setting this study up or running its trials right now (a trial whose worker
+    died, or a set-up that was interrupted, does not count: resuming alone stays reproducible)."""
     set_up_by = study.user_attrs.get(SET_UP_BY_KEY)
-    setting_up = "spec" not in study.user_attrs and not (set_up_by and set_up_by["worker"] == WORKER_ID)
-    return setting_up or bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    setting_up = "spec" not in study.user_attrs and isinstance(set_up_by, dict) and set_up_by["worker"] != WORKER_ID
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    return setting_up or bool(running - stale_trial_numbers(study))
 
 
 def mark_creator(study: optuna.Study) -> None:
@@ -235,8 +242,11 @@ def mark_creator(study: optuna.Study) -> None:
     study.set_user_attr(SET_UP_BY_KEY, {"worker": WORKER_ID, "beat": 0})
 
 
-def check_same_spec(spec: Spec, recorded: dict) -> None:
+def check_same_spec(spec: Spec, recorded: dict, record_version: int | None = RECORD_VERSION) -> None:
     current = to_toml_dict(spec)
+    if record_version is None and recorded.get("data", {}).get("format") in TRANSPOSED_FORMATS:
+        # recorded before `transpose` was honoured for EMNIST's own formats, which were always transposed
+        recorded = {**recorded, "data": {**recorded["data"], "transpose": True}}
     # a key missing from the record predates it; such studies ran with its default, which matches
     changed = [k for k in RECORDED_SECTIONS if recorded.get(k, current[k]) != current[k]]
     if changed:
@@ -250,13 +260,18 @@ def _no_such_study(spec: Spec) -> SpecError:
 
 
 def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeacher) -> None:
-    """What the study's numbers mean: the resolved spec, teacher, data fingerprint and versions."""
+    """What the study's numbers mean: the resolved spec, teacher, data fingerprint and versions.
+
+    `spec` is written last: processes waiting for the study's set-up go on once it exists (see `study_setup`),
+    and must then find everything else recorded.
+    """
     if "spec" in study.user_attrs:
         return
-    for key, value in {"spec": to_toml_dict(spec), "precision": resolve_compute(spec.device, spec.precision).precision,
+    for key, value in {"precision": resolve_compute(spec.device, spec.precision).precision,
                        "teacher_cache_id": teacher.cache_id,
                        "teacher_val_accuracy": teacher.val_accuracy, "data_fingerprint": splits.fingerprint,
-                       "versions": versions()}.items():
+                       "versions": versions(), RECORD_VERSION_KEY: RECORD_VERSION,
+                       "spec": to_toml_dict(spec)}.items():
         study.set_user_attr(key, value)
 
 
@@ -274,7 +289,12 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     stop = StopRequest()
-    teacher_behind = TeacherBehindWarning()
+    callbacks = [MaxTrialsCallback(n_trials, states=FINISHED), stop.stop_after_trial]
+    if progress_bar:  # the process that shows the progress warns; other workers stay quiet
+        teacher_behind = TeacherBehindWarning()
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # a resumed study's controls
+            teacher_behind(study, trial)
+        callbacks.append(teacher_behind)
 
     def needed_objective(trial: optuna.Trial) -> float:
         with stop.inside_objective():
@@ -289,8 +309,7 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
                 return
             try:
                 study.optimize(needed_objective, n_trials=n_missing, timeout=seconds_left, catch=TRIAL_FAILURES,
-                               callbacks=[MaxTrialsCallback(n_trials, states=FINISHED), stop.stop_after_trial,
-                                          teacher_behind],
+                               callbacks=callbacks,
                                show_progress_bar=progress_bar)
             except UnboundLocalError as error:
                 # Optuna 5.0.0: when the storage fails as a trial ends, _run_trial's clean-up raises

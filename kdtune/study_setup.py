@@ -28,7 +28,7 @@ from kdtune.teacher import CachedTeacher
 
 # How often a waiting process looks at the study again: one small query each time.
 POLL_SECONDS = 1.0
-_ABSENT = "absent"
+_ABSENT = object()  # no set_up_by attribute yet
 
 
 def set_up(the_study: optuna.Study, spec: Spec, splits: Splits,
@@ -58,7 +58,7 @@ def teacher_of(the_study: optuna.Study, spec: Spec, splits: Splits,
     recorded = the_study.user_attrs.get("spec")
     if recorded is None:
         raise SpecError(f"study {spec.name!r} has not been set up yet (no teacher); run `kdtune tune` first.")
-    study.check_same_spec(spec, recorded)
+    study.check_same_spec(spec, recorded, the_study.user_attrs.get(study.RECORD_VERSION_KEY))
     check_same_data(the_study, spec, splits)
     return artifacts.teacher_for_study(the_study, spec, splits, echo=echo)
 
@@ -75,6 +75,7 @@ def check_same_data(the_study: optuna.Study, spec: Spec, splits: Splits) -> None
 
 def _set_up_here(the_study: optuna.Study, spec: Spec, splits: Splits, echo: Callable[[str], None]) -> CachedTeacher:
     with _beating(the_study, spec.workers.heartbeat_seconds):
+        study.enqueue_control_arms(the_study, spec.search)  # those a creator that died did not queue
         if artifacts.RECORD_KEY not in the_study.user_attrs and not teacher.cache_folder(spec, splits.fingerprint
                                                                                           ).exists():
             echo("No cached teacher for this data, teacher config and seed: training it first.")
@@ -111,11 +112,11 @@ def _claim(the_study: optuna.Study) -> None:
     the_study.set_user_attr(study.SET_UP_BY_KEY, {"worker": study.WORKER_ID, "beat": 0})
 
 
-def _gone(set_up_by: dict | str | None) -> bool:
+def _gone(set_up_by: dict | object | None) -> bool:
     """The set-up process stopped (it said so), or it ran on this machine and its process no longer exists."""
     if set_up_by is None:
         return True
-    if set_up_by == _ABSENT:
+    if set_up_by is _ABSENT:
         return False
     host, _, pid = set_up_by["worker"].rpartition(":")
     if host != socket.gethostname():

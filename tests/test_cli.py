@@ -117,12 +117,12 @@ def study_attr(workdir, name, key):
 
 
 def test_interrupted_while_the_teacher_trains_says_how_to_resume(tiny_spec, workdir):
-    spec = tiny_spec("early")
+    spec = tiny_spec("early", extra="\n[workers]\nheartbeat_seconds = 1\ngrace_seconds = 3\n")
     spec.write_text(spec.read_text().replace("[teacher]\nmax_epochs = 2\n",
                                              "[teacher]\nmax_epochs = 1000\npatience_epochs = 1000\n"))
     process = start_cli(workdir, "tune", "--spec", str(spec), "--trials", "5")
-    # the study exists and its set-up (a teacher of 1,000 epochs) has begun
-    wait_until(lambda: study_attr(workdir, "early", "set_up_by") is not None, "the set-up began")
+    # the set-up beats while the teacher (of 1,000 epochs) trains
+    wait_until(lambda: (study_attr(workdir, "early", "set_up_by") or {}).get("beat", 0) >= 1, "the teacher trains")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-2000:]
@@ -161,21 +161,30 @@ def test_commands_on_a_missing_study_leave_no_database_behind(command, workdir, 
     assert main([command, "--spec", "none.toml"]) == 2
     assert "no study named 'none'" in capsys.readouterr().err
     assert not (workdir / "studies").exists()
+    # the empty study.db an earlier kdtune left behind in the same case is no study either, and stays empty
+    (workdir / "studies/none").mkdir(parents=True)
+    (workdir / "studies/none/study.db").touch()
+    assert main([command, "--spec", "none.toml"]) == 2
+    assert "no study named 'none'" in capsys.readouterr().err
+    assert (workdir / "studies/none/study.db").stat().st_size == 0
 
 
 def test_best_and_status_read_a_study_they_may_not_write(tiny_study):
-    """A study.db the user may only read (here made immutable, which binds root too)."""
+    """A study.db the user may only read, in a folder they may not write either (both made immutable, which
+    binds root too: SQLite can then make no shared-memory file beside the database)."""
     workdir, spec, done = tiny_study
-    database = workdir / "studies/tiny/study.db"
-    if subprocess.run(["chattr", "+i", str(database)], capture_output=True).returncode != 0:
-        pytest.skip("cannot make the database read-only here (chattr +i)")
+    folder = workdir / "studies/tiny"
+    locked = [folder / "study.db", folder]
+    if subprocess.run(["chattr", "+i", *map(str, locked)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make the study read-only here (chattr +i)")
     try:
-        for command in ("best", "status"):
-            shown = run_cli(command, "--spec", str(spec), cwd=workdir)
-            assert shown.returncode == 0, shown.stderr
+        shown = {command: run_cli(command, "--spec", str(spec), "--json", cwd=workdir)
+                 for command in ("best", "status")}
     finally:
-        subprocess.run(["chattr", "-i", str(database)], check=True)
-    assert json.loads(done["best"].stdout)["trial"] == load_study(workdir, "tiny").best_trial.number
+        subprocess.run(["chattr", "-i", *map(str, locked)], check=True)
+    assert all(result.returncode == 0 for result in shown.values()), [r.stderr for r in shown.values()]
+    assert json.loads(shown["best"].stdout) == json.loads(done["best"].stdout)
+    assert json.loads(shown["status"].stdout)["counts"]["complete"] >= 1
 
 
 def test_help_summarises_each_command_in_whole_sentences(capsys):

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from conftest import REPO, run_cli
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from kdtune import artifacts, data, study, study_setup, teacher, workers
+from kdtune import artifacts, data, study, teacher, workers
 from kdtune.spec import SpecError, load_spec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -104,21 +103,6 @@ def test_simultaneous_starters_set_the_study_up_once(tiny_spec, workdir, backend
                         ("reference", 512)]
     assert len(list((workdir / "studies/together/artifacts").iterdir())) == 5  # one teacher's files
     assert len(list((workdir / "studies/.teacher-cache").iterdir())) == 1
-
-
-def test_a_waiting_starter_takes_over_from_a_creator_that_died(tiny_spec, workdir):
-    """The creator was killed before it recorded the study (its process is gone): the next starter sets the
-    study up at once instead of waiting for it forever."""
-    spec = load_spec(tiny_spec("orphan"))
-    splits = data.prepare(spec.data, spec.seed)
-    the_study = study.open_study(spec, create=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    the_study.set_user_attr(study.SET_UP_BY_KEY, {"worker": f"{socket.gethostname()}:{dead.stdout.strip()}",
-                                                  "beat": 3})
-    cached = study_setup.set_up(study.open_study(spec, create=True), spec, splits, echo=lambda _: None)
-    attrs = the_study.user_attrs
-    assert attrs["teacher_cache_id"] == cached.cache_id and attrs[study.SET_UP_BY_KEY]["worker"] == study.WORKER_ID
-    assert len(the_study.get_trials()) == len(study.control_arms(spec.search))  # queued once, by the creator
 
 
 def test_a_killed_worker_s_trial_is_failed_and_retried(tiny_spec, workdir, storage_url):
