@@ -22,16 +22,35 @@ LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tenso
 EVAL_BATCH_SIZE = 4096
 
 
-class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; the run cannot produce a model."""
-
-
 @dataclass
 class FitResult:
     val_accuracy: float  # of the best epoch, whose weights the model holds on return
     n_epochs: int
     seconds: float
     val_curve: list[float] = field(default_factory=list)
+    stopped_early: str = ""  # why a `report` callable stopped the fit (StopTraining), "" when it was not stopped
+
+
+class StopTraining(Exception):
+    """Raised by a `report` callable to end the fit after this epoch (a pruner's verdict): `fit` returns its
+    result so far, the message in `FitResult.stopped_early`."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the run cannot produce a model. `result`: the epochs before it did."""
+
+    def __init__(self, message: str, result: FitResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a fit, with the fit's `result` so far: handled wherever a KeyboardInterrupt
+    is, and a study records the interrupted trial's epochs and seconds from it."""
+
+    def __init__(self, result: FitResult) -> None:
+        super().__init__()
+        self.result = result
 
 
 def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
@@ -39,7 +58,8 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: t
         report: Callable[[int, float], None] | None = None, autocast_dtype: torch.dtype | None = None) -> FitResult:
     """Train `model` in place with Adam; keep the weights of the epoch with the best validation accuracy.
 
-    `report(epoch, val_accuracy)` runs after every epoch; it may raise (Optuna's TrialPruned) to stop early.
+    `report(epoch, val_accuracy)` runs after every epoch; it may raise StopTraining to stop early. A fit that
+    ends without a model (TrainingDiverged, TrainingInterrupted) carries its result so far in the exception.
     `autocast_dtype` (bf16) runs forward passes and the loss under autocast; the weights stay fp32.
     """
     started = time.perf_counter()
@@ -49,37 +69,46 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: t
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.learning_rate, fused=fused)
     shuffle = torch.Generator(device="cpu").manual_seed(seed)
     best_accuracy, best_state, result = -1.0, None, FitResult(0.0, 0, 0.0)
-    for epoch in range(schedule.max_epochs):
-        # forward backward update
-        model.train()
-        order = torch.randperm(len(x_train), generator=shuffle).to(x_train.device)
-        loss_sum = torch.zeros((), device=x_train.device)
-        for batch in order.split(schedule.batch_size):
-            with autocast(x_train.device, autocast_dtype):
-                logits = model(x_train[batch])
-                loss = loss_fn(logits, None if teacher_logits is None else teacher_logits[batch], y_train[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()  # summed on the device: one sync per epoch, not one per batch
-        if not torch.isfinite(loss_sum):
-            raise TrainingDiverged(f"the training loss became {loss_sum.item()} in epoch {epoch + 1}")
+    try:
+        for epoch in range(schedule.max_epochs):
+            # forward backward update
+            model.train()
+            order = torch.randperm(len(x_train), generator=shuffle).to(x_train.device)
+            loss_sum = torch.zeros((), device=x_train.device)
+            for batch in order.split(schedule.batch_size):
+                with autocast(x_train.device, autocast_dtype):
+                    logits = model(x_train[batch])
+                    loss = loss_fn(logits, None if teacher_logits is None else teacher_logits[batch], y_train[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()  # summed on the device: one sync per epoch, not one per batch
+            if not torch.isfinite(loss_sum):
+                raise TrainingDiverged(f"the training loss became {loss_sum.item()} in epoch {epoch + 1}", result)
 
-        # evaluate, remember the best weights
-        val_accuracy = accuracy(model, x_val, y_val, autocast_dtype)
-        result.val_curve.append(val_accuracy)
-        result.n_epochs = epoch + 1
-        if val_accuracy > best_accuracy:
-            best_accuracy, best_epoch = val_accuracy, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        if report is not None:
-            report(epoch, val_accuracy)
+            # evaluate, remember the best weights
+            val_accuracy = accuracy(model, x_val, y_val, autocast_dtype)
+            result.val_curve.append(val_accuracy)
+            result.n_epochs = epoch + 1
+            if val_accuracy > best_accuracy:
+                best_accuracy, best_epoch = val_accuracy, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            if report is not None:
+                try:
+                    report(epoch, val_accuracy)
+                except StopTraining as stop:
+                    result.stopped_early = str(stop)
+                    break
 
-        # termination conditions
-        if epoch - best_epoch >= schedule.patience_epochs:
-            break
+            # termination conditions
+            if epoch - best_epoch >= schedule.patience_epochs:
+                break
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(result) from None
+    finally:  # a fit that ends without a model keeps its cost too
+        result.seconds = time.perf_counter() - started
     model.load_state_dict(best_state)
-    result.val_accuracy, result.seconds = best_accuracy, time.perf_counter() - started
+    result.val_accuracy = best_accuracy
     return result
 
 

@@ -49,3 +49,48 @@ def test_training_runs_max_epochs_while_it_keeps_improving(monkeypatch):
     schedule = StudentSpec(max_epochs=4, patience_epochs=1, batch_size=32)
     result = train.fit(StudentMLP((8, 8), 3, 8), x, y, x, y, loss_fn=cross_entropy, schedule=schedule, seed=0)
     assert result.n_epochs == 4 and result.val_accuracy == 0.4
+
+
+def test_a_report_that_stops_training_gets_the_result_so_far(monkeypatch):
+    """A pruner's verdict (StopTraining from `report`) ends the fit after that epoch, which returns what it
+    has: the curve and epochs so far, the best of them, and why it stopped."""
+    scripted = iter([0.3, 0.5, 0.4, 0.9])
+    monkeypatch.setattr(train, "accuracy", lambda *args: next(scripted))
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 3, (32,))
+
+    def report(epoch, val_accuracy):
+        if epoch == 2:
+            raise train.StopTraining("pruned after epoch 3")
+
+    schedule = StudentSpec(max_epochs=4, patience_epochs=5, batch_size=32)
+    result = train.fit(StudentMLP((8, 8), 3, 8), x, y, x, y, loss_fn=cross_entropy, schedule=schedule, seed=0,
+                       report=report)
+    assert (result.n_epochs, result.val_curve, result.val_accuracy) == (3, [0.3, 0.5, 0.4], 0.5)
+    assert result.stopped_early == "pruned after epoch 3" and result.seconds > 0
+
+
+@pytest.mark.parametrize("ending", ["nan loss", "ctrl-c"])
+def test_a_fit_that_ends_without_a_model_carries_its_epochs(monkeypatch, ending):
+    """Divergence and Ctrl-C end a fit with an exception: it carries the epochs trained before, for the record
+    a study keeps of every trial."""
+    scripted = iter([0.3, 0.5])
+    monkeypatch.setattr(train, "accuracy", lambda *args: next(scripted))
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 3, (32,))
+
+    def loss_fn(logits, teacher_logits, labels):
+        if len(epochs_seen) == 2 and ending == "nan loss":
+            return cross_entropy(logits, teacher_logits, labels) * float("nan")
+        return cross_entropy(logits, teacher_logits, labels)
+
+    def report(epoch, val_accuracy):
+        epochs_seen.append(epoch)
+        if epoch == 1 and ending == "ctrl-c":
+            raise KeyboardInterrupt
+
+    epochs_seen = []
+    expected = train.TrainingDiverged if ending == "nan loss" else train.TrainingInterrupted
+    with pytest.raises(expected) as ended:
+        train.fit(StudentMLP((8, 8), 3, 8), x, y, x, y, loss_fn=loss_fn, report=report, seed=0,
+                  schedule=StudentSpec(max_epochs=4, patience_epochs=5, batch_size=32))
+    assert ended.value.result.val_curve == [0.3, 0.5] and ended.value.result.n_epochs == 2
+    assert ended.value.result.seconds > 0

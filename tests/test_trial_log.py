@@ -7,7 +7,7 @@ import pytest
 
 from kdtune import study
 from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME
-from kdtune.train import TrainingDiverged
+from kdtune.train import FitResult, TrainingDiverged
 
 
 class Collect(logging.Handler):
@@ -43,7 +43,7 @@ def raise_(error):
 
 
 def test_an_expected_failure_is_one_line_without_traceback(trial_log):
-    run_one(raise_(TrainingDiverged("the training loss became nan in epoch 1")))
+    run_one(raise_(TrainingDiverged("the training loss became nan in epoch 1", FitResult(0.0, 0, 0.0))))
     assert len(trial_log) == 1 and "TrainingDiverged('the training loss became nan" in trial_log[0].getMessage()
     assert trial_log[0].exc_info is None
 
