@@ -26,7 +26,7 @@ from pathlib import Path
 import joblib
 import optuna
 
-from kdtune import data, hardware, study, teacher
+from kdtune import data, hardware, study, target, teacher
 from kdtune.provenance import versions
 from kdtune.spec import load_spec
 
@@ -39,18 +39,19 @@ def make_candidate(spec, name: str) -> optuna.pruners.BasePruner:
     return study.make_pruner(dataclasses.replace(spec, search=dataclasses.replace(spec.search, pruner=name)))
 
 
-def run_one(spec, pruner: str, seed: int, splits, cached, n_trials: int, n_threads: int) -> dict:
+def run_one(spec, pruner: str, seed: int, splits, cached, compute: hardware.Compute, n_trials: int,
+            n_threads: int) -> dict:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # again: a joblib worker is a fresh process
     hardware.configure_threads(n_threads)
     spec = dataclasses.replace(spec, seed=seed)
     the_study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
                                     pruner=make_candidate(spec, pruner), study_name=spec.name)
-    study.enqueue_control_arms(the_study, spec.search)
+    study.enqueue_control_arms(the_study, spec.search, spec.student.loss)
     started = time.perf_counter()
-    the_study.optimize(study.make_objective(spec, splits, cached), n_trials=n_trials)
+    the_study.optimize(study.make_objective(spec, splits, cached, compute), n_trials=n_trials)
     seconds = time.perf_counter() - started
-    trials = the_study.get_trials(states=study.FINISHED)  # not the control arms still queued in a short run
+    trials = the_study.get_trials(states=target.FINISHED)  # not the control arms still queued in a short run
     return {"pruner": pruner, "seed": seed, "n_trials": len(trials), "seconds": round(seconds, 1),
             "student_epochs": sum(t.user_attrs["n_epochs"] for t in trials),
             "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
@@ -95,12 +96,13 @@ def main() -> None:
 
     spec = load_spec(args.spec)
     splits = data.prepare(spec.data, spec.seed)
-    cached = teacher.load_or_train(spec, splits)
+    compute = hardware.resolve_compute(spec.device, spec.precision)
+    cached = teacher.load_or_train(spec, splits, compute)
     n_threads = max(1, hardware.available_cpus() // args.jobs)
     runs = [(pruner, spec.seed + i) for i in range(args.seeds) for pruner in pruners]
     rows = []
     for row in joblib.Parallel(n_jobs=args.jobs, return_as="generator")(
-            joblib.delayed(run_one)(spec, pruner, seed, splits, cached, args.trials, n_threads)
+            joblib.delayed(run_one)(spec, pruner, seed, splits, cached, compute, args.trials, n_threads)
             for pruner, seed in runs):
         rows.append(row)
         print(json.dumps(row), flush=True)

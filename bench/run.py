@@ -26,7 +26,7 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from kdtune import data, hardware, study, teacher
+from kdtune import data, hardware, study, target, teacher
 from kdtune.losses import hinton_loss
 from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.provenance import versions
@@ -263,7 +263,7 @@ def section_overhead(spec: Spec, splits, n_trials: int = 30, n_epochs: int = 10)
 # ------------------------------------------------------------------------------------------------- study
 
 def summarize_study(the_study: optuna.Study, seconds: float) -> dict:
-    trials = [t for t in the_study.trials if t.state in study.FINISHED]
+    trials = [t for t in the_study.trials if t.state in target.FINISHED]
     return {"seconds": seconds, "n_trials": len(trials),
             "student_epochs": sum(t.user_attrs["n_epochs"] for t in trials),
             "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
@@ -271,7 +271,7 @@ def summarize_study(the_study: optuna.Study, seconds: float) -> dict:
             "trials": [(t.params["width"], t.user_attrs.get("seconds")) for t in trials]}
 
 
-def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path) -> dict:
+def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute: hardware.Compute) -> dict:
     """The same 100-trial search three ways: kdtune with its pruner, kdtune unpruned, the common KD loop."""
     spec = dataclasses.replace(spec, student=dataclasses.replace(spec.student, max_epochs=plan.study_max_epochs))
     rows = {}
@@ -280,11 +280,12 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path) -> dict:
                                       search=dataclasses.replace(spec.search, pruner=pruner))
         the_study = study.open_study(variant, create=True)
         started = time.perf_counter()
-        study.run(the_study, study.make_objective(variant, splits, cached), n_trials=plan.study_trials, timeout=None)
+        target.run(the_study, study.make_objective(variant, splits, cached, compute), n_trials=plan.study_trials,
+                  timeout=None)
         rows[label] = summarize_study(the_study, time.perf_counter() - started)
     peer = optuna.create_study(storage=f"sqlite:///{folder}/peer.db", direction="maximize",
                                sampler=optuna.samplers.TPESampler(seed=spec.seed), pruner=study.make_pruner(spec))
-    study.enqueue_control_arms(peer, spec.search)  # kdtune's study runs them first; so must its peer
+    study.enqueue_control_arms(peer, spec.search, spec.student.loss)  # kdtune's study runs them first; so must its peer
     started = time.perf_counter()
     seed_teacher = seed_cnn(splits.image_shape, splits.n_classes)  # the peer's own model, kdtune's weights
     seed_teacher.load_state_dict(teacher.load_model(cached).state_dict())
@@ -301,13 +302,13 @@ def study_trial_times(results: dict) -> list[tuple[int, float]]:
     if not database.exists():
         return []
     stored = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{database}")
-    return [(t.params["width"], t.user_attrs["seconds"]) for t in stored.get_trials(states=study.FINISHED)]
+    return [(t.params["width"], t.user_attrs["seconds"]) for t in stored.get_trials(states=target.FINISHED)]
 
 
-def quick_teacher(spec: Spec, splits, folder: Path):
+def quick_teacher(spec: Spec, splits, folder: Path, compute: hardware.Compute):
     """--quick: a one-epoch teacher in a scratch folder, so the run never waits for (or writes) the real cache."""
     quick = dataclasses.replace(spec, teacher=dataclasses.replace(spec.teacher, max_epochs=1))
-    return teacher.train(quick, splits, folder / "teacher", echo=lambda _: None)
+    return teacher.train(quick, splits, folder / "teacher", compute, echo=lambda _: None)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -353,9 +354,9 @@ def main() -> None:
             study_splits = dataclasses.replace(splits, x_train=splits.x_train[:plan.study_images],
                                                y_train=splits.y_train[:plan.study_images])
             if "study" in sections:
-                cached = quick_teacher(spec, study_splits, folder) if args.quick else teacher.load_or_train(spec,
-                                                                                                          splits)
-                results["study"] = section_study(plan, spec, study_splits, cached, folder)
+                cached = quick_teacher(spec, study_splits, folder, compute) if args.quick \
+                    else teacher.load_or_train(spec, splits, compute)
+                results["study"] = section_study(plan, spec, study_splits, cached, folder, compute)
                 print_table("100-trial study" if not args.quick else f"{plan.study_trials}-trial study (quick)",
                             [{"run": k, **{f: v for f, v in r.items() if f != "trials"}}
                              for k, r in results["study"].items()])

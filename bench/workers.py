@@ -28,7 +28,7 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import hardware, study
+from kdtune import hardware, target
 from kdtune.provenance import versions
 from kdtune.spec import load_spec
 from kdtune.storage import open_storage
@@ -79,7 +79,7 @@ def trials_per_hour(folder: Path, storage: str, url: str, n_jobs: int, n_trials:
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
     wall_seconds = time.perf_counter() - started
-    trials = optuna.load_study(study_name=name, storage=url).get_trials(states=study.FINISHED)
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(states=target.FINISHED)
     first = min(t.datetime_start for t in trials)
     last = max(t.datetime_complete for t in trials)
     seconds = (last - first).total_seconds()

@@ -18,6 +18,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from kdtune import teacher
 from kdtune.data import Splits
+from kdtune.hardware import Compute
 from kdtune.provenance import sha256_file
 from kdtune.spec import Spec, SpecError
 from kdtune.teacher import CachedTeacher
@@ -39,7 +40,7 @@ def open_artifact_store(spec: Spec):
     return FileSystemArtifactStore(str(folder))
 
 
-def teacher_for_study(study: optuna.Study, spec: Spec, splits: Splits,
+def teacher_for_study(study: optuna.Study, spec: Spec, splits: Splits, compute: Compute,
                       echo: Callable[[str], None] = print) -> CachedTeacher:
     """The study's teacher: from the local cache, else from the study's artifacts; trained only when the
     study has none yet, and then published.
@@ -49,7 +50,7 @@ def teacher_for_study(study: optuna.Study, spec: Spec, splits: Splits,
     """
     record = study.user_attrs.get(RECORD_KEY)
     if record is None:
-        cached = teacher.load_or_train(spec, splits, echo=echo)
+        cached = teacher.load_or_train(spec, splits, compute, echo=echo)
         record = publish(study, spec, cached)
         if record["cache_id"] == cached.cache_id:
             return cached

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import dashboard, data, figures, report, study, study_setup, teacher, workers
+from kdtune import dashboard, data, figures, hardware, report, study, study_setup, target, teacher, workers
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
 from kdtune.spec import DEFAULT_SPEC, Spec, SpecError, load_spec
+from kdtune.student import StudentConfig
 
 EXIT_INTERRUPTED = 130
 
@@ -30,7 +31,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     """
     spec = _spec(args)
     splits = data.prepare(spec.data, spec.seed)
-    cached = teacher.load_or_train(spec, splits, force=args.force)
+    cached = teacher.load_or_train(spec, splits, _compute(spec), force=args.force)
     print(f"Teacher {cached.cache_id}: validation accuracy {cached.val_accuracy:.4f} "
           f"({cached.meta['n_epochs']} epochs, {cached.meta['seconds']:.0f} s to train), cached in {cached.folder}.")
     return 0
@@ -43,6 +44,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """
     spec = _spec(args)
     splits = data.prepare(spec.data, spec.seed)
+    compute = _compute(spec)
     try:
         the_study = study.open_study(spec, create=True)  # before the teacher: a bad storage URL fails at once
     except KeyboardInterrupt:
@@ -50,12 +52,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     interrupted = False
     try:
-        cached = study_setup.set_up(the_study, spec, splits)
-        already = study.n_finished(the_study)
+        cached = study_setup.set_up(the_study, spec, splits, compute)
+        already = target.n_finished(the_study)
         print(f"Study {spec.name!r} in {spec.storage_url}: {already} finished trials, running to {args.trials}. "
               f"Teacher validation accuracy {cached.val_accuracy:.4f}.")
         if args.jobs == 1:
-            study.run(the_study, study.make_objective(spec, splits, cached), n_trials=args.trials,
+            target.run(the_study, study.make_objective(spec, splits, cached, compute), n_trials=args.trials,
                       timeout=args.timeout)
         else:
             exit_codes = workers.run_workers(spec, n_trials=args.trials, timeout=args.timeout, n_workers=args.jobs)
@@ -68,17 +70,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
                     print(f"worker {number} ended with {_exit_reason(code)}; a trial it was running is failed "
                           f"after {spec.workers.grace_seconds} s and retried.", file=sys.stderr)
             # Ctrl-C reaches the workers directly; they stop, keeping their finished trials
-            interrupted = args.timeout is None and study.n_finished(the_study) < args.trials
+            interrupted = args.timeout is None and target.n_finished(the_study) < args.trials
     except KeyboardInterrupt:
         interrupted = True
     dashboard.note_study(the_study)
     if interrupted:
-        print(f"\nInterrupted: {study.n_finished(the_study)} finished trials are kept in {spec.storage_url}. "
+        print(f"\nInterrupted: {target.n_finished(the_study)} finished trials are kept in {spec.storage_url}. "
               f"Resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     states = [t.state for t in the_study.get_trials(deepcopy=False)]
     n_pruned, n_failed = states.count(optuna.trial.TrialState.PRUNED), states.count(optuna.trial.TrialState.FAIL)
-    print(f"{study.n_finished(the_study)} finished trials ({n_pruned} pruned, {n_failed} failed).")
+    print(f"{target.n_finished(the_study)} finished trials ({n_pruned} pruned, {n_failed} failed).")
     _print_best(study.best(the_study))
     print(f"Browse: {_command(args, 'dashboard')}")
     return 0
@@ -112,12 +114,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         result = report.read(spec)
     else:
         splits = data.prepare(spec.data, spec.seed)
-        cached = study_setup.teacher_of(the_study, spec, splits)
+        compute = _compute(spec)
+        cached = study_setup.teacher_of(the_study, spec, splits, compute)
         print(f"Retraining the top {spec.report.n_candidates} configurations x {spec.report.n_seeds} seeds to pick "
               "the winner on validation, then the winner, its no-distillation twin and the reference on the test "
               "set:")
         try:
-            result = report.evaluate(spec, splits, cached, the_study)
+            result = report.evaluate(spec, splits, cached, the_study, compute)
         except KeyboardInterrupt:
             print(f"\nInterrupted: the students trained so far are kept in {report.runs_folder(spec)}. "
                   f"Resume with: {_command(args, 'report', *[f'--seeds {args.seeds}'] * bool(args.seeds))}",
@@ -234,6 +237,11 @@ def _spec(args: argparse.Namespace) -> Spec:
                      report_n_seeds=getattr(args, "seeds", None))
 
 
+def _compute(spec: Spec) -> hardware.Compute:
+    """The spec's device and precision resolved for this machine, once per command, then passed down."""
+    return hardware.resolve_compute(spec.device, spec.precision)
+
+
 def first_sentence(doc: str) -> str:
     """A command's summary for `kdtune --help`: its docstring's first sentence, however many lines it spans."""
     paragraph = " ".join(doc.split("\n\n")[0].split())
@@ -259,8 +267,9 @@ def _port(text: str) -> int:
 
 
 def _print_best(found: dict) -> None:
-    print(f"Best: trial {found['trial']}: temperature={found['temperature']:.3f} lambda={found['lambda']:.3f} "
-          f"width={found['width']} val_accuracy={found['val_accuracy']:.4f} "
+    config = StudentConfig.from_params(found)
+    print(f"Best: trial {found['trial']}: temperature={config.temperature:.3f} lambda={config.label_weight:.3f} "
+          f"width={config.width} val_accuracy={found['val_accuracy']:.4f} "
           f"({found['n_parameters']:,} student parameters)")
 
 

@@ -21,6 +21,7 @@ from kdtune.artifacts import open_artifact_store
 from kdtune.optuna_compat import live_trial
 from kdtune.spec import Spec, SpecError
 from kdtune.storage import open_storage
+from kdtune.student import StudentConfig
 
 REPORT_NOTE_KEY = "report_note"  # study user attribute: the last report's test table and verdict, in markdown
 BEST_NOTED_KEY = "best_trial_noted"  # study user attribute: the trial whose note carries the study's summary
@@ -58,17 +59,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def note_trial(trial: optuna.Trial, params: dict, **facts) -> None:
+def note_trial(trial: optuna.Trial, config: StudentConfig, **facts) -> None:
     """The trial's note, written as it ends: see `trial_note` for the facts."""
-    optuna_dashboard.save_note(trial, trial_note(trial.number, params, **facts))
+    optuna_dashboard.save_note(trial, trial_note(trial.number, config, **facts))
 
 
-def trial_note(number: int, params: dict, *, n_parameters: int, n_epochs: int, seconds: float,
+def trial_note(number: int, config: StudentConfig, *, n_parameters: int, n_epochs: int, seconds: float,
                val_curve: list[float], outcome: str) -> str:
     curve = ", ".join(f"{100 * value:.2f}" for value in val_curve) or "none (ended before its first epoch)"
     return "\n".join([
-        f"### Trial {number}: temperature {params['temperature']:.3g}, lambda {params['lambda']:.3g}, "
-        f"width {params['width']}",
+        f"### Trial {number}: temperature {config.temperature:.3g}, lambda {config.label_weight:.3g}, "
+        f"width {config.width}",
         "",
         f"- outcome: {outcome}",
         f"- student parameters: {n_parameters:,}",
@@ -84,9 +85,10 @@ def note_study(the_study: optuna.Study) -> None:
     complete = [t for t in finished if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None  # the first of equals, as Optuna's
     if best is not None:
+        config = StudentConfig.from_trial(best)
         summary = [f"**Best so far** (of {len(finished)} finished trials, by validation accuracy): trial "
-                   f"{best.number}, temperature {best.params['temperature']:.3g}, lambda "
-                   f"{best.params['lambda']:.3g}, width {best.params['width']}, "
+                   f"{best.number}, temperature {config.temperature:.3g}, lambda "
+                   f"{config.label_weight:.3g}, width {config.width}, "
                    f"{best.user_attrs.get('n_parameters', 0):,} parameters, validation accuracy "
                    f"{100 * best.value:.2f}%."]
     else:
@@ -111,8 +113,9 @@ def note_study(the_study: optuna.Study) -> None:
 def _complete_trial_note(trial: optuna.trial.FrozenTrial) -> str:
     """A completed trial's note, from what the study stored of it."""
     curve = [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)]
-    return trial_note(trial.number, trial.params, n_parameters=trial.user_attrs.get("n_parameters", 0),
-                      n_epochs=len(curve), seconds=trial.user_attrs.get("seconds", 0.0), val_curve=curve,
+    return trial_note(trial.number, StudentConfig.from_trial(trial),
+                      n_parameters=trial.user_attrs.get("n_parameters", 0), n_epochs=len(curve),
+                      seconds=trial.user_attrs.get("seconds", 0.0), val_curve=curve,
                       outcome=f"complete, best validation accuracy {100 * trial.value:.2f}%")
 
 

@@ -18,6 +18,8 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
+from kdtune.student import StudentConfig
+
 INSTALL_HINT = 'pip install "kdtune[plots]"'
 
 
@@ -47,8 +49,10 @@ def accuracy_by_width(study: optuna.Study, report: dict) -> Chart:
     """Every completed trial's validation accuracy against its width, the best distilled student up to each
     width, and the teacher and the no-distillation twin as levels."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    distilled = sorted((t for t in complete if t.params["lambda"] < 1.0), key=lambda t: t.params["width"])
-    alone = [t for t in complete if t.params["lambda"] >= 1.0]
+    distilled, alone = [], []
+    for trial in complete:
+        (distilled if StudentConfig.from_trial(trial).distils else alone).append(trial)
+    distilled.sort(key=lambda t: t.params["width"])
     best_so_far, envelope = 0.0, []
     for trial in distilled:
         best_so_far = max(best_so_far, trial.value)

@@ -1,9 +1,14 @@
-"""How distillation went in one trial, measured on validation data: does the student follow the teacher,
-is it calibrated, and did it learn at all?
+"""How distillation went, measured on validation data: in one trial, does the student follow the teacher, is it
+calibrated, and did it learn at all? Across the study, is the teacher ahead of the student at all?
 """
 
+import sys
+
+import optuna
 import torch
 import torch.nn.functional as F
+from optuna.trial import TrialState
+from tqdm import tqdm
 
 from kdtune.losses import soft_kl
 
@@ -50,3 +55,23 @@ def check_learnt(val_accuracy: float, n_classes: int) -> None:
     if val_accuracy < CHANCE_MARGIN / n_classes:
         raise StuckAtChance(f"validation accuracy stayed at chance ({val_accuracy:.4f}, chance is "
                             f"{1 / n_classes:.4f})")
+
+
+class TeacherBehindWarning:
+    """An Optuna callback that warns, once, when a student trained without distillation beats the teacher on
+    validation: distilling from such a teacher cannot be expected to help, and the user should know before
+    the study spends its budget (see the report's verdict for what to do)."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        teacher_accuracy = study.user_attrs.get("teacher_val_accuracy")
+        if self.warned or teacher_accuracy is None or trial.state != TrialState.COMPLETE \
+                or trial.user_attrs.get("control") != "no_distillation" or trial.value <= teacher_accuracy:
+            return
+        self.warned = True
+        tqdm.write(f"warning: the student of width {trial.params['width']} trained without distillation reaches "
+                   f"{trial.value:.4f} validation accuracy, above the teacher's {teacher_accuracy:.4f}: distilling "
+                   "from this teacher cannot be expected to help. Consider a stronger teacher (more epochs, more "
+                   "data) before spending the study's budget.", file=sys.stderr)

@@ -57,8 +57,3 @@ class StudentMLP(nn.Sequential):
 
 def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def student_n_parameters(image_shape: tuple[int, int], n_classes: int, width: int) -> int:
-    """The student's size without building it: (pixels + 1) * width + (width + 1) * classes."""
-    return (image_shape[0] * image_shape[1] + 1) * width + (width + 1) * n_classes

@@ -21,19 +21,16 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import figures, saved_runs
+from kdtune import figures, saved_runs, student
 from kdtune.data import Splits
-from kdtune.hardware import resolve_compute
+from kdtune.hardware import Compute
 from kdtune.losses import UNLABELLED
-from kdtune.models import StudentMLP, student_n_parameters
 from kdtune.provenance import machine, versions
 from kdtune.spec import Spec, SpecError, to_toml_dict
-from kdtune.study import StudentConfig, train_student
+from kdtune.student import REFERENCE, StudentConfig
 from kdtune.teacher import CachedTeacher
 from kdtune.train import accuracy, accuracy_of_logits
 from kdtune.transfer import StudentData
-
-REFERENCE = StudentConfig(temperature=10.0, label_weight=0.5, width=512, loss="reference")
 
 
 def runs_folder(spec: Spec) -> Path:
@@ -78,8 +75,8 @@ def pick_winner(candidates: list[dict]) -> dict:
     return max(candidates, key=lambda c: (c["val_mean"], -c["n_parameters"]))
 
 
-def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.Study, echo=print) -> dict:
-    compute = resolve_compute(spec.device, spec.precision)
+def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.Study, compute: Compute,
+             echo=print) -> dict:
     data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
     seeds = [spec.seed + 1 + i for i in range(spec.report.n_seeds)]
     started = time.perf_counter()
@@ -94,8 +91,8 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     def run_for(config: StudentConfig, seed: int) -> tuple[saved_runs.Run, bool]:
         return saved_runs.trained(
             runs_folder(spec), context, config.as_params(), seed, compute.device,
-            build=lambda: StudentMLP(data.image_shape, data.n_classes, config.width),
-            train=lambda: train_student(config, spec.student, data, seed, autocast_dtype=compute.autocast_dtype))
+            build=lambda: student.build(config, data.image_shape, data.n_classes),
+            train=lambda: student.train(config, spec.student, data, seed, compute))
 
     def train_over_seeds(name: str, config: StudentConfig) -> list[saved_runs.Run]:
         fetched = [run_for(config, seed) for seed in seeds]
@@ -115,7 +112,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         vals = [r.val_accuracy for _, r in candidate_runs[number]]
         candidates.append({"trial": number, "config": config.as_params(), "val_mean": statistics.fmean(vals),
                            "val_std": statistics.stdev(vals),
-                           "n_parameters": student_n_parameters(data.image_shape, data.n_classes, config.width)})
+                           "n_parameters": student.n_parameters(config, data.image_shape, data.n_classes)})
     winner = pick_winner(candidates)
     winner_config = dict(top)[winner["trial"]]
 
@@ -129,7 +126,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
                       "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests),
                       "val_mean": statistics.fmean(r.val_accuracy for _, r in runs),
                       "val_curves": [r.val_curve for _, r in runs],
-                      "n_parameters": student_n_parameters(data.image_shape, data.n_classes, config.width)}
+                      "n_parameters": student.n_parameters(config, data.image_shape, data.n_classes)}
     record_test_read(study, rows)
 
     differences = [a - b for a, b in zip(rows["tuned"]["test_accuracy"], rows["no_distillation"]["test_accuracy"])]
@@ -144,7 +141,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         "rows": rows, "gain": {"mean": gain, "ci95_low": low, "ci95_high": high, "paired_differences": differences},
         "temperature_by_width": temperature_by_width(study),
         "verdict": verdict(gain, low, high, teacher_lead=teacher_test - rows["no_distillation"]["test_mean"],
-                           winner_distils=winner_config.label_weight < 1.0),
+                           winner_distils=winner_config.distils),
         "seconds": round(time.perf_counter() - started, 1), "spec": to_toml_dict(spec),
         "data_fingerprint": splits.fingerprint, "versions": versions(), "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -164,7 +161,7 @@ def temperature_by_width(study: optuna.Study, n_top: int = 5) -> dict:
     preferred T of about 2.5-4, large ones anything above 8.) Compares the top trials of the narrower and
     the wider half of the distilling trials."""
     distilling = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                  if t.params["lambda"] < 1.0 and not t.user_attrs.get("control")]
+                  if StudentConfig.from_trial(t).distils and not t.user_attrs.get("control")]
     if len(distilling) < 2 * n_top:
         return {"statement": f"Too few distilling trials ({len(distilling)}) to tell whether the best temperature "
                              "depends on width."}
@@ -263,9 +260,9 @@ def test_section(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _config_cells(config: dict) -> str:
-    return (f"{config['temperature']:.3g} | {config['lambda']:.3g} | {config['width']} | "
-            f"{config['loss']}")
+def _config_cells(params: dict) -> str:
+    config = StudentConfig.from_params(params)
+    return f"{config.temperature:.3g} | {config.label_weight:.3g} | {config.width} | {config.loss}"
 
 
 def write(report: dict, spec: Spec, study: optuna.Study) -> list[Path]:

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
-from kdtune.models import StudentMLP
 from kdtune.train import FitResult
 
-Run = tuple[StudentMLP, FitResult]
+Run = tuple[nn.Module, FitResult]
 
 
 def trained(folder: Path, context: dict, params: dict, seed: int, device: torch.device,
-            build: Callable[[], StudentMLP], train: Callable[[], Run]) -> tuple[Run, bool]:
+            build: Callable[[], nn.Module], train: Callable[[], Run]) -> tuple[Run, bool]:
     """The run for `params` and `seed`, from `folder` when an earlier report finished it, else from `train()`
     (and then saved). Returns the run and whether it came from disk."""
     key = hashlib.sha256(json.dumps({**context, "params": params, "seed": seed}, sort_keys=True).encode())

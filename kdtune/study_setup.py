@@ -23,6 +23,7 @@ import optuna
 
 from kdtune import artifacts, study, teacher
 from kdtune.data import Splits
+from kdtune.hardware import Compute
 from kdtune.spec import Spec, SpecError
 from kdtune.teacher import CachedTeacher
 
@@ -31,7 +32,7 @@ POLL_SECONDS = 1.0
 _ABSENT = object()  # no set_up_by attribute yet
 
 
-def set_up(the_study: optuna.Study, spec: Spec, splits: Splits,
+def set_up(the_study: optuna.Study, spec: Spec, splits: Splits, compute: Compute,
            echo: Callable[[str], None] = print) -> CachedTeacher:
     """The study's teacher, once the study is set up: by this process if it created the study (or takes over
     from a creator that died), else by waiting for the process that does."""
@@ -40,7 +41,7 @@ def set_up(the_study: optuna.Study, spec: Spec, splits: Splits,
         # absent: the study was created a moment ago and its creator has not said so yet
         set_up_by = the_study.user_attrs.get(study.SET_UP_BY_KEY, _ABSENT)
         if isinstance(set_up_by, dict) and set_up_by["worker"] == study.WORKER_ID:
-            return _set_up_here(the_study, spec, splits, echo)
+            return _set_up_here(the_study, spec, splits, compute, echo)
         if isinstance(set_up_by, dict) and set_up_by["worker"] != announced:
             announced = set_up_by["worker"]
             echo(f"Study {spec.name!r} is being set up by {announced} (its teacher, its control arms): waiting.")
@@ -49,10 +50,10 @@ def set_up(the_study: optuna.Study, spec: Spec, splits: Splits,
         if _gone(set_up_by) or time.monotonic() - waiting_since > spec.workers.grace_seconds:
             _claim(the_study)  # the next look, after a rival's claim could land too, tells who won
         time.sleep(POLL_SECONDS)
-    return teacher_of(the_study, spec, splits, echo)
+    return teacher_of(the_study, spec, splits, compute, echo)
 
 
-def teacher_of(the_study: optuna.Study, spec: Spec, splits: Splits,
+def teacher_of(the_study: optuna.Study, spec: Spec, splits: Splits, compute: Compute,
                echo: Callable[[str], None] = print) -> CachedTeacher:
     """The teacher of a study already set up, on the data it was made on (refused otherwise)."""
     recorded = the_study.user_attrs.get("spec")
@@ -60,7 +61,7 @@ def teacher_of(the_study: optuna.Study, spec: Spec, splits: Splits,
         raise SpecError(f"study {spec.name!r} has not been set up yet (no teacher); run `kdtune tune` first.")
     study.check_same_spec(spec, recorded, the_study.user_attrs.get(study.RECORD_VERSION_KEY))
     check_same_data(the_study, spec, splits)
-    return artifacts.teacher_for_study(the_study, spec, splits, echo=echo)
+    return artifacts.teacher_for_study(the_study, spec, splits, compute, echo=echo)
 
 
 def check_same_data(the_study: optuna.Study, spec: Spec, splits: Splits) -> None:
@@ -73,14 +74,15 @@ def check_same_data(the_study: optuna.Study, spec: Spec, splits: Splits) -> None
                         "on this data with --study-name.")
 
 
-def _set_up_here(the_study: optuna.Study, spec: Spec, splits: Splits, echo: Callable[[str], None]) -> CachedTeacher:
+def _set_up_here(the_study: optuna.Study, spec: Spec, splits: Splits, compute: Compute,
+                 echo: Callable[[str], None]) -> CachedTeacher:
     with _beating(the_study, spec.workers.heartbeat_seconds):
-        study.enqueue_control_arms(the_study, spec.search)  # those a creator that died did not queue
-        if artifacts.RECORD_KEY not in the_study.user_attrs and not teacher.cache_folder(spec, splits.fingerprint
-                                                                                          ).exists():
+        study.enqueue_control_arms(the_study, spec.search, spec.student.loss)  # those a creator that died did not
+        if artifacts.RECORD_KEY not in the_study.user_attrs \
+                and not teacher.cache_folder(spec, splits.fingerprint, compute).exists():
             echo("No cached teacher for this data, teacher config and seed: training it first.")
-        cached = artifacts.teacher_for_study(the_study, spec, splits, echo=echo)
-        study.record(the_study, spec, splits, cached)
+        cached = artifacts.teacher_for_study(the_study, spec, splits, compute, echo=echo)
+        study.record(the_study, spec, splits, cached, compute)
     return cached
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kdtune.data import Splits
-from kdtune.hardware import resolve_compute
+from kdtune.hardware import Compute
 from kdtune.models import TeacherCNN, n_parameters
 from kdtune.provenance import sha256_file, versions
 from kdtune.spec import Spec
@@ -50,22 +50,22 @@ class CachedTeacher:
         return self.meta["val_accuracy"]
 
 
-def cache_id(spec: Spec, data_fingerprint: str) -> str:
+def cache_id(spec: Spec, data_fingerprint: str, compute: Compute) -> str:
+    """`compute`: the spec's device and precision, resolved for this machine."""
     key = {"data": data_fingerprint, "teacher": dataclasses.asdict(spec.teacher), "seed": spec.seed,
            "architecture": TeacherCNN.__name__}
-    compute = resolve_compute(spec.device, spec.precision)
     if compute.autocast_dtype is not None:  # only then: every fp32 teacher cached before precision existed stays valid
         key["precision"] = compute.precision
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_folder(spec: Spec, data_fingerprint: str) -> Path:
-    return CACHE_ROOT / cache_id(spec, data_fingerprint)
+def cache_folder(spec: Spec, data_fingerprint: str, compute: Compute) -> Path:
+    return CACHE_ROOT / cache_id(spec, data_fingerprint, compute)
 
 
-def load_or_train(spec: Spec, splits: Splits, *, force: bool = False,
+def load_or_train(spec: Spec, splits: Splits, compute: Compute, *, force: bool = False,
                   echo: Callable[[str], None] = print) -> CachedTeacher:
-    folder = cache_folder(spec, splits.fingerprint)
+    folder = cache_folder(spec, splits.fingerprint, compute)
     if folder.exists() and not force:
         try:
             cached = load(folder)
@@ -74,7 +74,7 @@ def load_or_train(spec: Spec, splits: Splits, *, force: bool = False,
             return cached
         except CorruptCache as problem:
             echo(f"teacher cache {folder} is corrupt ({problem}); retraining it.")
-    return train(spec, splits, folder, echo=echo)
+    return train(spec, splits, folder, compute, echo=echo)
 
 
 def load(folder: Path) -> CachedTeacher:
@@ -98,8 +98,8 @@ def load_model(cached: CachedTeacher) -> TeacherCNN:
     return model
 
 
-def train(spec: Spec, splits: Splits, folder: Path, *, echo: Callable[[str], None] = print) -> CachedTeacher:
-    compute = resolve_compute(spec.device, spec.precision)
+def train(spec: Spec, splits: Splits, folder: Path, compute: Compute, *,
+          echo: Callable[[str], None] = print) -> CachedTeacher:
     device = compute.device
     echo(f"Training the teacher on {len(splits.x_train)} images ({device}, {compute.precision}); it is cached in "
          f"{folder}.")

@@ -18,7 +18,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from kdtune import data, hardware, study, study_setup
+from kdtune import data, hardware, study, study_setup, target
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
 from kdtune.optuna_compat import stale_trial_numbers
 from kdtune.spec import Spec
@@ -95,10 +95,11 @@ def run_trials(job: WorkerJob) -> None:
     """Its seed, the cached teacher, trials until the study reaches the target."""
     spec = job.spec
     splits = data.prepare(spec.data, spec.seed)
+    compute = hardware.resolve_compute(spec.device, spec.precision)
     the_study = study.open_study(spec, create=False, worker=job.worker)
-    cached = study_setup.teacher_of(the_study, spec, splits)  # set up by the parent: never a second teacher
+    cached = study_setup.teacher_of(the_study, spec, splits, compute)  # set up by the parent: never a second teacher
     try:
-        study.run(the_study, study.make_objective(spec, splits, cached), n_trials=job.n_trials,
+        target.run(the_study, study.make_objective(spec, splits, cached, compute), n_trials=job.n_trials,
                   timeout=job.timeout, progress_bar=job.worker == 0)
     except KeyboardInterrupt:
         pass  # optuna has marked the running trial failed; finished trials are in the storage

@@ -9,10 +9,14 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 
 from kdtune.data import read_embedded
+from kdtune.hardware import Compute
 
 REPO = Path(__file__).resolve().parents[1]
+# What the tiny spec's device = "cpu" and default precision (fp32) resolve to.
+CPU_FP32 = Compute(torch.device("cpu"))
 TINY_SPEC = """
 seed = 0
 device = "cpu"

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import CPU_FP32
 
 from kdtune import artifacts, data, study, teacher
 from kdtune.provenance import sha256_file
@@ -20,7 +21,7 @@ def test_an_altered_artifact_with_a_consistent_meta_json_is_refused(tiny_spec, w
     spec = load_spec(tiny_spec("consistent"))
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=True)
-    cached = artifacts.teacher_for_study(the_study, spec, splits, echo=lambda _: None)  # trains and publishes
+    cached = artifacts.teacher_for_study(the_study, spec, splits, CPU_FP32, echo=lambda _: None)  # trains and publishes
     files = the_study.user_attrs[artifacts.RECORD_KEY]["files"]
     store = spec.output_dir / "artifacts"
 
@@ -36,6 +37,7 @@ def test_an_altered_artifact_with_a_consistent_meta_json_is_refused(tiny_spec, w
     monkeypatch.setattr(teacher, "train", refuse_training)
 
     with pytest.raises(SpecError, match=r"logits_val.npy .* does not match the sha256 recorded in the study"):
-        artifacts.teacher_for_study(study.open_study(spec, create=False), spec, splits, echo=lambda _: None)
+        artifacts.teacher_for_study(study.open_study(spec, create=False), spec, splits, CPU_FP32,
+                                    echo=lambda _: None)
     assert not cached.folder.exists()  # nothing fetched is left to be taken for a cache
     assert not list(cached.folder.parent.glob(f"{cached.folder.name}*"))  # nor a scratch folder

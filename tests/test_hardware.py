@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdtune import data, hardware, study, teacher
+from kdtune import data, hardware, student, study, target, teacher
 from kdtune.losses import hinton_loss
 from kdtune.models import StudentMLP
 from kdtune.spec import StudentSpec, load_spec
@@ -97,9 +97,10 @@ def test_a_trial_trains_in_the_precision_the_policy_picks(cpu_with_bf16, tiny_sp
             super().__init__(*args)
             record_linear_output_dtypes(self, seen)
 
-    monkeypatch.setattr(study, "StudentMLP", RecordedStudent)
+    monkeypatch.setitem(student.FAMILIES, "mlp", RecordedStudent)
+    compute = hardware.resolve_compute(spec.device, spec.precision)  # as every command does, once
     the_study = study.open_study(spec, create=True)
-    study.run(the_study, study.make_objective(spec, splits, stub_teacher), n_trials=1, timeout=None,
+    target.run(the_study, study.make_objective(spec, splits, stub_teacher, compute), n_trials=1, timeout=None,
               progress_bar=False)
     assert seen and {dtype for is_training, dtype in seen if is_training} == {expected}
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY_SPEC, write_tiny_npz
+from conftest import CPU_FP32, TINY_SPEC, write_tiny_npz
 from optuna.distributions import FloatDistribution, IntDistribution
 
-from kdtune import data, report, teacher
+from kdtune import data, report, student, teacher
 from kdtune.report import arms, paired_interval, pick_winner, verdict, weak_teacher_warning
 from kdtune.spec import Spec, load_spec
-from kdtune.study import StudentConfig, train_student
+from kdtune.student import StudentConfig
 from kdtune.train import accuracy
 
 
@@ -92,7 +92,7 @@ class Evaluated:
     study: optuna.Study
     report: dict
     echoed: list[str]
-    trained: list[tuple[StudentConfig, int, tuple]]  # every train_student call: (config, seed, (model, result))
+    trained: list[tuple[StudentConfig, int, tuple]]  # every student.train call: (config, seed, (model, result))
 
     def fresh_run(self, config: StudentConfig, seed: int) -> tuple:
         """The run the report trained for this config and seed."""
@@ -112,15 +112,11 @@ def add_trial(study: optuna.Study, value: float, config: StudentConfig) -> None:
         value=value, user_attrs={"loss": config.loss}))
 
 
-def config_of(params: dict) -> StudentConfig:
-    return StudentConfig(params["temperature"], params["lambda"], params["width"], params["loss"])
-
-
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory) -> Evaluated:
     """A report on tiny data (2 seeds, 2 epochs) over a study whose recorded values rank its trials against what
     training gives: a 2-unit student recorded at 0.99, a 64-unit one at 0.5, and the seed project's
-    configuration at 0.3, which is also the report's reference arm. Every train_student call is recorded."""
+    configuration at 0.3, which is also the report's reference arm. Every student.train call is recorded."""
     folder = tmp_path_factory.mktemp("report")
     npz = write_tiny_npz(folder / "tiny.npz", n_test_per_class=50)  # 500 test images: per-seed accuracies differ
     spec_path = folder / "tiny.toml"
@@ -129,21 +125,23 @@ def evaluated(tmp_path_factory) -> Evaluated:
     study = optuna.create_study(direction="maximize")
     add_trial(study, 0.99, StudentConfig(temperature=4.0, label_weight=0.5, width=2))
     add_trial(study, 0.5, StudentConfig(temperature=4.0, label_weight=0.5, width=64))
-    add_trial(study, 0.3, report.REFERENCE)
+    add_trial(study, 0.3, student.REFERENCE)
     trained, echoed = [], []
 
-    def recording_train_student(config, schedule, student_data, seed, **options):
-        run = train_student(config, schedule, student_data, seed, **options)
+    train_student = student.train
+
+    def recording_train_student(config, schedule, student_data, seed, compute, **options):
+        run = train_student(config, schedule, student_data, seed, compute, **options)
         trained.append((config, seed, run))
         return run
 
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        patch.setattr(report, "train_student", recording_train_student)
+        patch.setattr(student, "train", recording_train_student)
         spec = load_spec(spec_path)
         splits = data.prepare(spec.data, spec.seed)
-        cached = teacher.load_or_train(spec, splits, echo=lambda _: None)
-        result = report.evaluate(spec, splits, cached, study, echo=echoed.append)
+        cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
+        result = report.evaluate(spec, splits, cached, study, CPU_FP32, echo=echoed.append)
     return Evaluated(folder, spec, splits, cached, study, result, echoed, trained)
 
 
@@ -158,7 +156,8 @@ def test_the_winner_is_the_best_mean_over_fresh_seeds_not_the_best_search_value(
 
 
 def test_the_gain_pairs_the_tuned_and_twin_runs_of_each_seed(evaluated):
-    tuned, twin = (config_of(evaluated.report["rows"][arm]["config"]) for arm in ("tuned", "no_distillation"))
+    tuned, twin = (StudentConfig.from_params(evaluated.report["rows"][arm]["config"])
+                   for arm in ("tuned", "no_distillation"))
     seeds = evaluated.report["seeds"]
     tuned_tests = [evaluated.test_accuracy(tuned, seed) for seed in seeds]
     twin_tests = [evaluated.test_accuracy(twin, seed) for seed in seeds]
@@ -191,13 +190,14 @@ def test_a_resumed_report_loads_each_seed_its_own_saved_run(evaluated, monkeypat
     monkeypatch.chdir(evaluated.folder)
     saved = sorted(report.runs_folder(evaluated.spec).glob("*.pt"))
     assert len(saved) == len(evaluated.trained)  # one file per configuration and seed
-    monkeypatch.setattr(report, "train_student", refuse_training)
+    monkeypatch.setattr(student, "train", refuse_training)
     echoed = []
-    resumed = report.evaluate(evaluated.spec, evaluated.splits, evaluated.cached, evaluated.study, echo=echoed.append)
+    resumed = report.evaluate(evaluated.spec, evaluated.splits, evaluated.cached, evaluated.study, CPU_FP32,
+                              echo=echoed.append)
     n_seeds = len(evaluated.report["seeds"])
     assert echoed and all(f"({n_seeds} of {n_seeds} from an earlier report)" in line for line in echoed)
     for arm, row in resumed["rows"].items():
-        config = config_of(row["config"])
+        config = StudentConfig.from_params(row["config"])
         assert row["test_accuracy"] == pytest.approx(
             [evaluated.test_accuracy(config, seed) for seed in resumed["seeds"]]), arm
         assert row["val_curves"] == [evaluated.fresh_run(config, seed)[1].val_curve for seed in resumed["seeds"]]

@@ -142,7 +142,7 @@ def test_only_the_best_trial_s_note_carries_the_study_summary():
     def add(value: float) -> optuna.Trial:
         the_study.add_trial(optuna.trial.create_trial(
             params={"temperature": 2.0, "lambda": 0.5, "width": 32}, distributions=distributions, value=value,
-            intermediate_values={0: value}, user_attrs={"n_parameters": 25_450, "seconds": 1.5}))
+            intermediate_values={0: value}, user_attrs={"n_parameters": 25_450, "seconds": 1.5, "loss": "hinton"}))
         dashboard.note_study(the_study)
         return optuna.Trial(the_study, the_study.trials[-1]._trial_id)
 

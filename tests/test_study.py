@@ -11,9 +11,10 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import CPU_FP32
 from optuna.trial import TrialState
 
-from kdtune import data, study, teacher
+from kdtune import data, health, study, target, teacher
 from kdtune.spec import SpecError, load_spec
 
 
@@ -21,14 +22,14 @@ from kdtune.spec import SpecError, load_spec
 def setup(tiny_spec):
     spec = load_spec(tiny_spec())
     splits = data.prepare(spec.data, spec.seed)
-    return spec, splits, teacher.load_or_train(spec, splits, echo=lambda _: None)
+    return spec, splits, teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
 
 
 def test_trials_carry_the_three_params_curves_and_records(setup):
     spec, splits, cached = setup
     the_study = study.open_study(spec, create=True)
-    study.record(the_study, spec, splits, cached)
-    study.run(the_study, study.make_objective(spec, splits, cached), n_trials=2, timeout=None)
+    study.record(the_study, spec, splits, cached, CPU_FP32)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32), n_trials=2, timeout=None)
     trials = the_study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 2
     for trial in trials:
@@ -45,7 +46,7 @@ def test_fixed_params_stay_fixed(tiny_spec, setup):
     _, splits, cached = setup
     spec = load_spec(tiny_spec("fixed", width="24", search="temperature = 4.0"))
     the_study = study.open_study(spec, create=True)
-    study.run(the_study, study.make_objective(spec, splits, cached), n_trials=2, timeout=None)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32), n_trials=2, timeout=None)
     assert {(t.params["temperature"], t.params["width"]) for t in the_study.trials} == {(4.0, 24)}
 
 
@@ -81,7 +82,7 @@ def recorded(tiny_spec):
     """A new study with its record written, as `tune` leaves it."""
     spec = load_spec(tiny_spec())
     the_study = study.open_study(spec, create=True)
-    study.record(the_study, spec, data.prepare(spec.data, spec.seed), STUB_TEACHER)
+    study.record(the_study, spec, data.prepare(spec.data, spec.seed), STUB_TEACHER, CPU_FP32)
     return spec
 
 
@@ -115,7 +116,7 @@ def test_trials_never_touch_the_test_set(setup):
     poisoned = dataclasses.replace(splits, x_test=PoisonTensor(), y_test=PoisonTensor())
     poisoned_teacher = dataclasses.replace(cached, logits={**cached.logits, "test": PoisonTensor()})
     the_study = study.open_study(spec, create=True)
-    study.run(the_study, study.make_objective(spec, poisoned, poisoned_teacher), n_trials=1, timeout=None,
+    target.run(the_study, study.make_objective(spec, poisoned, poisoned_teacher, CPU_FP32), n_trials=1, timeout=None,
               progress_bar=False)
     assert the_study.trials[0].state == optuna.trial.TrialState.COMPLETE
 
@@ -146,7 +147,7 @@ def test_nan_loss_fails_the_trial_not_the_study(setup, tiny_spec):
         cached.logits["train"], float("nan"))})
     spec = load_spec(tiny_spec("nan", search="lambda = 0.5"))
     the_study = study.open_study(spec, create=True)
-    study.run(the_study, study.make_objective(spec, splits, nan_logits), n_trials=2, timeout=None)
+    target.run(the_study, study.make_objective(spec, splits, nan_logits, CPU_FP32), n_trials=2, timeout=None)
     assert [t.state for t in the_study.trials] == [optuna.trial.TrialState.FAIL] * 2
     assert all("loss became nan" in t.user_attrs["fail_reason"] for t in the_study.trials)
 
@@ -155,7 +156,7 @@ def test_a_new_study_runs_the_control_arms_first(setup, tiny_spec):
     _, splits, cached = setup
     spec = load_spec(tiny_spec("controls", width="[16, 1024]"))
     the_study = study.open_study(spec, create=True)
-    study.run(the_study, study.make_objective(spec, splits, cached), n_trials=5, timeout=None)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32), n_trials=5, timeout=None)
     controls = [(t.user_attrs.get("control"), t.params["lambda"], t.params["width"], t.user_attrs["loss"])
                 for t in the_study.trials[:4]]
     assert controls == [("reference", 0.5, 512, "reference"), ("no_distillation", 1.0, 16, "hinton"),
@@ -176,10 +177,10 @@ def test_a_resumed_study_draws_new_proposals(tiny_spec):
         return config.temperature * (1 - config.label_weight)
 
     first = study.open_study(spec, create=True)
-    study.record(first, spec, data.prepare(spec.data, spec.seed), STUB_TEACHER)  # as `tune` does
-    study.run(first, objective, n_trials=3, timeout=None, progress_bar=False)
+    study.record(first, spec, data.prepare(spec.data, spec.seed), STUB_TEACHER, CPU_FP32)  # as `tune` does
+    target.run(first, objective, n_trials=3, timeout=None, progress_bar=False)
     resumed = study.open_study(spec, create=True)
-    study.run(resumed, objective, n_trials=6, timeout=None, progress_bar=False)
+    target.run(resumed, objective, n_trials=6, timeout=None, progress_bar=False)
     params = [tuple(sorted(t.params.items())) for t in resumed.trials]
     assert len(params) == 6
     assert not set(params[:3]) & set(params[3:])
@@ -187,13 +188,13 @@ def test_a_resumed_study_draws_new_proposals(tiny_spec):
 
 def test_controls_outside_the_search_space_are_left_out(tiny_spec):
     spec = load_spec(tiny_spec("narrow", width="[16, 64]", search="lambda = [0.0, 0.9]"))
-    assert study.control_arms(spec.search) == []
+    assert study.control_arms(spec.search, spec.student.loss) == []
 
 
 def test_completed_trials_record_distillation_health(setup):
     spec, splits, cached = setup
     the_study = study.open_study(spec, create=True)
-    study.run(the_study, study.make_objective(spec, splits, cached), n_trials=1, timeout=None)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32), n_trials=1, timeout=None)
     attrs = the_study.trials[0].user_attrs
     assert 0.0 <= attrs["teacher_agreement"] <= 1.0 and attrs["kl_at_temperature"] >= 0.0
     assert 0.0 <= attrs["calibration_error"] <= 1.0
@@ -203,7 +204,7 @@ def test_a_student_stuck_at_chance_fails_with_its_reason(setup):
     spec, splits, cached = setup
     unlearnable = dataclasses.replace(splits, y_val=torch.full_like(splits.y_val, -1))  # no prediction is right
     the_study = study.open_study(spec, create=True)
-    study.run(the_study, study.make_objective(spec, unlearnable, cached), n_trials=1, timeout=None)
+    target.run(the_study, study.make_objective(spec, unlearnable, cached, CPU_FP32), n_trials=1, timeout=None)
     trial = the_study.trials[0]
     assert trial.state == optuna.trial.TrialState.FAIL
     assert "stayed at chance" in trial.user_attrs["fail_reason"]
@@ -252,7 +253,7 @@ def test_a_stop_signal_while_a_trial_is_created_leaves_none_running(signum):
     the_study = optuna.create_study(direction="maximize", sampler=SignalWhileCreatingTrial(signum, on_trial=2))
     with signal_handlers(FOREGROUND):
         with pytest.raises(KeyboardInterrupt):
-            study.run(the_study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, timeout=None,
+            target.run(the_study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, timeout=None,
                       progress_bar=False)
         assert {n: signal.getsignal(n) for n in FOREGROUND} == FOREGROUND  # the handlers are given back
     states = [t.state for t in the_study.get_trials()]
@@ -266,7 +267,7 @@ def test_a_background_run_keeps_ignoring_ctrl_c():
                                     sampler=SignalWhileCreatingTrial(signal.SIGINT, on_trial=2))
     with signal_handlers({signal.SIGINT: signal.SIG_IGN}):
         try:
-            study.run(the_study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, timeout=None,
+            target.run(the_study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, timeout=None,
                       progress_bar=False)
         except KeyboardInterrupt:  # not left to pytest, which would take it as the user's and end the session
             pytest.fail("a Ctrl-C the shell told the study to ignore stopped it")
@@ -287,7 +288,7 @@ def no_distillation_control(value: float) -> optuna.trial.FrozenTrial:
 def test_tune_warns_once_when_the_student_alone_beats_the_teacher(control_value, warned, capsys):
     the_study = optuna.create_study(direction="maximize")
     the_study.set_user_attr("teacher_val_accuracy", 0.90)
-    warn = study.TeacherBehindWarning()
+    warn = health.TeacherBehindWarning()
     for _ in range(2):
         the_study.add_trial(no_distillation_control(control_value))
         warn(the_study, the_study.trials[-1])

@@ -11,6 +11,7 @@ from contextlib import closing
 import optuna
 import pytest
 import sqlalchemy.exc
+from conftest import CPU_FP32
 
 from kdtune import data, storage, study, study_setup
 from kdtune.spec import load_spec
@@ -41,13 +42,14 @@ def test_a_starter_takes_over_at_once_from_a_creator_whose_process_is_gone(spec_
     spec, splits = spec_and_splits
     the_study = optuna.create_study(storage=storage.open_storage(spec.storage_url), study_name=spec.name,
                                     direction="maximize")
-    for params, attrs in study.control_arms(spec.search)[:n_queued_before_death]:
-        the_study.enqueue_trial(params, user_attrs=attrs)
+    for config, control in study.control_arms(spec.search, spec.student.loss)[:n_queued_before_death]:
+        params = config.as_params()
+        the_study.enqueue_trial(params, user_attrs={"control": control, "loss": params.pop("loss")})
     the_study.set_user_attr(study.SET_UP_BY_KEY, {"worker": dead_worker(), "beat": 3})
-    cached = study_setup.set_up(study.open_study(spec, create=True), spec, splits, echo=lambda _: None)
+    cached = study_setup.set_up(study.open_study(spec, create=True), spec, splits, CPU_FP32, echo=lambda _: None)
     attrs = the_study.user_attrs
     assert attrs["teacher_cache_id"] == cached.cache_id and attrs[study.SET_UP_BY_KEY]["worker"] == study.WORKER_ID
-    assert n_control_arms(the_study) == len(study.control_arms(spec.search)) == 4
+    assert n_control_arms(the_study) == len(study.control_arms(spec.search, spec.student.loss)) == 4
 
 
 def test_a_starter_takes_over_from_a_silent_creator_elsewhere_after_the_grace_period(spec_and_splits):
@@ -55,7 +57,7 @@ def test_a_starter_takes_over_from_a_silent_creator_elsewhere_after_the_grace_pe
     the_study = study.open_study(spec, create=True)
     the_study.set_user_attr(study.SET_UP_BY_KEY, {"worker": "another-machine:1", "beat": 5})
     said = []
-    study_setup.set_up(study.open_study(spec, create=True), spec, splits, echo=said.append)
+    study_setup.set_up(study.open_study(spec, create=True), spec, splits, CPU_FP32, echo=said.append)
     assert "being set up by another-machine:1" in said[0]
     assert the_study.user_attrs[study.SET_UP_BY_KEY]["worker"] == study.WORKER_ID
     assert "spec" in the_study.user_attrs
@@ -76,7 +78,7 @@ def test_a_study_created_by_another_process_meanwhile_is_joined_not_created_agai
 def test_processes_joining_a_running_study_sample_from_their_own_seeds(spec_and_splits):
     spec, splits = spec_and_splits
     the_study = study.open_study(spec, create=True)
-    study_setup.set_up(the_study, spec, splits, echo=lambda _: None)
+    study_setup.set_up(the_study, spec, splits, CPU_FP32, echo=lambda _: None)
     assert not study.joins_live_study(the_study)  # alone: the seed is the spec's, reproducible
     assert study.sampler_seed(spec.seed, 7, worker=1, joining=False) == spec.seed + 7 + study.WORKER_SEED_STRIDE
     assert study.sampler_seed(spec.seed, 7, worker=0, joining=True) != study.sampler_seed(spec.seed, 7, 0, False)

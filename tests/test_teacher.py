@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import CPU_FP32
 
 from kdtune import data, hardware, teacher
 from kdtune.spec import load_spec
@@ -17,7 +18,7 @@ from kdtune.train import accuracy_of_logits
 def trained(tiny_spec):
     spec = load_spec(tiny_spec())
     splits = data.prepare(spec.data, spec.seed)
-    return spec, splits, teacher.load_or_train(spec, splits, echo=lambda _: None)
+    return spec, splits, teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
 
 
 def refuse_training(*args, **kwargs):
@@ -46,25 +47,30 @@ def test_weights_reload_and_reproduce_the_cached_logits(trained):
 def test_second_run_is_a_cache_hit(trained, monkeypatch):
     spec, splits, cached = trained
     monkeypatch.setattr(teacher, "train", refuse_training)
-    again = teacher.load_or_train(spec, splits)
+    again = teacher.load_or_train(spec, splits, CPU_FP32)
     assert again.cache_id == cached.cache_id
     assert torch.equal(again.logits["val"], cached.logits["val"])
+
+
+def cache_id(spec, data_fingerprint: str) -> str:
+    """The spec's cache id, its precision resolved for this machine as a command resolves it."""
+    return teacher.cache_id(spec, data_fingerprint, hardware.resolve_compute(spec.device, spec.precision))
 
 
 def test_other_config_or_seed_or_split_misses(trained, tiny_spec, monkeypatch):
     spec, splits, cached = trained
     same_teacher_other_search = load_spec(tiny_spec("b", width="64"))
-    assert teacher.cache_id(same_teacher_other_search, splits.fingerprint) == cached.cache_id
+    assert cache_id(same_teacher_other_search, splits.fingerprint) == cached.cache_id
     other_config = replace(spec, teacher=replace(spec.teacher, max_epochs=3))
-    assert teacher.cache_id(other_config, splits.fingerprint) != cached.cache_id
+    assert cache_id(other_config, splits.fingerprint) != cached.cache_id
     # a teacher trained in bf16 is another teacher; auto that resolves to fp32 (no native bf16 here) is not
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 is emulated on most CI machines, and says so
-        assert teacher.cache_id(replace(spec, precision="bf16"), splits.fingerprint) != cached.cache_id
+        assert cache_id(replace(spec, precision="bf16"), splits.fingerprint) != cached.cache_id
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert teacher.cache_id(replace(spec, precision="auto"), splits.fingerprint) == cached.cache_id
+    assert cache_id(replace(spec, precision="auto"), splits.fingerprint) == cached.cache_id
     other_seed = replace(spec, seed=1)
-    assert teacher.cache_id(other_seed, data.prepare(spec.data, 1).fingerprint) != cached.cache_id
+    assert cache_id(other_seed, data.prepare(spec.data, 1).fingerprint) != cached.cache_id
 
 
 @pytest.mark.parametrize("damage", ["flip a byte of logits", "delete weights", "garble meta"])
@@ -80,7 +86,7 @@ def test_corrupt_cache_is_reported_and_retrained(trained, damage):
     else:
         (cached.folder / "meta.json").write_text("{not json")
     messages = []
-    again = teacher.load_or_train(spec, splits, echo=messages.append)
+    again = teacher.load_or_train(spec, splits, CPU_FP32, echo=messages.append)
     assert "corrupt" in messages[0]
     assert teacher.load(again.folder).cache_id == cached.cache_id  # the retrained cache verifies
     assert np.array_equal(np.load(again.folder / "logits_train.npy"), again.logits["train"].numpy())

@@ -5,7 +5,7 @@ import logging
 import optuna
 import pytest
 
-from kdtune import study
+from kdtune import target
 from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME
 from kdtune.train import FitResult, TrainingDiverged
 
@@ -31,7 +31,7 @@ def trial_log():
 
 def run_one(objective):
     the_study = optuna.create_study(direction="maximize")
-    study.run(the_study, objective, n_trials=1, timeout=None, progress_bar=False)
+    target.run(the_study, objective, n_trials=1, timeout=None, progress_bar=False)
     return the_study
 
 
@@ -50,7 +50,7 @@ def test_an_expected_failure_is_one_line_without_traceback(trial_log):
 
 def test_a_surplus_trial_logs_nothing(trial_log):
     def surplus(trial):
-        study.surplus(trial, "other workers finished the study while it started")
+        target.surplus(trial, "other workers finished the study while it started")
 
     assert run_one(surplus).trials[0].state == optuna.trial.TrialState.FAIL
     assert trial_log == []

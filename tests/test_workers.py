@@ -18,7 +18,7 @@ import postgres
 import pytest
 import sqlalchemy.exc
 import torch
-from conftest import REPO, run_cli
+from conftest import CPU_FP32, REPO, run_cli
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -208,7 +208,7 @@ def tuned_once(tiny_spec, workdir, name):
     spec = load_spec(tiny_spec(name))
     splits = data.prepare(spec.data, spec.seed)
     the_study = study.open_study(spec, create=True)
-    cached = artifacts.teacher_for_study(the_study, spec, splits, echo=lambda _: None)
+    cached = artifacts.teacher_for_study(the_study, spec, splits, CPU_FP32, echo=lambda _: None)
     return spec, splits, the_study, cached
 
 
@@ -220,7 +220,8 @@ def test_a_worker_without_the_cache_fetches_the_study_s_teacher(tiny_spec, workd
     spec, splits, the_study, cached = tuned_once(tiny_spec, workdir, "travel")
     shutil.rmtree(cached.folder)  # another machine: no cache folder
     monkeypatch.setattr(teacher, "train", refuse_training)
-    fetched = artifacts.teacher_for_study(study.open_study(spec, create=False), spec, splits, echo=lambda _: None)
+    fetched = artifacts.teacher_for_study(study.open_study(spec, create=False), spec, splits, CPU_FP32,
+                                          echo=lambda _: None)
     assert fetched.cache_id == cached.cache_id
     assert all(torch.equal(fetched.logits[part], cached.logits[part]) for part in ("train", "val", "test"))
 
@@ -235,5 +236,6 @@ def test_a_tampered_teacher_artifact_is_refused(tiny_spec, workdir, monkeypatch)
     shutil.rmtree(cached.folder)
     monkeypatch.setattr(teacher, "train", refuse_training)
     with pytest.raises(SpecError, match="weights.pt .* does not match the sha256 recorded in the study"):
-        artifacts.teacher_for_study(study.open_study(spec, create=False), spec, splits, echo=lambda _: None)
+        artifacts.teacher_for_study(study.open_study(spec, create=False), spec, splits, CPU_FP32,
+                                    echo=lambda _: None)
     assert not cached.folder.exists()  # nothing half-fetched is left to be mistaken for a cache

@@ -1,0 +1,90 @@
+"""The student: its configuration under the user-facing names, its families, its size, and how one is trained.
+
+A new student family, loss or size objective is a change here: the study (an Optuna adapter) and the report
+only ask for configurations, parameter counts and trained students.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kdtune import models
+from kdtune.hardware import Compute
+from kdtune.losses import LOSSES
+from kdtune.spec import SearchSpec, StudentSpec, choose
+from kdtune.train import FitResult, fit
+from kdtune.transfer import StudentData
+
+# name -> class built as Family(image_shape, n_classes, width); a study's students are all of one family
+FAMILIES = {"mlp": models.StudentMLP}
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    temperature: float
+    label_weight: float  # the user-facing `lambda`, a Python keyword: named so in as_params/from_params only
+    width: int
+    loss: str = "hinton"
+
+    def as_params(self) -> dict:
+        """The user-facing names, as in the study, the spec and the report."""
+        return {"temperature": self.temperature, "lambda": self.label_weight, "width": self.width, "loss": self.loss}
+
+    @classmethod
+    def from_params(cls, params: dict) -> StudentConfig:
+        """The inverse of `as_params`."""
+        return cls(params["temperature"], params["lambda"], params["width"], params["loss"])
+
+    @classmethod
+    def from_trial(cls, trial) -> StudentConfig:
+        """A study's trial (an Optuna FrozenTrial): its params, and its loss, which is a user attribute."""
+        return cls.from_params({**trial.params, "loss": trial.user_attrs["loss"]})
+
+    @property
+    def distils(self) -> bool:
+        """Whether the teacher's soft targets weigh in the loss form kdtune tunes (hinton); lambda = 1 is the
+        student trained alone, on the labelled images only (see `train`)."""
+        return self.label_weight < 1.0
+
+    def within(self, search: SearchSpec) -> bool:
+        """Whether the study's search space holds this configuration."""
+        return all(r.low <= value <= r.high for r, value in ((search.temperature, self.temperature),
+                                                             (search.label_weight, self.label_weight),
+                                                             (search.width, self.width)))
+
+
+# The seed project's configuration, its loss form included: every study runs it first and the report tests it.
+REFERENCE = StudentConfig(temperature=10.0, label_weight=0.5, width=512, loss="reference")
+
+
+def build(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str = "mlp") -> nn.Module:
+    return choose(FAMILIES, family, "student family")(image_shape, n_classes, config.width)
+
+
+def n_parameters(config: StudentConfig, image_shape: tuple[int, int], n_classes: int) -> int:
+    """Counted on the model itself, built on the meta device: no memory, no time, and the global RNG, which
+    seeds the next student's weights, is left alone."""
+    with torch.device("meta"):
+        return models.n_parameters(build(config, image_shape, n_classes))
+
+
+def train(config: StudentConfig, schedule: StudentSpec, data: StudentData, seed: int, compute: Compute,
+          report: Callable[[int, float], None] | None = None) -> tuple[nn.Module, FitResult]:
+    """One student on tensors already on the device; without distillation, on the labelled images only.
+
+    `report(epoch, val_accuracy)` may raise `train.StopTraining` (a pruner's verdict): the student then comes
+    back with its result so far, the reason in `result.stopped_early`.
+    """
+    if not config.distils:
+        data = data.labelled_only()
+    torch.manual_seed(seed)
+    model = build(config, data.image_shape, data.n_classes)
+    loss_fn = functools.partial(LOSSES[config.loss], temperature=config.temperature, label_weight=config.label_weight)
+    result = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, loss_fn=loss_fn, schedule=schedule,
+                 seed=seed, teacher_logits=data.teacher_logits, report=report, autocast_dtype=compute.autocast_dtype)
+    return model, result

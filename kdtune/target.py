@@ -1,0 +1,105 @@
+"""Running a study to its target: `tune --trials N` ends with the study holding exactly N finished (complete or
+pruned) trials, however many workers share it, whichever trials fail, and whenever Ctrl-C comes.
+
+N workers that each start a trial as the study nears its target would overshoot it by up to N - 1, so a trial
+first makes sure the study still needs it (`wait_for_a_place`); one that is not needed fails at once, untrained.
+"""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from kdtune import health
+from kdtune.errors import STORAGE_ERRORS
+from kdtune.interrupts import StopRequest
+from kdtune.train import TrainingDiverged
+from kdtune.trial_log import quiet_trial_log
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# How often a trial waiting for a place looks again. Every second costs one small query per waiting worker;
+# polling at the heartbeat interval (10 s) kept `tune --jobs 2` idle for up to 10 s as the study ended.
+PLACE_POLL_SECONDS = 1.0
+
+
+class SurplusTrial(Exception):
+    """Workers sharing a study started more trials than it needed; this one never trains."""
+
+
+# A trial that ends this way is recorded as failed, with its reason, and the study goes on.
+TRIAL_FAILURES = (TrainingDiverged, health.StuckAtChance, SurplusTrial)
+
+
+def n_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None, progress_bar: bool = True) -> None:
+    """Run until the study holds `n_trials` finished (complete or pruned) trials, or `timeout` seconds pass.
+
+    Other workers may share the study; each trial first makes sure it is needed (see `wait_for_a_place`).
+    Failed trials do not count, so this runs rounds of the missing trials until none is missing, or until a
+    round ends with no trial finished anywhere (every trial fails: more rounds would not help).
+    Ctrl-C or SIGTERM raises KeyboardInterrupt once no trial of this process is left RUNNING (see interrupts).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    stop = StopRequest()
+    callbacks = [MaxTrialsCallback(n_trials, states=FINISHED), stop.stop_after_trial]
+    if progress_bar:  # the process that shows the progress warns; other workers stay quiet
+        teacher_behind = health.TeacherBehindWarning()
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # a resumed study's controls
+            teacher_behind(study, trial)
+        callbacks.append(teacher_behind)
+
+    def needed_objective(trial: optuna.Trial) -> float:
+        with stop.inside_objective():
+            wait_for_a_place(trial, n_trials)
+            return objective(trial)
+
+    with stop.installed(), quiet_trial_log(expected=(KeyboardInterrupt, *TRIAL_FAILURES), silent=(SurplusTrial,)):
+        while (n_missing := n_trials - n_finished(study)) > 0:
+            stop.raise_if_requested()
+            seconds_left = None if deadline is None else deadline - time.monotonic()
+            if seconds_left is not None and seconds_left <= 0:
+                return
+            try:
+                study.optimize(needed_objective, n_trials=n_missing, timeout=seconds_left, catch=TRIAL_FAILURES,
+                               callbacks=callbacks,
+                               show_progress_bar=progress_bar)
+            except UnboundLocalError as error:
+                # Optuna 5.0.0: when the storage fails as a trial ends, _run_trial's clean-up raises
+                # UnboundLocalError over the storage error; surface the storage error (the CLI prints one line)
+                if isinstance(error.__context__, STORAGE_ERRORS):
+                    raise error.__context__ from None
+                raise
+            stop.raise_if_requested()
+            if n_finished(study) == n_trials - n_missing:
+                return
+
+
+def wait_for_a_place(trial: optuna.Trial, n_trials: int) -> None:
+    """Let this trial train only if the trials numbered before it cannot reach `n_trials` without it.
+
+    While earlier trials run, wait: if they finish, this trial is surplus and fails at once, untrained. If one
+    dies (its worker was killed: it goes stale and is failed after the grace period), its configuration is
+    enqueued again, and this trial gives its place to that retry.
+    """
+    while True:
+        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
+                   if t.number < trial.number]
+        if sum(t.state in FINISHED for t in earlier) >= n_trials:
+            surplus(trial, "other workers finished the study while it started")
+        if len(earlier) < n_trials:
+            return
+        optuna.storages.fail_stale_trials(trial.study)  # fails a dead worker's trial and enqueues its retry
+        if trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            surplus(trial, "it gave its place to a waiting retry")
+        time.sleep(PLACE_POLL_SECONDS)
+
+
+def surplus(trial: optuna.Trial, reason: str) -> None:
+    trial.set_user_attr("fail_reason", f"surplus: {reason}")
+    raise SurplusTrial(reason)
