@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny slice of the embedded Fashion-MNIST and specs that train in seconds."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 
 from kdtune.data import read_embedded
 from kdtune.hardware import Compute
+from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 # What the tiny spec's device = "cpu" and default precision (fp32) resolve to.
@@ -50,6 +52,25 @@ def write_tiny_npz(path: Path, n_train_per_class: int = 30, n_test_per_class: in
     np.savez(path, x_train=full.x_train[train], y_train=full.y_train[train],
              x_test=full.x_test[test], y_test=full.y_test[test])
     return path
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def trial_log():
+    """The records Optuna's trial loop logs during the test (its loggers do not propagate to pytest's capture)."""
+    collected = Collect()
+    logger = logging.getLogger(TRIAL_LOOP_LOGGER_NAME)
+    logger.addHandler(collected)
+    yield collected.records
+    logger.removeHandler(collected)
 
 
 @pytest.fixture

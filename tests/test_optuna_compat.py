@@ -1,12 +1,11 @@
 """Each private piece of Optuna that kdtune relies on, pinned: an Optuna release that moves one fails here."""
 
-import logging
 import sqlite3
 from contextlib import closing
 
 import optuna
 
-from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME, live_trial, stale_trial_numbers
+from kdtune.optuna_compat import live_trial, stale_trial_numbers
 
 
 def test_stale_trials_are_running_trials_whose_heartbeat_stopped(tmp_path):
@@ -36,25 +35,10 @@ def test_a_live_handle_on_a_finished_trial_reads_it():
     assert handle.number == 1 and handle.params == finished.params
 
 
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-def test_optuna_logs_failed_trials_on_the_trial_loop_logger():
+def test_optuna_logs_failed_trials_on_the_trial_loop_logger(trial_log):
     def fail(trial):
         raise ValueError("expected")
 
-    collected = Collect()
-    logger = logging.getLogger(TRIAL_LOOP_LOGGER_NAME)  # Optuna's loggers do not propagate to pytest's
-    logger.addHandler(collected)
-    try:
-        optuna.create_study().optimize(fail, n_trials=1, catch=(ValueError,))
-    finally:
-        logger.removeHandler(collected)
-    failed = [r for r in collected.records if r.exc_info]
+    optuna.create_study().optimize(fail, n_trials=1, catch=(ValueError,))
+    failed = [r for r in trial_log if r.exc_info]
     assert failed and isinstance(failed[0].exc_info[1], ValueError)

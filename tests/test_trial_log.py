@@ -1,32 +1,10 @@
 """A normal run prints no traceback: trials that end in a way kdtune expects are one line or nothing."""
 
-import logging
-
 import optuna
 import pytest
 
 from kdtune import target
-from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME
 from kdtune.train import FitResult, TrainingDiverged
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-@pytest.fixture
-def trial_log():
-    """What Optuna's trial loop logs (its loggers do not propagate to pytest's capture)."""
-    collected = Collect()
-    logger = logging.getLogger(TRIAL_LOOP_LOGGER_NAME)
-    logger.addHandler(collected)
-    yield collected.records
-    logger.removeHandler(collected)
 
 
 def run_one(objective):
