@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from kdtune import dashboard, health, student
 from kdtune.data import Splits
 from kdtune.hardware import Compute
+from kdtune.interrupts import uninterrupted
 from kdtune.optuna_compat import stale_trial_numbers
 from kdtune.provenance import versions
 from kdtune.spec import TRANSPOSED_FORMATS, Range, SearchSpec, Spec, SpecError, to_toml_dict
@@ -78,11 +79,12 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
     teacher_val_logits = teacher.logits["val"].to(compute.device)
 
     def objective(trial: optuna.Trial) -> float:
-        config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))
-        n_parameters = student.n_parameters(config, data.image_shape, data.n_classes)
-        trial.set_user_attr("loss", config.loss)
-        trial.set_user_attr("worker", WORKER_ID)  # `status` shows where a running trial runs
-        trial.set_user_attr("n_parameters", n_parameters)
+        with uninterrupted():  # every write to the storage: a stop signal waits for it (see interrupts)
+            config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))
+            n_parameters = student.n_parameters(config, data.image_shape, data.n_classes)
+            trial.set_user_attr("loss", config.loss)
+            trial.set_user_attr("worker", WORKER_ID)  # `status` shows where a running trial runs
+            trial.set_user_attr("n_parameters", n_parameters)
         try:
             model, result = student.train(config, spec.student, data, spec.seed, compute, report=pruning(trial))
             if result.stopped_early:
@@ -96,9 +98,10 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
             raise
         record_end(trial, config, n_parameters, result)
         student_val_logits = predict(model, data.x_val, compute.autocast_dtype)
-        for name, value in health.measure(student_val_logits, teacher_val_logits, data.y_val,
-                                          config.temperature).items():
-            trial.set_user_attr(name, value)
+        with uninterrupted():
+            for name, value in health.measure(student_val_logits, teacher_val_logits, data.y_val,
+                                              config.temperature).items():
+                trial.set_user_attr(name, value)
         return result.val_accuracy
 
     return objective
@@ -108,8 +111,10 @@ def pruning(trial: optuna.Trial) -> Callable[[int, float], None]:
     """The `report` callable of a trial's training: each epoch's validation accuracy goes to Optuna's pruner,
     whose verdict stops the training."""
     def report(epoch: int, val_accuracy: float) -> None:
-        trial.report(val_accuracy, epoch)
-        if trial.should_prune():
+        with uninterrupted():
+            trial.report(val_accuracy, epoch)
+            prune = trial.should_prune()
+        if prune:
             raise StopTraining(f"pruned after epoch {epoch + 1} at val_accuracy={val_accuracy:.4f}")
 
     return report
@@ -118,18 +123,19 @@ def pruning(trial: optuna.Trial) -> Callable[[int, float], None]:
 def record_end(trial: optuna.Trial, config: StudentConfig, n_parameters: int, result: FitResult,
                ended: BaseException | None = None) -> None:
     """What a trial keeps however it ends, pruned and failed ones too: its cost and its dashboard note."""
-    if isinstance(ended, TRIAL_FAILURES):
-        trial.set_user_attr("fail_reason", str(ended))
-    if ended is None:
-        outcome = f"complete, best validation accuracy {100 * result.val_accuracy:.2f}%"
-    elif isinstance(ended, KeyboardInterrupt):
-        outcome = "interrupted"
-    else:
-        outcome = f"failed: {ended}" if isinstance(ended, TRIAL_FAILURES) else str(ended)
-    trial.set_user_attr("n_epochs", result.n_epochs)
-    trial.set_user_attr("seconds", round(result.seconds, 3))
-    dashboard.note_trial(trial, config, n_parameters=n_parameters, n_epochs=result.n_epochs, seconds=result.seconds,
-                         val_curve=result.val_curve, outcome=outcome)
+    with uninterrupted():  # pruned, failed and interrupted trials keep all of it
+        if isinstance(ended, TRIAL_FAILURES):
+            trial.set_user_attr("fail_reason", str(ended))
+        if ended is None:
+            outcome = f"complete, best validation accuracy {100 * result.val_accuracy:.2f}%"
+        elif isinstance(ended, KeyboardInterrupt):
+            outcome = "interrupted"
+        else:
+            outcome = f"failed: {ended}" if isinstance(ended, TRIAL_FAILURES) else str(ended)
+        trial.set_user_attr("n_epochs", result.n_epochs)
+        trial.set_user_attr("seconds", round(result.seconds, 3))
+        dashboard.note_trial(trial, config, n_parameters=n_parameters, n_epochs=result.n_epochs, seconds=result.seconds,
+                             val_curve=result.val_curve, outcome=outcome)
 
 
 # --------------------------------------------------------------------------------- study and storage

@@ -3,8 +3,10 @@
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +124,19 @@ def tiny_study(tmp_path_factory):
         if step == "report":
             done["first_report"] = json.loads((workdir / "studies/tiny/report.json").read_text())
     return workdir, spec, done
+
+
+@contextmanager
+def signal_handlers(handlers: dict):
+    """Install `handlers` for the test and put back whatever the test process had: pytest started in the
+    background of a non-interactive shell inherits SIGINT ignored, not Python's default handler."""
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# What a `tune` started from a terminal's foreground has.
+FOREGROUND = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}

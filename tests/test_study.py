@@ -5,13 +5,12 @@ import os
 import signal
 import sqlite3
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
-from conftest import CPU_FP32
+from conftest import CPU_FP32, FOREGROUND, signal_handlers
 from optuna.trial import TrialState
 
 from kdtune import data, health, study, target, teacher
@@ -230,22 +229,6 @@ class SignalWhileCreatingTrial(optuna.samplers.RandomSampler):
     def before_trial(self, the_study, trial) -> None:
         if trial.number == self.on_trial:
             os.kill(os.getpid(), self.signum)
-
-
-@contextmanager
-def signal_handlers(handlers: dict):
-    """Install `handlers` for the test and put back whatever the test process had: pytest started in the
-    background of a non-interactive shell inherits SIGINT ignored, not Python's default handler."""
-    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-# What a `tune` started from a terminal's foreground has.
-FOREGROUND = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
