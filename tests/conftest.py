@@ -14,9 +14,9 @@ import optuna
 import pytest
 import torch
 
-from kdtune.data import read_embedded
 from kdtune.hardware import Compute
 from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME
+from kdtune.readers import read_embedded
 
 REPO = Path(__file__).resolve().parents[1]
 # What the tiny spec's device = "cpu" and default precision (fp32) resolve to.

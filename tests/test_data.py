@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from kdtune.data import DataError, fingerprint, load, read_embedded, read_idx_file, stratified_split
+from kdtune.data import fingerprint, load, stratified_split
+from kdtune.readers import DataError, read_embedded, read_idx_file
 from kdtune.spec import DataSpec
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtune.data import read_idx
+from kdtune.readers import read_idx
 
 N_TRAIN_PER_CLASS, N_TEST_PER_CLASS, SEED = 600, 100, 0
 
