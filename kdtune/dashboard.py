@@ -65,14 +65,21 @@ def note_trial(trial: optuna.Trial, config: StudentConfig, **facts) -> None:
 
 
 def trial_note(number: int, config: StudentConfig, *, n_parameters: int, n_epochs: int, seconds: float,
-               val_curve: list[float], outcome: str) -> str:
+               val_curve: list[float], outcome: str, costs: dict | None = None) -> str:
+    """`costs`: the trial's user attributes, whose `cost.of_student` keys (absent from older trials) add a
+    line on what the student costs to run."""
     curve = ", ".join(f"{100 * value:.2f}" for value in val_curve) or "none (ended before its first epoch)"
+    costs = costs or {}
+    cost_line = [] if "latency_ms_batch1" not in costs else [
+        f"- per image: {costs['multiply_adds']:,} multiply-adds; CPU latency (median, {costs['latency_threads']} "
+        f"threads): {costs['latency_ms_batch1']:.3g} ms at batch 1, {costs['latency_ms_batch256']:.3g} ms at batch 256"]
     return "\n".join([
         f"### Trial {number}: temperature {config.temperature:.3g}, lambda {config.label_weight:.3g}, "
         f"width {config.width}",
         "",
         f"- outcome: {outcome}",
         f"- student parameters: {n_parameters:,}",
+        *cost_line,
         f"- epochs: {n_epochs}, seconds: {seconds:.1f}",
         f"- validation accuracy by epoch (%): {curve}",
     ])
@@ -115,7 +122,7 @@ def _complete_trial_note(trial: optuna.trial.FrozenTrial) -> str:
     curve = [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)]
     return trial_note(trial.number, StudentConfig.from_trial(trial),
                       n_parameters=trial.user_attrs.get("n_parameters", 0), n_epochs=len(curve),
-                      seconds=trial.user_attrs.get("seconds", 0.0), val_curve=curve,
+                      seconds=trial.user_attrs.get("seconds", 0.0), val_curve=curve, costs=trial.user_attrs,
                       outcome=f"complete, best validation accuracy {100 * trial.value:.2f}%")
 
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import os
+import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,20 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.partition(":")[2].split())
     return frozenset()
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's name as Linux reports it ("model name" in /proc/cpuinfo); elsewhere what `platform` knows.
+    Virtual machines often report a family only ("AMD EPYC"): `cpu_flags` tells such machines apart."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def reported_cpu_flags() -> list[str]:

@@ -15,7 +15,7 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
-from kdtune import dashboard, health, student
+from kdtune import cost, dashboard, health, student
 from kdtune.data import Splits
 from kdtune.hardware import Compute
 from kdtune.interrupts import uninterrupted
@@ -85,6 +85,8 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
             trial.set_user_attr("loss", config.loss)
             trial.set_user_attr("worker", WORKER_ID)  # `status` shows where a running trial runs
             trial.set_user_attr("n_parameters", n_parameters)
+            for name, value in cost.of_student(config, data.image_shape, data.n_classes).items():  # pruned too
+                trial.set_user_attr(name, value)
         try:
             model, result = student.train(config, spec.student, data, spec.seed, compute, report=pruning(trial))
             if result.stopped_early:
@@ -135,7 +137,7 @@ def record_end(trial: optuna.Trial, config: StudentConfig, n_parameters: int, re
         trial.set_user_attr("n_epochs", result.n_epochs)
         trial.set_user_attr("seconds", round(result.seconds, 3))
         dashboard.note_trial(trial, config, n_parameters=n_parameters, n_epochs=result.n_epochs, seconds=result.seconds,
-                             val_curve=result.val_curve, outcome=outcome)
+                             val_curve=result.val_curve, outcome=outcome, costs=trial.user_attrs)
 
 
 # --------------------------------------------------------------------------------- study and storage

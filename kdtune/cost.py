@@ -1,0 +1,149 @@
+"""What a student costs to run: multiply-adds per image, and its CPU inference latency, measured once per machine.
+
+Latency is measured, not modelled: eager PyTorch on the CPU (`model.eval()`, `torch.inference_mode()`, fp32,
+Python overhead included, as a user serving the student runs it), at batch 1 and batch 256, `N_TIMED_CALLS`
+timed calls after `N_WARMUP_CALLS` untimed ones, reported as the median and the 95th percentile. Always fp32,
+whatever precision the study trains in: the number then means the same in every study on a machine, and bf16
+autocast is a training choice that on CPUs without native bf16 would time PyTorch's emulation, not the student.
+
+The medians are only as quiet as the machine. Another process on the same cores (a second `--jobs` worker
+training, a CI job) slows the calls it overlaps, and a median of 20 hides that only when the overlap is short.
+A measurement is cached per (family, width, input, classes, torch threads, CPU model and flags, torch version)
+in `studies/.cost-cache/`, so a noisy one stays until that file is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from time import perf_counter
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdtune import hardware, student
+from kdtune.student import StudentConfig
+
+CACHE_ROOT = Path("studies/.cost-cache")
+BATCH_SIZES = (1, 256)
+N_WARMUP_CALLS = 5  # first calls allocate buffers and pick kernels
+N_TIMED_CALLS = 20
+# The layers whose multiply-adds `multiply_adds` counts; any other layer with weights is refused, not skipped.
+COUNTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def multiply_adds(model: nn.Module, image_shape: tuple[int, int]) -> int:
+    """Multiply-adds of one image (1 x H x W) through `model`, counted on its forward pass: in_features per
+    output of a Linear layer, (in_channels / groups) x kernel size per output of a convolution. Biases,
+    activations and pooling are not multiply-adds. Build the model on the meta device to count for free."""
+    unknown = [type(m).__name__ for m in model.modules() if not isinstance(m, COUNTED_LAYERS)
+               and any(True for _ in m.parameters(recurse=False))]
+    if unknown:
+        raise NotImplementedError(f"multiply_adds cannot count layers of type {', '.join(sorted(set(unknown)))}")
+    total = 0
+
+    def count(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(layer, nn.Linear):
+            total += output.numel() * layer.in_features
+        else:
+            total += output.numel() * (layer.in_channels // layer.groups) * int(np.prod(layer.kernel_size))
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, COUNTED_LAYERS)]
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, 1, *image_shape, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def latency(model: nn.Module, image_shape: tuple[int, int], *, batch_sizes: tuple[int, ...] = BATCH_SIZES,
+            n_warmup_calls: int = N_WARMUP_CALLS, n_calls: int = N_TIMED_CALLS) -> dict[int, dict]:
+    """{batch size: {"median_ms", "p95_ms", "n_calls"}} of `model` on the CPU, over `n_calls` timed calls that
+    follow `n_warmup_calls` untimed ones, with the torch threads set now."""
+    assert n_calls >= 1, f"{n_calls=}"
+    model = model.to("cpu").eval()
+    found = {}
+    with torch.inference_mode():
+        for batch in batch_sizes:
+            x = torch.rand(batch, 1, *image_shape, generator=torch.Generator().manual_seed(0))
+            for _ in range(n_warmup_calls):
+                model(x)
+            milliseconds = []
+            for _ in range(n_calls):
+                started = perf_counter()
+                model(x)
+                milliseconds.append(1000 * (perf_counter() - started))
+            found[batch] = {"median_ms": round(float(np.median(milliseconds)), 4),
+                            "p95_ms": round(float(np.percentile(milliseconds, 95)), 4), "n_calls": n_calls}
+    return found
+
+
+def measure(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str) -> dict:
+    """Multiply-adds and latency of the student `config` describes, with random weights (a dense model's
+    time does not depend on their values); the global RNG, which seeds the next student, is left alone."""
+    with torch.random.fork_rng(devices=[]):
+        model = student.build(config, image_shape, n_classes, family).eval()  # only ever runs inference
+    return {"multiply_adds": multiply_adds(model, image_shape),
+            "latency": {str(batch): timed for batch, timed in latency(model, image_shape).items()}}
+
+
+def of_student(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str = "mlp") -> dict:
+    """What a trial records of its student's cost: `multiply_adds` per image, the median latency at each
+    batch size (`latency_ms_batch1`, `latency_ms_batch256`), the torch threads and the CPU it was timed on.
+    Measured once per width and machine, then read from the cache."""
+    key = cache_key(config.width, image_shape, n_classes, family)
+    path = CACHE_ROOT / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    measured = read_cached(path, key)
+    if measured is None:
+        measured = measure(config, image_shape, n_classes, family)
+        write_cached(path, {"key": key, **measured, "cpu_flags": hardware.reported_cpu_flags(),
+                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return {"multiply_adds": measured["multiply_adds"],
+            **{f"latency_ms_batch{batch}": measured["latency"][str(batch)]["median_ms"] for batch in BATCH_SIZES},
+            "latency_threads": key["threads"], "latency_cpu": key["cpu"]}
+
+
+def cache_key(width: int, image_shape: tuple[int, int], n_classes: int, family: str) -> dict:
+    """Everything a measurement depends on: the student, the machine (a VM's model name is often only a
+    family, so its feature flags too), torch's threads and version, and how it was timed."""
+    flags = " ".join(sorted(hardware.cpu_flags()))
+    return {"family": family, "width": width, "image_shape": list(image_shape), "n_classes": n_classes,
+            "threads": torch.get_num_threads(), "cpu": hardware.cpu_model(),
+            "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "torch": torch.__version__,
+            "batch_sizes": list(BATCH_SIZES), "n_warmup_calls": N_WARMUP_CALLS, "n_calls": N_TIMED_CALLS}
+
+
+def read_cached(path: Path, key: dict) -> dict | None:
+    """The cached measurement for `key`; None when there is none or the file is unreadable, cut short or
+    holds another key (it is then measured again and rewritten)."""
+    try:
+        cached = json.loads(path.read_text())
+        if cached["key"] != key:
+            return None
+        return {"multiply_adds": int(cached["multiply_adds"]),
+                "latency": {str(b): {"median_ms": float(cached["latency"][str(b)]["median_ms"])} for b in BATCH_SIZES}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_cached(path: Path, record: dict) -> None:
+    """Write to a scratch file, then rename: a reader never sees half a file, and workers measuring the same
+    width at once each write a whole one. A cache that cannot be written costs a measurement per trial, not
+    the trial: it warns instead."""
+    scratch = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch.write_text(json.dumps(record, indent=2))
+        os.replace(scratch, path)
+    except OSError as error:
+        warnings.warn(f"cannot write the student cost cache in {path.parent} ({error.strerror}): latency is "
+                      "measured again for every trial.", stacklevel=2)

@@ -1,0 +1,142 @@
+"""A student's cost: multiply-adds against hand counts, latency statistics from the timed calls only, a cache
+that measures each width once per machine and thread count, and trials that carry it."""
+
+import json
+
+import optuna
+import optuna_dashboard
+import pytest
+import torch
+from conftest import CPU_FP32
+from torch import nn
+
+from kdtune import cost, data, student, study, target, teacher
+from kdtune.models import StudentMLP, TeacherCNN
+from kdtune.spec import load_spec
+from kdtune.student import StudentConfig
+from kdtune.train import FitResult
+
+TRIAL_COSTS = {"multiply_adds", "latency_ms_batch1", "latency_ms_batch256", "latency_threads", "latency_cpu"}
+
+
+@pytest.mark.parametrize("width", [16, 512])
+def test_multiply_adds_of_an_mlp_are_the_hand_count(width):
+    with torch.device("meta"):
+        model = StudentMLP((28, 28), 10, width)
+    assert cost.multiply_adds(model, (28, 28)) == 784 * width + width * 10
+
+
+def test_multiply_adds_count_convolutions_per_output_value():
+    with torch.device("meta"):
+        model = TeacherCNN((28, 28), 10)
+    # 3x3 conv 1 -> 64 channels: 26x26 outputs; pooled to 13x13; 3x3 conv 64 -> 128: 11x11; pooled to 5x5; dense
+    conv1, conv2 = 26 * 26 * 64 * (1 * 9), 11 * 11 * 128 * (64 * 9)
+    assert cost.multiply_adds(model, (28, 28)) == conv1 + conv2 + 128 * 5 * 5 * 1024 + 1024 * 10
+
+
+def test_multiply_adds_refuse_a_layer_with_weights_they_cannot_count():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8))
+    with pytest.raises(NotImplementedError, match="BatchNorm1d"):
+        cost.multiply_adds(model, (28, 28))
+
+
+def test_latency_is_timed_at_batch_1_and_256_over_at_least_20_calls():
+    found = cost.latency(StudentMLP((28, 28), 10, 32), (28, 28))
+    assert sorted(found) == [1, 256]
+    for timed in found.values():
+        assert timed["n_calls"] >= 20 and 0 < timed["median_ms"] <= timed["p95_ms"]
+
+
+class Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n_calls = 0
+
+    def forward(self, x):
+        self.n_calls += 1
+        return x
+
+
+def test_median_and_p95_come_from_the_timed_calls_only(monkeypatch):
+    # the clock, scripted: the k-th timed call of each batch size takes k ms (1 .. 20)
+    times, now = [], 0.0
+    for _batch in cost.BATCH_SIZES:
+        for k in range(1, 21):
+            times += [now, now + k / 1000]
+            now += 1.0
+    clock = iter(times)
+    monkeypatch.setattr(cost, "perf_counter", lambda: next(clock))
+    model = Counted()
+    found = cost.latency(model, (4, 4), n_warmup_calls=5, n_calls=20)
+    assert model.n_calls == len(cost.BATCH_SIZES) * (5 + 20)  # the warm-ups ran ...
+    assert next(clock, None) is None  # ... untimed: two clock reads per timed call, all of them used
+    for timed in found.values():
+        assert timed == {"median_ms": 10.5, "p95_ms": 19.05, "n_calls": 20}  # numpy's linear p95 of 1..20
+
+
+@pytest.fixture
+def measured(workdir, monkeypatch):
+    """(width, torch threads) of each real measurement; each returns a made-up result."""
+    calls = []
+
+    def measure(config, image_shape, n_classes, family):
+        calls.append((config.width, torch.get_num_threads()))
+        return {"multiply_adds": 794 * config.width,
+                "latency": {"1": {"median_ms": 0.5, "p95_ms": 0.6, "n_calls": 20},
+                            "256": {"median_ms": 7.0, "p95_ms": 8.0, "n_calls": 20}}}
+
+    monkeypatch.setattr(cost, "measure", measure)
+    return calls
+
+
+def test_a_width_is_measured_once_per_thread_count(measured):
+    first = cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10)
+    assert first == {"multiply_adds": 794 * 32, "latency_ms_batch1": 0.5, "latency_ms_batch256": 7.0,
+                     "latency_threads": torch.get_num_threads(), "latency_cpu": first["latency_cpu"]}
+    assert cost.of_student(StudentConfig(2.0, 0.1, 32), (28, 28), 10) == first  # other knobs, the same student
+    assert len(measured) == 1
+    cost.of_student(StudentConfig(4.0, 0.5, 64), (28, 28), 10)
+    assert len(measured) == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10)["latency_threads"] == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert measured == [(32, threads), (64, threads), (32, threads + 1)]
+    assert len(list(cost.CACHE_ROOT.glob("*.json"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["{not json", "", "[]", '{"key": {}}', "cut"])
+def test_a_corrupt_cache_file_is_measured_again(measured, damage):
+    first = cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10)
+    [path] = cost.CACHE_ROOT.glob("*.json")
+    path.write_text(path.read_text()[:60] if damage == "cut" else damage)
+    assert cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10) == first
+    assert len(measured) == 2
+    assert json.loads(path.read_text())["key"]["width"] == 32  # rewritten whole ...
+    cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10)
+    assert len(measured) == 2  # ... and read from then on
+
+
+def test_every_trial_carries_its_student_s_cost_pruned_ones_too(tiny_spec, monkeypatch):
+    spec = load_spec(tiny_spec())
+    splits = data.prepare(spec.data, spec.seed)
+    cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
+    the_study = study.open_study(spec, create=True)
+    objective = study.make_objective(spec, splits, cached, CPU_FP32)
+    target.run(the_study, objective, n_trials=2, timeout=None)
+    monkeypatch.setattr(student, "train", lambda *args, **kwargs: (None, FitResult(
+        0.5, 1, 0.1, [0.5], stopped_early="pruned after epoch 1")))  # as the pruner stops a student
+    target.run(the_study, objective, n_trials=3, timeout=None)
+    trials = the_study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED]
+    for trial in trials:
+        attrs, width = trial.user_attrs, trial.params["width"]
+        assert TRIAL_COSTS <= set(attrs)
+        assert attrs["multiply_adds"] == 784 * width + width * 10
+        assert attrs["latency_ms_batch1"] > 0 and attrs["latency_ms_batch256"] > 0
+        assert attrs["latency_threads"] == torch.get_num_threads()
+        note = optuna_dashboard.get_note(optuna.Trial(the_study, trial._trial_id))
+        assert f"{784 * width + width * 10:,} multiply-adds; CPU latency" in note
+    assert len(list(cost.CACHE_ROOT.glob("*.json"))) == len({t.params["width"] for t in trials})
