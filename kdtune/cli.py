@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 
 from kdtune import dashboard, data, figures, hardware, report, study, study_setup, target, teacher, workers
+from kdtune.budget import Budget
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
 from kdtune.spec import DEFAULT_SPEC, Spec, SpecError, load_spec
 from kdtune.student import StudentConfig
@@ -87,9 +88,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    """Print the best trial so far: temperature, lambda, width, validation accuracy, trial number, parameters."""
+    """Print the best trial so far: temperature, lambda, width, validation accuracy, trial number, parameters.
+
+    --max-params and --max-latency-ms give the best trial within that budget instead.
+    """
     spec = _spec(args)
-    found = study.best(study.open_study(spec, create=False, read_only=True))
+    found = study.best(study.open_study(spec, create=False, read_only=True), _budget(args))
     if args.json:
         print(json.dumps(found, indent=2))
     else:
@@ -120,10 +124,10 @@ def cmd_report(args: argparse.Namespace) -> int:
               "the winner on validation, then the winner, its no-distillation twin and the reference on the test "
               "set:")
         try:
-            result = report.evaluate(spec, splits, cached, the_study, compute)
+            result = report.evaluate(spec, splits, cached, the_study, compute, budget=_budget(args))
         except KeyboardInterrupt:
             print(f"\nInterrupted: the students trained so far are kept in {report.runs_folder(spec)}. "
-                  f"Resume with: {_command(args, 'report', *[f'--seeds {args.seeds}'] * bool(args.seeds))}",
+                  f"Resume with: {_command(args, 'report', *_report_flags(args))}",
                   file=sys.stderr)
             return EXIT_INTERRUPTED
         print(report.to_markdown(result))
@@ -207,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "machine, each with its share of the CPUs (default 1)")
     for name in ("best", "status"):
         commands.choices[name].add_argument("--json", action="store_true", help="print JSON")
+    for name in ("best", "report"):
+        command = commands.choices[name]
+        command.add_argument("--max-params", type=_positive(int), help="only students with at most this many "
+                             "parameters")
+        command.add_argument("--max-latency-ms", type=_positive(float), help="only students that take at most this "
+                             "many milliseconds per image at batch 1 (as timed on their CPU)")
     commands.choices["report"].add_argument("--seeds", type=_positive(int), help="seeds per configuration")
     commands.choices["report"].add_argument("--figures-only", action="store_true", help="redraw the pictures and "
                                             "report.html from the last report; trains nothing")
@@ -240,6 +250,16 @@ def _spec(args: argparse.Namespace) -> Spec:
 def _compute(spec: Spec) -> hardware.Compute:
     """The spec's device and precision resolved for this machine, once per command, then passed down."""
     return hardware.resolve_compute(spec.device, spec.precision)
+
+
+def _report_flags(args: argparse.Namespace) -> list[str]:
+    """The flags that decide what `report` trains, for the command that resumes it."""
+    values = {"--seeds": args.seeds, "--max-params": args.max_params, "--max-latency-ms": args.max_latency_ms}
+    return [f"{flag} {value}" for flag, value in values.items() if value is not None]
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    return Budget(max_params=args.max_params, max_latency_ms=args.max_latency_ms)
 
 
 def first_sentence(doc: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 
 from kdtune import figures, saved_runs, student
+from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.hardware import Compute
 from kdtune.losses import UNLABELLED
@@ -58,10 +59,10 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple
     return mean, mean - half, mean + half
 
 
-def top_configurations(study: optuna.Study, n: int) -> list[tuple[int, StudentConfig]]:
-    """(trial number, config) of the n best distinct configurations by validation accuracy."""
-    complete = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
-                      key=lambda t: t.value, reverse=True)
+def top_configurations(study: optuna.Study, n: int, budget: Budget = Budget()) -> list[tuple[int, StudentConfig]]:
+    """(trial number, config) of the n best distinct configurations by validation accuracy, within `budget`."""
+    complete = sorted(budget.select(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                                    study.study_name), key=lambda t: t.value, reverse=True)
     found: dict[StudentConfig, int] = {}
     for trial in complete:
         found.setdefault(StudentConfig.from_trial(trial), trial.number)
@@ -76,7 +77,8 @@ def pick_winner(candidates: list[dict]) -> dict:
 
 
 def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.Study, compute: Compute,
-             echo=print) -> dict:
+             echo=print, budget: Budget = Budget()) -> dict:
+    """The report; with a `budget`, its winner is chosen among the trials within it."""
     data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
     seeds = [spec.seed + 1 + i for i in range(spec.report.n_seeds)]
     started = time.perf_counter()
@@ -103,7 +105,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         return runs
 
     # 1. the winner, chosen on validation accuracy over seeds
-    top = top_configurations(study, spec.report.n_candidates)
+    top = top_configurations(study, spec.report.n_candidates, budget)
     if not top:
         raise SpecError(f"study {study.study_name!r} has no completed trial yet; run `kdtune tune`.")
     candidates, candidate_runs = [], {}
@@ -134,6 +136,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     teacher_test = accuracy_of_logits(teacher.logits["test"], splits.y_test)
     return {
         "study": study.study_name, "seeds": seeds, "candidates": candidates, "winner_trial": winner["trial"],
+        "budget": str(budget),
         "teacher": {"cache_id": teacher.cache_id, "n_parameters": teacher.meta["n_parameters"],
                     "val_accuracy": teacher.val_accuracy, "test_accuracy": teacher_test},
         "students": {"n_labelled": int((data.y_train != UNLABELLED).sum()),
@@ -230,7 +233,8 @@ def to_markdown(report: dict) -> str:
         + (f" and {report['students']['n_unlabelled']:,} whose labels are withheld (teacher soft targets only)"
            if report["students"]["n_unlabelled"] else "") + "; students without distillation from the labelled "
         "ones only.", "",
-        f"## Winner on validation (top {len(report['candidates'])} configurations x seeds {report['seeds']})", "",
+        f"## Winner on validation (top {len(report['candidates'])} configurations x seeds {report['seeds']}"
+        + (f"; budget: {report['budget']}" if report.get("budget", "no budget") != "no budget" else "") + ")", "",
         "| trial | temperature | lambda | width | loss | parameters | val accuracy |", "|---|---|---|---|---|---|---|",
     ]
     for c in report["candidates"]:

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from kdtune import cost, dashboard, health, student
+from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.hardware import Compute
 from kdtune.interrupts import uninterrupted
@@ -246,11 +247,14 @@ def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeach
         study.set_user_attr(key, value)
 
 
-def best(study: optuna.Study) -> dict:
-    try:
-        trial = study.best_trial
-    except ValueError as error:
-        raise SpecError(f"study {study.study_name!r} has no completed trial yet; run `kdtune tune`.") from error
+def best(study: optuna.Study, budget: Budget = Budget()) -> dict:
+    """The trial with the best validation accuracy (Optuna's best trial), or the best within `budget`, ties
+    there going to the smaller student."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise SpecError(f"study {study.study_name!r} has no completed trial yet; run `kdtune tune`.")
+    trial = study.best_trial if budget == Budget() else max(
+        budget.select(complete, study.study_name), key=lambda t: (t.value, -t.user_attrs.get("n_parameters", 0)))
     params = StudentConfig.from_trial(trial).as_params()
     loss = params.pop("loss")  # after the numbers, where `best --json` has always put it
     return {"trial": trial.number, **params, "val_accuracy": trial.value,

@@ -1,0 +1,66 @@
+"""Choosing within a size budget: `best --max-params N` / `--max-latency-ms X`, and report's candidates."""
+
+import json
+
+import optuna
+import pytest
+from conftest import run_cli
+
+from kdtune import study
+from kdtune.budget import Budget
+from kdtune.report import top_configurations
+from kdtune.spec import SpecError
+
+DISTRIBUTIONS = {"temperature": optuna.distributions.FloatDistribution(1.0, 20.0),
+                 "lambda": optuna.distributions.FloatDistribution(0.0, 1.0),
+                 "width": optuna.distributions.IntDistribution(8, 2048)}
+
+
+def trial(value: float, width: int, latency_ms: float | None = None) -> optuna.trial.FrozenTrial:
+    attrs = {"loss": "hinton", "n_parameters": 795 * width + 10}
+    if latency_ms is not None:
+        attrs["latency_ms_batch1"] = latency_ms
+    return optuna.trial.create_trial(params={"temperature": 2.0, "lambda": 0.5, "width": width}, value=value,
+                                     distributions=DISTRIBUTIONS, user_attrs=attrs)
+
+
+@pytest.fixture
+def a_study():
+    """The wider the student, the better and the slower, as in every study so far."""
+    the_study = optuna.create_study(direction="maximize", study_name="sized")
+    for value, width, latency in ((0.90, 2048, 0.20), (0.88, 512, 0.08), (0.85, 64, 0.02), (0.85, 32, 0.02)):
+        the_study.add_trial(trial(value, width, latency))
+    return the_study
+
+
+def test_best_overall_and_best_within_a_budget(a_study):
+    assert study.best(a_study)["width"] == 2048
+    assert study.best(a_study, Budget(max_params=500_000))["width"] == 512
+    assert study.best(a_study, Budget(max_latency_ms=0.05))["width"] == 32  # a tie on accuracy: the smaller
+    assert study.best(a_study, Budget(max_params=500_000, max_latency_ms=0.05))["width"] == 32
+
+
+def test_a_budget_no_trial_meets_says_what_the_study_holds(a_study):
+    with pytest.raises(SpecError, match=r"no completed trial of study 'sized' has at most 1,000 parameters: the "
+                                        r"smallest has 25,450 parameters and 0.02 ms at batch 1"):
+        study.best(a_study, Budget(max_params=1_000))
+
+
+def test_a_trial_without_a_latency_never_meets_a_latency_budget():
+    assert not Budget(max_latency_ms=10.0).admits(trial(0.9, 16))
+    assert Budget(max_params=100_000).admits(trial(0.9, 16))
+
+
+def test_report_candidates_come_from_within_the_budget(a_study):
+    top = top_configurations(a_study, n=5, budget=Budget(max_params=500_000))
+    assert [config.width for _, config in top] == [512, 64, 32]
+
+
+def test_best_with_a_budget_from_the_command_line(tiny_study):
+    workdir, spec, _ = tiny_study
+    within = run_cli("best", "--spec", str(spec), "--max-params", "20000", "--json", cwd=workdir)
+    assert within.returncode == 0, within.stderr
+    assert json.loads(within.stdout)["n_parameters"] <= 20_000
+    impossible = run_cli("best", "--spec", str(spec), "--max-params", "10", cwd=workdir)
+    assert impossible.returncode == 2 and len(impossible.stderr.strip().splitlines()) == 1
+    assert "has at most 10 parameters" in impossible.stderr and "Traceback" not in impossible.stderr
