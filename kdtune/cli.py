@@ -212,10 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("best", "status"):
         commands.choices[name].add_argument("--json", action="store_true", help="print JSON")
     for name in ("best", "report"):
-        command = commands.choices[name]
-        command.add_argument("--max-params", type=_positive(int), help="only students with at most this many "
+        chooser = commands.choices[name]
+        chooser.add_argument("--max-params", type=_positive(int), help="only students with at most this many "
                              "parameters")
-        command.add_argument("--max-latency-ms", type=_positive(float), help="only students that take at most this "
+        chooser.add_argument("--max-latency-ms", type=_positive(float), help="only students that take at most this "
                              "many milliseconds per image at batch 1 (as timed on their CPU)")
     commands.choices["report"].add_argument("--seeds", type=_positive(int), help="seeds per configuration")
     commands.choices["report"].add_argument("--figures-only", action="store_true", help="redraw the pictures and "
