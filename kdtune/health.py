@@ -66,9 +66,10 @@ class TeacherBehindWarning:
         self.warned = False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.warned or trial.state != TrialState.COMPLETE or trial.user_attrs.get("control") != "no_distillation":
+            return  # before reading the study's attributes: a query, and this runs after every trial
         teacher_accuracy = study.user_attrs.get("teacher_val_accuracy")
-        if self.warned or teacher_accuracy is None or trial.state != TrialState.COMPLETE \
-                or trial.user_attrs.get("control") != "no_distillation" or trial.value <= teacher_accuracy:
+        if teacher_accuracy is None or trial.value <= teacher_accuracy:
             return
         self.warned = True
         tqdm.write(f"warning: the student of width {trial.params['width']} trained without distillation reaches "

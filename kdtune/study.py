@@ -82,11 +82,12 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
     def objective(trial: optuna.Trial) -> float:
         with uninterrupted():  # every write to the storage: a stop signal waits for it (see interrupts)
             config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))
-            n_parameters = student.n_parameters(config, data.image_shape, data.n_classes)
-            trial.set_user_attr("loss", config.loss)
-            trial.set_user_attr("worker", WORKER_ID)  # `status` shows where a running trial runs
-            trial.set_user_attr("n_parameters", n_parameters)
-            for name, value in cost.of_student(config, data.image_shape, data.n_classes).items():  # pruned too
+        n_parameters = student.n_parameters(config, data.image_shape, data.n_classes)
+        costs = cost.of_student(config, data.image_shape, data.n_classes)  # before training: pruned trials too
+        with uninterrupted():
+            # `worker`: `status` shows where a running trial runs
+            for name, value in {"loss": config.loss, "worker": WORKER_ID, "n_parameters": n_parameters,
+                                **costs}.items():
                 trial.set_user_attr(name, value)
         try:
             model, result = student.train(config, spec.student, data, spec.seed, compute, report=pruning(trial))

@@ -37,9 +37,9 @@ def set_up(the_study: optuna.Study, spec: Spec, splits: Splits, compute: Compute
     """The study's teacher, once the study is set up: by this process if it created the study (or takes over
     from a creator that died), else by waiting for the process that does."""
     waiting_since, last_beat, announced = None, None, None
-    while "spec" not in the_study.user_attrs:
+    while "spec" not in (attrs := the_study.user_attrs):  # one query a look
         # absent: the study was created a moment ago and its creator has not said so yet
-        set_up_by = the_study.user_attrs.get(study.SET_UP_BY_KEY, _ABSENT)
+        set_up_by = attrs.get(study.SET_UP_BY_KEY, _ABSENT)
         if isinstance(set_up_by, dict) and set_up_by["worker"] == study.WORKER_ID:
             return _set_up_here(the_study, spec, splits, compute, echo)
         if isinstance(set_up_by, dict) and set_up_by["worker"] != announced:
