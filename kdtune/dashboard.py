@@ -1,7 +1,8 @@
 """The study in optuna-dashboard: serving it, and the notes it shows beside Optuna's own charts.
 
-Every trial carries a note: its configuration, parameter count, epochs, seconds, how it ended and its
-validation curve. The study's note holds the best configuration so far and the teacher's accuracy and,
+Every trial carries a note: its configuration, size band, parameter count, epochs, seconds, how it ended and its
+validation curve. The study's note holds the best configuration so far, the teacher's accuracy, the size front
+(the best trial of each band, also drawn as a plot with kdtune[plots]) and,
 once `report` has run, its test table with the distillation gain and interval; the best trial's note
 repeats that summary below its own facts. Notes live in the study's
 storage (optuna-dashboard keeps them as system attributes), so every worker and every viewer sees them.
@@ -9,6 +10,7 @@ storage (optuna-dashboard keeps them as system attributes), so every worker and 
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import sys
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -17,6 +19,7 @@ import optuna
 import optuna_dashboard
 from optuna.trial import TrialState
 
+from kdtune import bands, figures, front
 from kdtune.artifacts import open_artifact_store
 from kdtune.optuna_compat import live_trial
 from kdtune.spec import Spec, SpecError
@@ -65,7 +68,7 @@ def note_trial(trial: optuna.Trial, config: StudentConfig, **facts) -> None:
 
 
 def trial_note(number: int, config: StudentConfig, *, n_parameters: int, n_epochs: int, seconds: float,
-               val_curve: list[float], outcome: str, costs: dict | None = None) -> str:
+               val_curve: list[float], outcome: str, costs: dict | None = None, band: str | None = None) -> str:
     """`costs`: the trial's user attributes, whose `cost.of_student` keys (absent from older trials) add a
     line on what the student costs to run."""
     curve = ", ".join(f"{100 * value:.2f}" for value in val_curve) or "none (ended before its first epoch)"
@@ -78,6 +81,7 @@ def trial_note(number: int, config: StudentConfig, *, n_parameters: int, n_epoch
         f"width {config.width}",
         "",
         f"- outcome: {outcome}",
+        *([f"- size band: {band} (judged among its trials only)"] if band else []),
         f"- student parameters: {n_parameters:,}",
         *cost_line,
         f"- epochs: {n_epochs}, seconds: {seconds:.1f}",
@@ -103,6 +107,14 @@ def note_study(the_study: optuna.Study) -> None:
     teacher_val = the_study.user_attrs.get("teacher_val_accuracy")
     if teacher_val is not None:
         summary += ["", f"Teacher validation accuracy: {100 * teacher_val:.2f}%."]
+    entries = front.best_per_band(the_study)
+    if entries:
+        summary += ["", "**The size front**: the best trial of each size band, on validation (one seed; the "
+                    "report retrains them over fresh seeds).", "", front.to_markdown(entries)]
+        if importlib.util.find_spec("plotly") is not None:  # kdtune[plots]
+            chart = figures.search_front(the_study, teacher_val)
+            optuna_dashboard.save_plotly_graph_object(the_study, figures.chart_to_plotly(chart),
+                                                      graph_object_id="size-front")
     summary += ["", the_study.user_attrs.get(REPORT_NOTE_KEY,
                                              "No report yet: `kdtune report` adds the test table here.")]
     optuna_dashboard.save_note(the_study, "\n".join([f"## {the_study.study_name}", "", *summary]))
@@ -111,18 +123,19 @@ def note_study(the_study: optuna.Study) -> None:
     previous = the_study.user_attrs.get(BEST_NOTED_KEY)
     if previous is not None and previous != best.number:
         formerly_best = next(t for t in complete if t.number == previous)
-        _save_finished_trial_note(the_study, formerly_best, _complete_trial_note(formerly_best))
-    _save_finished_trial_note(the_study, best, "\n".join([_complete_trial_note(best), "", "---", "",
+        _save_finished_trial_note(the_study, formerly_best, _complete_trial_note(the_study, formerly_best))
+    _save_finished_trial_note(the_study, best, "\n".join([_complete_trial_note(the_study, best), "", "---", "",
                                                           "#### The best trial of the study", "", *summary]))
     the_study.set_user_attr(BEST_NOTED_KEY, best.number)
 
 
-def _complete_trial_note(trial: optuna.trial.FrozenTrial) -> str:
+def _complete_trial_note(the_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
     """A completed trial's note, from what the study stored of it."""
     curve = [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)]
+    band = next((b.label for b in front.study_bands(the_study) if b.index == bands.of_trial(trial)), None)
     return trial_note(trial.number, StudentConfig.from_trial(trial),
                       n_parameters=trial.user_attrs.get("n_parameters", 0), n_epochs=len(curve),
-                      seconds=trial.user_attrs.get("seconds", 0.0), val_curve=curve, costs=trial.user_attrs,
+                      seconds=trial.user_attrs.get("seconds", 0.0), val_curve=curve, costs=trial.user_attrs, band=band,
                       outcome=f"complete, best validation accuracy {100 * trial.value:.2f}%")
 
 

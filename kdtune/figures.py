@@ -18,6 +18,7 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
+from kdtune import front
 from kdtune.student import StudentConfig
 
 INSTALL_HINT = 'pip install "kdtune[plots]"'
@@ -68,6 +69,27 @@ def accuracy_by_width(study: optuna.Study, report: dict) -> Chart:
         levels=[("teacher", report["teacher"]["val_accuracy"]),
                 ("no-distillation twin of the winner (mean over seeds)",
                  report["rows"]["no_distillation"]["val_mean"])])
+
+
+def search_front(study: optuna.Study, teacher_val_accuracy: float | None) -> Chart:
+    """Every completed trial's validation accuracy against its parameter count, distilled and not, and the
+    best trial of each size band: the front as the search sees it (one seed each)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    distilled = [t for t in complete if StudentConfig.from_trial(t).distils]
+    alone = [t for t in complete if not StudentConfig.from_trial(t).distils]
+    entries = front.best_per_band(study)
+
+    def params(trials):
+        return [t.user_attrs.get("n_parameters", 0) for t in trials]
+
+    return Chart(
+        title="The size front: validation accuracy by student parameters", x_label="student parameters",
+        y_label="validation accuracy", x_log=True,
+        series=[Series("distilled trials", params(distilled), [t.value for t in distilled], lines=False),
+                Series("no distillation (lambda = 1)", params(alone), [t.value for t in alone], lines=False),
+                Series("best trial of each size band", [e["n_parameters"] for e in entries],
+                       [e["val_accuracy"] for e in entries], lines=True)],
+        levels=[] if teacher_val_accuracy is None else [("teacher", teacher_val_accuracy)])
 
 
 def learning_curves(report: dict) -> Chart | None:

@@ -28,3 +28,28 @@ def live_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.T
     """A live `Trial` handle on a trial of `study`, for APIs that take one (optuna-dashboard's `save_note`).
     Building it only reads the trial: kdtune's TPE sampler does nothing before a trial."""
     return optuna.Trial(study, trial._trial_id)
+
+
+class TrialSubset:
+    """A study as seen through a filter on its trials, for a sampler or pruner that should judge a trial among
+    some trials only (kdtune.per_band: those of its size band). Optuna's own HyperbandPruner does the same for
+    its brackets with a private `_BracketStudy`. Samplers read trials through the private `Study._get_trials`
+    (TPESampler does), so both getters are filtered; everything else is the study's."""
+
+    def __init__(self, study: optuna.Study, keep) -> None:
+        self._study, self._keep = study, keep
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if self._keep(t)]
+
+    def _get_trials(self, deepcopy: bool = True, states=None,
+                    use_cache: bool = False) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+                if self._keep(t)]
+
+    @property
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return self.get_trials()
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)

@@ -85,8 +85,11 @@ class SearchSpec:
     temperature: Range = Range(1.0, 20.0)  # sampled on a log scale
     label_weight: Range = Range(0.0, 1.0)  # TOML key and Optuna param: "lambda"
     width: Range = Range(16, 2048)  # hidden units, sampled on a log scale
+    # size bands (kdtune.bands): "auto" (a 1-3-10 ladder of parameter counts up to the teacher's size), "none"
+    # (one band: the whole width range), or the parameter counts to cut at, e.g. [50000, 200000]
+    bands: str | list = "auto"
     pruner: str = "median"  # median | successive-halving | hyperband | none
-    n_startup_trials: int = 5  # trials that always run to the end before the pruner judges others
+    n_startup_trials: int = 5  # trials of a band that run to the end before the pruner judges others in it
     n_warmup_epochs: int = 2  # epochs of every trial that are never pruned
     control_arms: bool = True  # run the reference configuration and no-distillation students first
 
@@ -113,7 +116,7 @@ class WorkersSpec:
 @dataclass(frozen=True)
 class ReportSpec:
     n_seeds: int = 3
-    n_candidates: int = 5  # top configurations by validation accuracy retrained over seeds to pick the winner
+    n_candidates: int = 3  # top configurations of each size band retrained over seeds to pick the band's winner
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,15 @@ def validate(spec: Spec) -> None:
     # suggest_int would silently truncate a fractional bound
     check(float(search.width.low).is_integer() and float(search.width.high).is_integer(), "search.width must be "
           f"whole numbers of hidden units, but got [{search.width.low}, {search.width.high}].")
+    check(search.bands in ("auto", "none") or (
+        isinstance(search.bands, list) and search.bands and all(type(b) is int and b > 0 for b in search.bands)
+        and search.bands == sorted(set(search.bands))), "search.bands must be \"auto\", \"none\" or increasing "
+        f"parameter counts to cut at, such as [50000, 200000], but got {search.bands!r}.")
+    # Hyperband builds its brackets from the whole study (optuna.pruners.HyperbandPruner), so it cannot judge
+    # a trial against its own size band only.
+    check(search.pruner != "hyperband" or search.bands == "none" or search.width.fixed, "search.pruner = "
+          "\"hyperband\" cannot judge each size band apart; use \"median\" or \"successive-halving\", or "
+          "bands = \"none\".")
     check(search.n_startup_trials >= 0 and search.n_warmup_epochs >= 0,
           "search.n_startup_trials and search.n_warmup_epochs must not be negative.")
     check(spec.transfer.labelled > 0 and (spec.transfer.labelled <= 1 or spec.transfer.labelled.is_integer()),

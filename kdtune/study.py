@@ -10,22 +10,25 @@ from __future__ import annotations
 import os
 import socket
 import zlib
+from collections import Counter
 from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
 
-from kdtune import cost, dashboard, health, student
+from kdtune import bands, cost, dashboard, front, health, student
+from kdtune.bands import Band
 from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.hardware import Compute
 from kdtune.interrupts import uninterrupted
 from kdtune.optuna_compat import stale_trial_numbers
+from kdtune.per_band import PerBandPruner, PerBandSampler
 from kdtune.provenance import versions
 from kdtune.spec import TRANSPOSED_FORMATS, Range, SearchSpec, Spec, SpecError, to_toml_dict
 from kdtune.storage import open_storage, sqlite_holds_studies, sqlite_path
 from kdtune.student import StudentConfig
-from kdtune.target import TRIAL_FAILURES
+from kdtune.target import FINISHED, TRIAL_FAILURES
 from kdtune.teacher import CachedTeacher
 from kdtune.train import FitResult, StopTraining, TrainingDiverged, TrainingInterrupted, predict
 from kdtune.transfer import StudentData
@@ -38,40 +41,66 @@ RECORDED_SECTIONS = ("seed", "precision", "data", "teacher", "student", "search"
 # study user attribute: the process setting a new study up, {"worker": host:pid, "beat": n}; None once it stopped
 SET_UP_BY_KEY = "set_up_by"
 # study user attribute: how the record reads; absent in studies recorded before it existed
-RECORD_VERSION_KEY, RECORD_VERSION = "record_version", 2
+RECORD_VERSION_KEY, RECORD_VERSION = "record_version", 3
 
 
-def suggest(trial: optuna.Trial, search: SearchSpec, loss: str) -> StudentConfig:
-    """The sampler's proposal; the Optuna params are named as `StudentConfig.as_params` names them."""
+def suggest(trial: optuna.Trial, search: SearchSpec, loss: str, band: Band) -> StudentConfig:
+    """The sampler's proposal, its width within the trial's band; the Optuna params are named as
+    `StudentConfig.as_params` names them."""
     def suggest_float(name: str, r: Range, log: bool) -> float:
         return trial.suggest_float(name, r.low, r.high, log=log and not r.fixed)
 
     return StudentConfig.from_params({
         "temperature": suggest_float("temperature", search.temperature, log=True),
         "lambda": suggest_float("lambda", search.label_weight, log=False),
-        "width": trial.suggest_int("width", int(search.width.low), int(search.width.high), log=not search.width.fixed),
+        "width": trial.suggest_int("width", band.min_width, band.max_width, log=band.min_width < band.max_width),
         "loss": loss})
 
 
-def control_arms(search: SearchSpec, loss: str) -> list[tuple[StudentConfig, str]]:
+def control_arms(search: SearchSpec, loss: str, size_bands: list[Band]) -> list[tuple[StudentConfig, str]]:
     """(config, control) of the trials every study runs first: the seed project's configuration, and the
-    student without distillation (lambda = 1, in the spec's `loss`) at the smallest, middle and largest width.
-    Arms outside the search ranges are left out."""
-    width = search.width
-    widths = sorted({int(width.low), round((width.low * width.high) ** 0.5), int(width.high)})
+    student without distillation (lambda = 1, in the spec's `loss`) at the middle width of every size band; a
+    study of one band, at its smallest, middle and largest width, as before bands. Arms outside the search
+    ranges and bands are left out."""
+    widths = {band.middle_width() for band in size_bands}
+    if len(size_bands) == 1:
+        widths |= {size_bands[0].min_width, size_bands[0].max_width}
     arms = [(student.REFERENCE, "reference")]
-    arms += [(StudentConfig(search.temperature.low, 1.0, w, loss), "no_distillation") for w in widths]
-    return [(config, control) for config, control in arms if config.within(search)]
+    arms += [(StudentConfig(search.temperature.low, 1.0, w, loss), "no_distillation") for w in sorted(widths)]
+    return [(config, control) for config, control in arms
+            if config.within(search) and bands.band_of_width(size_bands, config.width) is not None]
 
 
-def enqueue_control_arms(study: optuna.Study, search: SearchSpec, loss: str) -> None:
-    """Queue the control arms ahead of the sampler, unless the spec turns them off. Arms are queued in order,
-    so a set-up interrupted part-way leaves the first few: only the rest are queued."""
+def enqueue_control_arms(study: optuna.Study, search: SearchSpec, loss: str, size_bands: list[Band]) -> None:
+    """Queue the control arms ahead of the sampler, each in its band, unless the spec turns them off. Arms are
+    queued in order, so a set-up interrupted part-way leaves the first few: only the rest are queued."""
     if search.control_arms:
         n_queued = sum("control" in t.user_attrs for t in study.get_trials(deepcopy=False))
-        for config, control in control_arms(search, loss)[n_queued:]:
+        for config, control in control_arms(search, loss, size_bands)[n_queued:]:
             params = config.as_params()
-            study.enqueue_trial(params, user_attrs={"control": control, "loss": params.pop("loss")})
+            band = bands.band_of_width(size_bands, config.width)
+            study.enqueue_trial(params, user_attrs={"control": control, "loss": params.pop("loss"),
+                                                    bands.TRIAL_KEY: band.index})
+
+
+def assign_band(trial: optuna.Trial, size_bands: list[Band]) -> Band:
+    """The trial's band: the one it was queued in (a control arm, a retry), else the band with the fewest
+    trials that count or will (finished, running, waiting), the narrowest of equals: every band gets an equal
+    share of the study's trials."""
+    if bands.TRIAL_KEY not in trial.user_attrs:
+        others = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING,
+                                                                           TrialState.WAITING))
+                  if t.number != trial.number and bands.TRIAL_KEY in t.user_attrs]
+        counts = Counter(bands.of_trial(t) for t in others)
+        chosen = min(size_bands, key=lambda band: (counts[band.index], band.index))
+        with uninterrupted():
+            trial.set_user_attr(bands.TRIAL_KEY, chosen.index)
+    return size_bands[trial.user_attrs[bands.TRIAL_KEY]]
+
+
+def study_bands(study: optuna.Study, spec: Spec, image_shape: tuple[int, int], n_classes: int) -> list[Band]:
+    """The bands the study recorded at its set-up, or, before that, the spec's."""
+    return bands.recorded(study) or bands.size_bands(spec.search, image_shape, n_classes)
 
 
 def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
@@ -79,9 +108,14 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
     data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
     teacher_val_logits = teacher.logits["val"].to(compute.device)
 
+    size_bands: list[Band] = []  # read from the study at its first trial
+
     def objective(trial: optuna.Trial) -> float:
+        if not size_bands:
+            size_bands.extend(study_bands(trial.study, spec, data.image_shape, data.n_classes))
+        band = assign_band(trial, size_bands)
         with uninterrupted():  # every write to the storage: a stop signal waits for it (see interrupts)
-            config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))
+            config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss), band)
         n_parameters = student.n_parameters(config, data.image_shape, data.n_classes)
         costs = cost.of_student(config, data.image_shape, data.n_classes)  # before training: pruned trials too
         with uninterrupted():
@@ -95,12 +129,12 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
                 raise optuna.TrialPruned(result.stopped_early)
             health.check_learnt(result.val_accuracy, data.n_classes)
         except (optuna.TrialPruned, health.StuckAtChance) as ended:
-            record_end(trial, config, n_parameters, result, ended)
+            record_end(trial, config, band, n_parameters, result, ended)
             raise
         except (TrainingDiverged, TrainingInterrupted) as ended:  # no model, but the epochs trained before
-            record_end(trial, config, n_parameters, ended.result, ended)
+            record_end(trial, config, band, n_parameters, ended.result, ended)
             raise
-        record_end(trial, config, n_parameters, result)
+        record_end(trial, config, band, n_parameters, result)
         student_val_logits = predict(model, data.x_val, compute.autocast_dtype)
         with uninterrupted():
             for name, value in health.measure(student_val_logits, teacher_val_logits, data.y_val,
@@ -124,7 +158,7 @@ def pruning(trial: optuna.Trial) -> Callable[[int, float], None]:
     return report
 
 
-def record_end(trial: optuna.Trial, config: StudentConfig, n_parameters: int, result: FitResult,
+def record_end(trial: optuna.Trial, config: StudentConfig, band: Band, n_parameters: int, result: FitResult,
                ended: BaseException | None = None) -> None:
     """What a trial keeps however it ends, pruned and failed ones too: its cost and its dashboard note."""
     with uninterrupted():  # pruned, failed and interrupted trials keep all of it
@@ -139,14 +173,16 @@ def record_end(trial: optuna.Trial, config: StudentConfig, n_parameters: int, re
         trial.set_user_attr("n_epochs", result.n_epochs)
         trial.set_user_attr("seconds", round(result.seconds, 3))
         dashboard.note_trial(trial, config, n_parameters=n_parameters, n_epochs=result.n_epochs, seconds=result.seconds,
-                             val_curve=result.val_curve, outcome=outcome, costs=trial.user_attrs)
+                             val_curve=result.val_curve, outcome=outcome, costs=trial.user_attrs,
+                             band=band.label)
 
 
 # --------------------------------------------------------------------------------- study and storage
 
 def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
+    """The spec's pruner, judging each trial among the trials of its size band."""
     search = spec.search
-    return {
+    return PerBandPruner({
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=search.n_startup_trials,
                                                       n_warmup_steps=search.n_warmup_epochs),
         # asynchronous successive halving: rungs at 1, 3, 9 times the warm-up epochs; a trial goes on from a rung
@@ -156,14 +192,19 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, search.n_warmup_epochs),
                                                             max_resource=spec.student.max_epochs),
         "none": optuna.pruners.NopPruner,
-    }[search.pruner]()
+    }[search.pruner]())
+
+
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    """TPE, sampling each trial's parameters from the trials of its size band."""
+    return PerBandSampler(optuna.samplers.TPESampler(seed=seed))
 
 
 def open_study(spec: Spec, *, create: bool, worker: int = 0, read_only: bool = False) -> optuna.Study:
     """Create or resume the spec's study; refuse to resume one made with a different spec.
 
     Of several processes that start a new study at the same moment, exactly one creates it (the storage holds
-    one study per name) and queues its control arms; see `study_setup` for what the others wait for.
+    one study per name) and sets it up; see `study_setup` for what the others wait for.
     `worker` numbers the processes that `tune --jobs` starts; each samples from its own seed. `read_only`
     (best, status) writes nothing and needs the study to exist.
     """
@@ -181,11 +222,10 @@ def open_study(spec: Spec, *, create: bool, worker: int = 0, read_only: bool = F
     else:
         try:
             study = optuna.create_study(storage=storage, study_name=spec.name, direction="maximize", pruner=pruner)
-            mark_creator(study)
-            enqueue_control_arms(study, spec.search, spec.student.loss)
+            mark_creator(study)  # who then sets it up: its teacher, bands, control arms (see study_setup)
         except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago
             study = optuna.load_study(storage=storage, study_name=spec.name, pruner=pruner)
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(spec.seed, n_trials, worker, joins_live_study(study)))
+    study.sampler = make_sampler(sampler_seed(spec.seed, n_trials, worker, joins_live_study(study)))
     recorded = study.user_attrs.get("spec")
     if recorded is not None:
         check_same_spec(spec, recorded, study.user_attrs.get(RECORD_VERSION_KEY))
@@ -217,15 +257,28 @@ def mark_creator(study: optuna.Study) -> None:
 
 def check_same_spec(spec: Spec, recorded: dict, record_version: int | None = RECORD_VERSION) -> None:
     current = to_toml_dict(spec)
-    if record_version is None and recorded.get("data", {}).get("format") in TRANSPOSED_FORMATS:
-        # recorded before `transpose` was honoured for EMNIST's own formats, which were always transposed
-        recorded = {**recorded, "data": {**recorded["data"], "transpose": True}}
-    # a key missing from the record predates it; such studies ran with its default, which matches
+    recorded = as_recorded_now(recorded, record_version)
     changed = [k for k in RECORDED_SECTIONS if recorded.get(k, current[k]) != current[k]]
     if changed:
         section = changed[0] if changed[0] in ("seed", "precision") else f"[{changed[0]}] section"
         raise SpecError(f"study {spec.name!r} was made with a different {section}; restore it, "
-                        "or start a new study with --study-name.")
+                        "or start a new study with --study-name." + (
+                            ' It was made before size bands: add bands = "none" to its [search] section.'
+                            if changed[0] == "search" and (record_version or 1) < 3 else ""))
+
+
+def as_recorded_now(recorded: dict, record_version: int | None) -> dict:
+    """A study's recorded spec as this kdtune would record the spec it ran with. A key the record predates
+    ran with its default, except where the default changed since."""
+    defaults = to_toml_dict(Spec(name=""))
+    recorded = {key: {**defaults[key], **value} if isinstance(value, dict) and isinstance(defaults.get(key), dict)
+                else value for key, value in recorded.items()}
+    if record_version is None and recorded.get("data", {}).get("format") in TRANSPOSED_FORMATS:
+        # recorded before `transpose` was honoured for EMNIST's own formats, which were always transposed
+        recorded["data"] = {**recorded["data"], "transpose": True}
+    if (record_version or 1) < 3 and "search" in recorded:  # studies made before size bands had one band
+        recorded["search"] = {**recorded["search"], "bands": "none"}
+    return recorded
 
 
 def _no_such_study(spec: Spec) -> SpecError:
@@ -233,7 +286,8 @@ def _no_such_study(spec: Spec) -> SpecError:
 
 
 def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeacher, compute: Compute) -> None:
-    """What the study's numbers mean: the resolved spec and precision, teacher, data fingerprint and versions.
+    """What the study's numbers mean: the resolved spec and precision, size bands, teacher, data fingerprint
+    and versions.
 
     `spec` is written last: processes waiting for the study's set-up go on once it exists (see `study_setup`),
     and must then find everything else recorded.
@@ -241,6 +295,8 @@ def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeach
     if "spec" in study.user_attrs:
         return
     for key, value in {"precision": compute.precision,
+                       bands.RECORD_KEY: [band.as_record() for band in study_bands(study, spec, splits.image_shape,
+                                                                                   splits.n_classes)],
                        "teacher_cache_id": teacher.cache_id,
                        "teacher_val_accuracy": teacher.val_accuracy, "data_fingerprint": splits.fingerprint,
                        "versions": versions(), RECORD_VERSION_KEY: RECORD_VERSION,
@@ -250,14 +306,13 @@ def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeach
 
 def best(study: optuna.Study, budget: Budget = Budget()) -> dict:
     """The trial with the best validation accuracy (Optuna's best trial), or the best within `budget`, ties
-    there going to the smaller student."""
+    there going to the smaller student; and the front: the best of each size band, within `budget`."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise SpecError(f"study {study.study_name!r} has no completed trial yet; run `kdtune tune`.")
-    trial = study.best_trial if budget == Budget() else max(
-        budget.select(complete, study.study_name), key=lambda t: (t.value, -t.user_attrs.get("n_parameters", 0)))
+    trial = study.best_trial if budget == Budget() else front.best_of(budget.select(complete, study.study_name))
     params = StudentConfig.from_trial(trial).as_params()
     loss = params.pop("loss")  # after the numbers, where `best --json` has always put it
     return {"trial": trial.number, **params, "val_accuracy": trial.value,
             "n_parameters": trial.user_attrs.get("n_parameters"), "n_epochs": trial.user_attrs.get("n_epochs"),
-            "loss": loss, "control": trial.user_attrs.get("control")}
+            "loss": loss, "control": trial.user_attrs.get("control"), "front": front.best_per_band(study, budget)}

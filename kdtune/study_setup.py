@@ -1,9 +1,10 @@
 """Setting a study up once, however many `tune` processes start it at the same moment, on however many machines.
 
-The process that creates the study (the storage holds one study per name, so exactly one does) queues the
-control arms, trains or loads the teacher, publishes it to the artifact store and records what the study's
-numbers mean. Every other process waits until that record exists, then checks that it runs the same spec on
-the same data and takes the study's teacher: no study ever trains two teachers or queues its arms twice.
+The process that creates the study (the storage holds one study per name, so exactly one does) cuts the size
+bands, queues the control arms, trains or loads the teacher, publishes it to the artifact store and records
+what the study's numbers mean. Every other process waits until that record exists, then checks that it runs
+the same spec on the same data and takes the study's teacher: no study ever trains two teachers or queues its
+arms twice.
 
 The setting-up process beats every `workers.heartbeat_seconds` in the study attribute `set_up_by`. A waiting
 process takes the set-up over when the beats stop for `workers.grace_seconds` (or at once when the set-up
@@ -77,7 +78,9 @@ def check_same_data(the_study: optuna.Study, spec: Spec, splits: Splits) -> None
 def _set_up_here(the_study: optuna.Study, spec: Spec, splits: Splits, compute: Compute,
                  echo: Callable[[str], None]) -> CachedTeacher:
     with _beating(the_study, spec.workers.heartbeat_seconds):
-        study.enqueue_control_arms(the_study, spec.search, spec.student.loss)  # those a creator that died did not
+        size_bands = study.study_bands(the_study, spec, splits.image_shape, splits.n_classes)
+        # the arms a creator that died did not queue
+        study.enqueue_control_arms(the_study, spec.search, spec.student.loss, size_bands)
         if artifacts.RECORD_KEY not in the_study.user_attrs \
                 and not teacher.cache_folder(spec, splits.fingerprint, compute).exists():
             echo("No cached teacher for this data, teacher config and seed: training it first.")

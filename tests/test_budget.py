@@ -6,7 +6,8 @@ import optuna
 import pytest
 from conftest import run_cli
 
-from kdtune import study
+from kdtune import bands, study
+from kdtune.bands import Band
 from kdtune.budget import Budget
 from kdtune.report import top_configurations
 from kdtune.spec import SpecError
@@ -16,8 +17,12 @@ DISTRIBUTIONS = {"temperature": optuna.distributions.FloatDistribution(1.0, 20.0
                  "width": optuna.distributions.IntDistribution(8, 2048)}
 
 
+# two size bands: up to 100 hidden units, and wider
+BANDS = [Band(0, 8, 100, 795 * 8 + 10, 795 * 100 + 10), Band(1, 101, 2048, 795 * 101 + 10, 795 * 2048 + 10)]
+
+
 def trial(value: float, width: int, latency_ms: float | None = None) -> optuna.trial.FrozenTrial:
-    attrs = {"loss": "hinton", "n_parameters": 795 * width + 10}
+    attrs = {"loss": "hinton", "n_parameters": 795 * width + 10, bands.TRIAL_KEY: int(width > 100)}
     if latency_ms is not None:
         attrs["latency_ms_batch1"] = latency_ms
     return optuna.trial.create_trial(params={"temperature": 2.0, "lambda": 0.5, "width": width}, value=value,
@@ -28,6 +33,7 @@ def trial(value: float, width: int, latency_ms: float | None = None) -> optuna.t
 def a_study():
     """The wider the student, the better and the slower, as in every study so far."""
     the_study = optuna.create_study(direction="maximize", study_name="sized")
+    the_study.set_user_attr(bands.RECORD_KEY, [band.as_record() for band in BANDS])
     for value, width, latency in ((0.90, 2048, 0.20), (0.88, 512, 0.08), (0.85, 64, 0.02), (0.85, 32, 0.02)):
         the_study.add_trial(trial(value, width, latency))
     return the_study
@@ -38,6 +44,17 @@ def test_best_overall_and_best_within_a_budget(a_study):
     assert study.best(a_study, Budget(max_params=500_000))["width"] == 512
     assert study.best(a_study, Budget(max_latency_ms=0.05))["width"] == 32  # a tie on accuracy: the smaller
     assert study.best(a_study, Budget(max_params=500_000, max_latency_ms=0.05))["width"] == 32
+
+
+def test_the_front_is_the_best_of_each_band_within_the_budget(a_study):
+    front = study.best(a_study)["front"]
+    assert [(e["band"], e["width"], e["n_complete"]) for e in front] == [(0, 32, 2), (1, 2048, 2)]  # ties: smaller
+    assert front[1] == {"band": 1, "band_label": "80.3k-1.63M parameters", "min_params": 80_305,
+                        "max_params": 1_628_170, "n_complete": 2, "trial": 0, "width": 2048, "n_parameters": 1_628_170,
+                        "latency_ms": 0.20, "val_accuracy": 0.90, "temperature": 2.0, "lambda": 0.5}
+    within = study.best(a_study, Budget(max_params=500_000))["front"]
+    assert [(e["band"], e["width"]) for e in within] == [(0, 32), (1, 512)]
+    assert [e["band"] for e in study.best(a_study, Budget(max_params=60_000))["front"]] == [0]
 
 
 def test_a_budget_no_trial_meets_says_what_the_study_holds(a_study):

@@ -51,6 +51,13 @@ def test_teacher_tune_resume_best_report(tiny_study):
 
     found = json.loads(done["best"].stdout)
     assert found["val_accuracy"] == study.best_value and found["trial"] == study.best_trial.number
+    # the front: each of the tiny study's three size bands, with its best trial
+    assert [entry["band"] for entry in found["front"]] == [0, 1, 2]
+    for entry in found["front"]:
+        in_band = [t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+                   if t.user_attrs["band"] == entry["band"]]
+        assert entry["val_accuracy"] == max(t.value for t in in_band)
+        assert entry["min_params"] <= entry["n_parameters"] <= entry["max_params"]
 
     report = done["first_report"]
     assert set(report["rows"]) == {"tuned", "no_distillation", "reference"}

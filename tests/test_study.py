@@ -13,7 +13,7 @@ import torch
 from conftest import CPU_FP32, FOREGROUND, signal_handlers
 from optuna.trial import TrialState
 
-from kdtune import data, health, study, target, teacher
+from kdtune import bands, data, health, study, study_setup, target, teacher
 from kdtune.spec import SpecError, load_spec
 
 
@@ -153,17 +153,19 @@ def test_nan_loss_fails_the_trial_not_the_study(setup, tiny_spec):
 
 def test_a_new_study_runs_the_control_arms_first(setup, tiny_spec):
     _, splits, cached = setup
-    spec = load_spec(tiny_spec("controls", width="[16, 1024]"))
+    spec = load_spec(tiny_spec("controls", width="[16, 1024]", student_epochs=1))
     the_study = study.open_study(spec, create=True)
-    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32), n_trials=5, timeout=None)
-    controls = [(t.user_attrs.get("control"), t.params["lambda"], t.params["width"], t.user_attrs["loss"])
-                for t in the_study.trials[:4]]
-    assert controls == [("reference", 0.5, 512, "reference"), ("no_distillation", 1.0, 16, "hinton"),
-                        ("no_distillation", 1.0, 128, "hinton"), ("no_distillation", 1.0, 1024, "hinton")]
+    study_setup.set_up(the_study, spec, splits, CPU_FP32, echo=lambda _: None)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32), n_trials=6, timeout=None)
+    controls = [(t.user_attrs.get("control"), t.params["lambda"], t.params["width"], t.user_attrs["loss"],
+                 t.user_attrs["band"]) for t in the_study.trials[:5]]
+    # bands of 16-37, 38-125, 126-377 and 378-1024 hidden units on 28x28 images: each band's middle width
+    assert controls == [("reference", 0.5, 512, "reference", 3)] + [
+        ("no_distillation", 1.0, width, "hinton", band) for width, band in ((24, 0), (69, 1), (218, 2), (622, 3))]
     assert the_study.trials[0].params["temperature"] == 10.0
-    assert the_study.trials[4].user_attrs.get("control") is None
-    again = study.open_study(spec, create=True)  # resuming enqueues nothing more
-    assert not again.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert the_study.trials[5].user_attrs.get("control") is None
+    study_setup.set_up(study.open_study(spec, create=True), spec, splits, CPU_FP32)  # resuming queues no more
+    assert not the_study.get_trials(states=(optuna.trial.TrialState.WAITING,))
 
 
 def test_a_resumed_study_draws_new_proposals(tiny_spec):
@@ -171,8 +173,10 @@ def test_a_resumed_study_draws_new_proposals(tiny_spec):
     Control arms off: they are queued only on a new study, and would hide what the sampler proposes."""
     spec = load_spec(tiny_spec("resumed", search="control_arms = false"))
 
+    size_bands = bands.size_bands(spec.search, (28, 28), 10)
+
     def objective(trial):
-        config = study.suggest(trial, spec.search, spec.student.loss)
+        config = study.suggest(trial, spec.search, spec.student.loss, study.assign_band(trial, size_bands))
         return config.temperature * (1 - config.label_weight)
 
     first = study.open_study(spec, create=True)
@@ -187,7 +191,7 @@ def test_a_resumed_study_draws_new_proposals(tiny_spec):
 
 def test_controls_outside_the_search_space_are_left_out(tiny_spec):
     spec = load_spec(tiny_spec("narrow", width="[16, 64]", search="lambda = [0.0, 0.9]"))
-    assert study.control_arms(spec.search, spec.student.loss) == []
+    assert study.control_arms(spec.search, spec.student.loss, bands.size_bands(spec.search, (28, 28), 10)) == []
 
 
 def test_completed_trials_record_distillation_health(setup):

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy.exc
 from conftest import CPU_FP32
 
-from kdtune import data, storage, study, study_setup
+from kdtune import bands, data, storage, study, study_setup
 from kdtune.spec import load_spec
 
 FAST_HEARTBEAT = "\n[workers]\nheartbeat_seconds = 1\ngrace_seconds = 2\n"
@@ -42,14 +42,16 @@ def test_a_starter_takes_over_at_once_from_a_creator_whose_process_is_gone(spec_
     spec, splits = spec_and_splits
     the_study = optuna.create_study(storage=storage.open_storage(spec.storage_url), study_name=spec.name,
                                     direction="maximize")
-    for config, control in study.control_arms(spec.search, spec.student.loss)[:n_queued_before_death]:
+    size_bands = bands.size_bands(spec.search, splits.image_shape, splits.n_classes)
+    for config, control in study.control_arms(spec.search, spec.student.loss, size_bands)[:n_queued_before_death]:
         params = config.as_params()
-        the_study.enqueue_trial(params, user_attrs={"control": control, "loss": params.pop("loss")})
+        the_study.enqueue_trial(params, user_attrs={"control": control, "loss": params.pop("loss"),
+                                                    "band": bands.band_of_width(size_bands, config.width).index})
     the_study.set_user_attr(study.SET_UP_BY_KEY, {"worker": dead_worker(), "beat": 3})
     cached = study_setup.set_up(study.open_study(spec, create=True), spec, splits, CPU_FP32, echo=lambda _: None)
     attrs = the_study.user_attrs
     assert attrs["teacher_cache_id"] == cached.cache_id and attrs[study.SET_UP_BY_KEY]["worker"] == study.WORKER_ID
-    assert n_control_arms(the_study) == len(study.control_arms(spec.search, spec.student.loss)) == 4
+    assert n_control_arms(the_study) == len(study.control_arms(spec.search, spec.student.loss, size_bands)) == 6
 
 
 def test_a_starter_takes_over_from_a_silent_creator_elsewhere_after_the_grace_period(spec_and_splits):
@@ -71,7 +73,7 @@ def test_a_study_created_by_another_process_meanwhile_is_joined_not_created_agai
     monkeypatch.setattr(optuna, "get_all_study_summaries", lambda *args, **kwargs: [])
     joined = study.open_study(spec, create=True)
     assert joined.user_attrs[study.SET_UP_BY_KEY]["worker"] == "another-machine:1"  # not claimed
-    assert n_control_arms(joined) == 4  # not queued twice
+    assert n_control_arms(joined) == 0  # the creator's set-up queues them, not a process that joins
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the trial is asked for by hand, as a worker's would be

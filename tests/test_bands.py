@@ -1,0 +1,149 @@
+"""Size bands: how a study cuts its width range, shares its trials among bands, and judges each trial (sampler
+and pruner) among the trials of its own band only."""
+
+from collections import Counter
+from dataclasses import replace
+
+import optuna
+import pytest
+
+from kdtune import bands, student, study
+from kdtune.per_band import PerBandSampler
+from kdtune.spec import Range, SearchSpec, SpecError, load_spec, to_toml_dict
+from kdtune.student import StudentConfig
+
+FASHION = ((28, 28), 10)
+
+
+def params(width: int, image_shape=(28, 28), n_classes=10) -> int:
+    return student.n_parameters(StudentConfig(1.0, 1.0, width), image_shape, n_classes)
+
+
+def test_the_default_ladder_cuts_the_default_widths_into_five_contiguous_bands():
+    cut = bands.size_bands(SearchSpec(), *FASHION)
+    assert [(b.min_width, b.max_width) for b in cut] == [(16, 37), (38, 125), (126, 377), (378, 1257), (1258, 2048)]
+    for band, upper_cut in zip(cut, (30_000, 100_000, 300_000, 1_000_000)):
+        assert band.max_params == params(band.max_width) < upper_cut <= params(band.max_width + 1)
+    assert [b.index for b in cut] == [0, 1, 2, 3, 4]
+    assert cut[0].label == "12.7k-29.4k parameters" and cut[-1].label == "1M-1.63M parameters"
+
+
+def test_students_larger_than_the_teacher_are_left_out():
+    """The teacher has 3.36 M parameters at 28x28 with 10 classes: widths above ~4,230 would be larger."""
+    cut = bands.size_bands(SearchSpec(width=Range(16, 8192)), *FASHION)
+    assert params(cut[-1].max_width) <= bands._teacher_parameters(*FASHION) < params(cut[-1].max_width + 1)
+    one = bands.size_bands(SearchSpec(width=Range(16, 8192), bands="none"), *FASHION)
+    assert [(b.min_width, b.max_width) for b in one] == [(16, 8192)]  # as before bands: the whole range
+
+
+def test_small_images_get_bands_below_ten_thousand_parameters():
+    cut = bands.size_bands(SearchSpec(), (8, 8), 10)
+    assert [b.max_params < 3_000 for b in cut][:1] == [True] and len(cut) == 5
+
+
+def test_cuts_given_in_the_spec_are_used_and_checked():
+    cut = bands.size_bands(SearchSpec(bands=[50_000, 200_000]), *FASHION)
+    assert [(b.max_params < 50_000, b.min_params >= 50_000) for b in cut[:2]] == [(True, False), (False, True)]
+    assert len(cut) == 3
+    with pytest.raises(SpecError, match="cuts at 5,000,000 parameters, outside"):
+        bands.size_bands(SearchSpec(bands=[50_000, 5_000_000]), *FASHION)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("'some'", "search.bands must be"), ("[200000, 50000]", "search.bands must be"), ("[0]", "search.bands must be"),
+    ("[]", "search.bands must be")])
+def test_bad_bands_are_refused(tiny_spec, value, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(tiny_spec(search=f"bands = {value}"))
+
+
+def test_hyperband_is_refused_with_several_bands(tiny_spec):
+    with pytest.raises(SpecError, match="hyperband.*cannot judge each size band apart"):
+        load_spec(tiny_spec(pruner="hyperband"))
+    load_spec(tiny_spec("one", pruner="hyperband", search='bands = "none"'))
+
+
+def test_every_band_gets_an_equal_share_and_its_widths(tiny_spec):
+    """Trials go to the band with the fewest trials; a queued trial keeps the band it was queued in."""
+    spec = load_spec(tiny_spec(width="[8, 64]"))
+    size_bands = bands.size_bands(spec.search, *FASHION)
+    assert len(size_bands) == 3
+    the_study = optuna.create_study(direction="maximize", sampler=study.make_sampler(0))
+    the_study.enqueue_trial({"width": 60}, user_attrs={bands.TRIAL_KEY: 2})
+
+    def objective(trial):
+        config = study.suggest(trial, spec.search, "hinton", study.assign_band(trial, size_bands))
+        return config.temperature
+
+    the_study.optimize(objective, n_trials=9)
+    in_band = Counter(bands.of_trial(t) for t in the_study.trials)
+    assert in_band == {0: 3, 1: 3, 2: 3}
+    assert the_study.trials[0].params["width"] == 60 and bands.of_trial(the_study.trials[0]) == 2
+    assert all(size_bands[bands.of_trial(t)].holds(t.params["width"]) for t in the_study.trials)
+
+
+def finished_trial(the_study, band: int, curve: list[float]) -> None:
+    trial = the_study.ask()
+    trial.set_user_attr(bands.TRIAL_KEY, band)
+    for epoch, value in enumerate(curve):
+        trial.report(value, epoch)
+    the_study.tell(trial, max(curve))
+
+
+def test_a_narrow_student_is_judged_only_against_its_own_band(tiny_spec):
+    """The wide band is better at every epoch. A narrow trial above its band's median goes on, though it is far
+    below every wide trial; a narrow trial below its band's median is pruned: pruning still works in a band."""
+    spec = load_spec(tiny_spec(n_startup_trials=2))
+    the_study = optuna.create_study(direction="maximize", pruner=study.make_pruner(spec))
+    for _ in range(3):
+        finished_trial(the_study, 1, [0.80, 0.85, 0.90, 0.91])
+    finished_trial(the_study, 0, [0.50, 0.55, 0.60, 0.62])
+    finished_trial(the_study, 0, [0.40, 0.45, 0.50, 0.52])
+    finished_trial(the_study, 0, [0.45, 0.50, 0.55, 0.57])
+
+    def pruned(band: int, value: float) -> bool:
+        trial = the_study.ask()
+        trial.set_user_attr(bands.TRIAL_KEY, band)
+        trial.report(value, 0)
+        return trial.should_prune()
+
+    assert not pruned(0, 0.49)
+    assert pruned(0, 0.30)
+    assert pruned(1, 0.70)
+
+
+class RecordingSampler(optuna.samplers.RandomSampler):
+    """Notes which trials a sampler is shown, through both of the getters samplers use."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self.shown = []
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        self.shown.append(({t.number for t in study.get_trials(deepcopy=False)},
+                           {t.number for t in study._get_trials(deepcopy=False, use_cache=True)}))
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
+def test_the_sampler_sees_only_the_trials_of_the_trial_s_band():
+    recording = RecordingSampler()
+    the_study = optuna.create_study(direction="maximize", sampler=PerBandSampler(recording))
+
+    def objective(trial):
+        trial.set_user_attr(bands.TRIAL_KEY, trial.number % 2)
+        return trial.suggest_float("temperature", 1.0, 20.0)
+
+    the_study.optimize(objective, n_trials=6)
+    for number, (visible, visible_privately) in enumerate(recording.shown):
+        same_band = {n for n in range(number + 1) if n % 2 == number % 2}
+        assert visible == visible_privately == same_band
+
+
+def test_a_study_made_before_bands_resumes_as_one_band(tiny_spec):
+    """Its record (version 2) has no `bands`; it ran as one band. Resuming it asks for bands = "none"."""
+    old = load_spec(tiny_spec(search='bands = "none"'))
+    recorded = to_toml_dict(old)
+    del recorded["search"]["bands"], recorded["search"]["control_arms"]  # keys the record predates
+    study.check_same_spec(old, recorded, record_version=2)
+    with pytest.raises(SpecError, match='made before size bands: add bands = "none"'):
+        study.check_same_spec(replace(old, search=replace(old.search, bands="auto")), recorded, record_version=2)
