@@ -2,8 +2,8 @@
 report.html, one self-contained file that opens offline (plotly.js is embedded once, no CDN).
 
 Optional: `pip install "kdtune[plots]"`. Optuna's own plots (history, importances, contour) come from
-`optuna.visualization` and its matplotlib twin; kdtune's two (accuracy by width, learning curves) are
-described once as a `Chart` and drawn by both libraries.
+`optuna.visualization` and its matplotlib twin; kdtune's own (the size front as the search saw it and on the
+test set, learning curves) are described once as a `Chart` and drawn by both libraries.
 """
 
 from __future__ import annotations
@@ -46,31 +46,6 @@ class Chart:
     x_log: bool = False
 
 
-def accuracy_by_width(study: optuna.Study, report: dict) -> Chart:
-    """Every completed trial's validation accuracy against its width, the best distilled student up to each
-    width, and the teacher and the no-distillation twin as levels."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    distilled, alone = [], []
-    for trial in complete:
-        (distilled if StudentConfig.from_trial(trial).distils else alone).append(trial)
-    distilled.sort(key=lambda t: t.params["width"])
-    best_so_far, envelope = 0.0, []
-    for trial in distilled:
-        best_so_far = max(best_so_far, trial.value)
-        envelope.append(best_so_far)
-    widths = [t.params["width"] for t in distilled]
-    return Chart(
-        title="Validation accuracy by student width", x_label="width (hidden units)",
-        y_label="validation accuracy", x_log=True,
-        series=[Series("distilled trials", widths, [t.value for t in distilled], lines=False),
-                Series("no distillation (lambda = 1)", [t.params["width"] for t in alone],
-                       [t.value for t in alone], lines=False),
-                Series("best distilled up to this width", widths, envelope, lines=True)],
-        levels=[("teacher", report["teacher"]["val_accuracy"]),
-                ("no-distillation twin of the winner (mean over seeds)",
-                 report["rows"]["no_distillation"]["val_mean"])])
-
-
 def search_front(study: optuna.Study, teacher_val_accuracy: float | None) -> Chart:
     """Every completed trial's validation accuracy against its parameter count, distilled and not, and the
     best trial of each size band: the front as the search sees it (one seed each)."""
@@ -90,6 +65,25 @@ def search_front(study: optuna.Study, teacher_val_accuracy: float | None) -> Cha
                 Series("best trial of each size band", [e["n_parameters"] for e in entries],
                        [e["val_accuracy"] for e in entries], lines=True)],
         levels=[] if teacher_val_accuracy is None else [("teacher", teacher_val_accuracy)])
+
+
+def test_front(report: dict, by: str) -> Chart | None:
+    """Each size band's winner and its twin on the test set (mean over the report's seeds) against parameters
+    (`by` = "parameters") or batch-1 latency ("latency"), the teacher as a level; None for reports before bands."""
+    if "front" not in report:
+        return None
+    front_bands = report["front"]
+    x = ([b["rows"]["tuned"]["n_parameters"] for b in front_bands] if by == "parameters"
+         else [b["latency"]["latency_ms_batch1"] for b in front_bands])
+    return Chart(
+        title=f"The size front on the test set, by {by}",
+        x_label="student parameters" if by == "parameters" else "CPU latency at batch 1 (ms, median)",
+        y_label="test accuracy (mean over seeds)", x_log=True,
+        series=[Series("tuned winner of each band", x, [b["rows"]["tuned"]["test_mean"] for b in front_bands],
+                       lines=True),
+                Series("same student, no distillation", x,
+                       [b["rows"]["no_distillation"]["test_mean"] for b in front_bands], lines=True)],
+        levels=[("teacher", report["teacher"]["test_accuracy"])])
 
 
 def learning_curves(report: dict) -> Chart | None:
@@ -147,11 +141,12 @@ def figure_makers(study: optuna.Study, report: dict) -> dict[str, tuple[Callable
     makers = {"optimization-history": optuna_plot("plot_optimization_history"),
               "parameter-importances": optuna_plot("plot_param_importances"),
               "temperature-lambda-contour": optuna_plot("plot_contour", params=["temperature", "lambda"])}
-    by_width = accuracy_by_width(study, report)
-    makers["accuracy-by-width"] = (lambda: chart_to_plotly(by_width), lambda: chart_to_matplotlib(by_width))
-    curves = learning_curves(report)
-    if curves is not None:
-        makers["learning-curves"] = (lambda: chart_to_plotly(curves), lambda: chart_to_matplotlib(curves))
+    charts = {"search-front": search_front(study, report["teacher"]["val_accuracy"]),
+              "front-by-parameters": test_front(report, "parameters"),
+              "front-by-latency": test_front(report, "latency"), "learning-curves": learning_curves(report)}
+    for stem, chart in charts.items():
+        if chart is not None:
+            makers[stem] = (lambda c=chart: chart_to_plotly(c), lambda c=chart: chart_to_matplotlib(c))
     return makers
 
 

@@ -1,12 +1,15 @@
 """The final, honest comparison: the only place kdtune reads the test set.
 
-1. Noise-aware winner: the top-k configurations by validation accuracy are retrained with K fresh seeds
+Band by band (kdtune.bands: a study is a question about students of each size):
+
+1. Noise-aware winner: the band's top-k configurations by validation accuracy are retrained with K fresh seeds
    (not the seed the search used, so a configuration that won by a lucky seed does not keep its luck); the
-   winner has the best mean validation accuracy, ties going to the smaller student.
-2. Only the winner, its no-distillation twin (same width, lambda = 1) and the seed project's configuration
-   are evaluated on the test set; the study records that it was read, for which configurations, and when.
+   band's winner has the best mean validation accuracy, ties going to the smaller student.
+2. Only each band's winner and its no-distillation twin (same width, lambda = 1), and the seed project's
+   configuration, are evaluated on the test set; the study records that it was read, for which
+   configurations, and when. The overall winner is the band winner with the best validation mean.
 3. The distillation gain is paired over seeds: same seed, same initial weights and batch order, with and
-   without the teacher.
+   without the teacher; each band gets its gain, interval and finding, the front its verdict by size.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import figures, saved_runs, student
+from kdtune import cost, figures, front, saved_runs, student
 from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.hardware import Compute
@@ -59,12 +62,10 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple
     return mean, mean - half, mean + half
 
 
-def top_configurations(study: optuna.Study, n: int, budget: Budget = Budget()) -> list[tuple[int, StudentConfig]]:
-    """(trial number, config) of the n best distinct configurations by validation accuracy, within `budget`."""
-    complete = sorted(budget.select(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
-                                    study.study_name), key=lambda t: t.value, reverse=True)
+def top_configurations(trials: list[optuna.trial.FrozenTrial], n: int) -> list[tuple[int, StudentConfig]]:
+    """(trial number, config) of the n best distinct configurations among `trials` by validation accuracy."""
     found: dict[StudentConfig, int] = {}
-    for trial in complete:
+    for trial in sorted(trials, key=lambda t: t.value, reverse=True):
         found.setdefault(StudentConfig.from_trial(trial), trial.number)
         if len(found) == n:
             break
@@ -78,7 +79,9 @@ def pick_winner(candidates: list[dict]) -> dict:
 
 def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.Study, compute: Compute,
              echo=print, budget: Budget = Budget()) -> dict:
-    """The report; with a `budget`, its winner is chosen among the trials within it."""
+    """The report, band by band: each size band's winner over fresh seeds against its no-distillation twin on
+    the test set, and the overall winner (the best band winner) against the reference too. With a `budget`,
+    only trials within it take part."""
     data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
     seeds = [spec.seed + 1 + i for i in range(spec.report.n_seeds)]
     started = time.perf_counter()
@@ -100,51 +103,73 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         fetched = [run_for(config, seed) for seed in seeds]
         runs = [run for run, _ in fetched]
         n_from_earlier = sum(from_earlier for _, from_earlier in fetched)
-        echo(f"  {name:<24} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs)
+        echo(f"  {name:<32} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs)
              + (f"  ({n_from_earlier} of {len(runs)} from an earlier report)" if n_from_earlier else ""))
         return runs
 
-    # 1. the winner, chosen on validation accuracy over seeds
-    top = top_configurations(study, spec.report.n_candidates, budget)
-    if not top:
-        raise SpecError(f"study {study.study_name!r} has no completed trial yet; run `kdtune tune`.")
-    candidates, candidate_runs = [], {}
-    for number, config in top:
-        candidate_runs[number] = train_over_seeds(f"trial {number}", config)
-        vals = [r.val_accuracy for _, r in candidate_runs[number]]
-        candidates.append({"trial": number, "config": config.as_params(), "val_mean": statistics.fmean(vals),
-                           "val_std": statistics.stdev(vals),
-                           "n_parameters": student.n_parameters(config, data.image_shape, data.n_classes)})
-    winner = pick_winner(candidates)
-    winner_config = dict(top)[winner["trial"]]
-
-    # 2. the test set, read once, for three configurations
     x_test, y_test = splits.x_test.to(compute.device), splits.y_test.to(compute.device)
-    rows = {}
-    for name, config in arms(winner_config).items():
-        runs = candidate_runs[winner["trial"]] if name == "tuned" else train_over_seeds(name, config)
-        tests = [accuracy(model, x_test, y_test, compute.autocast_dtype) for model, _ in runs]
-        rows[name] = {"config": config.as_params(), "test_accuracy": tests,
-                      "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests),
-                      "val_mean": statistics.fmean(r.val_accuracy for _, r in runs),
-                      "val_curves": [r.val_curve for _, r in runs],
-                      "n_parameters": student.n_parameters(config, data.image_shape, data.n_classes)}
-    record_test_read(study, rows)
 
-    differences = [a - b for a, b in zip(rows["tuned"]["test_accuracy"], rows["no_distillation"]["test_accuracy"])]
-    gain, low, high = paired_interval(differences)
-    teacher_test = accuracy_of_logits(teacher.logits["test"], splits.y_test)
+    def test_row(name: str, config: StudentConfig, runs: list[saved_runs.Run] | None = None) -> dict:
+        """The test set, read for one arm over the report's seeds."""
+        runs = runs or train_over_seeds(name, config)
+        tests = [accuracy(model, x_test, y_test, compute.autocast_dtype) for model, _ in runs]
+        return {"config": config.as_params(), "test_accuracy": tests,
+                "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests),
+                "val_mean": statistics.fmean(r.val_accuracy for _, r in runs),
+                "val_curves": [r.val_curve for _, r in runs],
+                "n_parameters": student.n_parameters(config, data.image_shape, data.n_classes)}
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise SpecError(f"study {study.study_name!r} has no completed trial yet; run `kdtune tune`.")
+    budget.select(complete, study.study_name)  # a budget no trial meets: one line naming what the study holds
+
+    # 1. each band's winner, chosen on validation accuracy over seeds among the band's own top trials; 2. the
+    # test set, read for the band winner and its twin
+    bands_found, candidates, teacher_test = [], [], accuracy_of_logits(teacher.logits["test"], splits.y_test)
+    for band, trials in front.complete_by_band(study, budget):
+        top = top_configurations(trials, spec.report.n_candidates)
+        band_candidates, candidate_runs = [], {}
+        for number, config in top:
+            candidate_runs[number] = train_over_seeds(f"{band.label}: trial {number}", config)
+            vals = [r.val_accuracy for _, r in candidate_runs[number]]
+            band_candidates.append({"trial": number, "band": band.index, "config": config.as_params(),
+                                    "val_mean": statistics.fmean(vals), "val_std": statistics.stdev(vals),
+                                    "n_parameters": student.n_parameters(config, data.image_shape, data.n_classes)})
+        winner = pick_winner(band_candidates)
+        winner_config = dict(top)[winner["trial"]]
+        twin = arms(winner_config)["no_distillation"]
+        rows = {"tuned": test_row("tuned", winner_config, candidate_runs[winner["trial"]]),
+                "no_distillation": test_row(f"{band.label}: no distillation", twin)}
+        differences = [a - b for a, b in zip(rows["tuned"]["test_accuracy"], rows["no_distillation"]["test_accuracy"])]
+        gain, low, high = paired_interval(differences)
+        candidates += band_candidates
+        bands_found.append({
+            "band": band.index, "band_label": band.label, "min_params": band.min_params,
+            "max_params": band.max_params, "winner_trial": winner["trial"], "winner_val_mean": winner["val_mean"],
+            "rows": rows, "gain": {"mean": gain, "ci95_low": low, "ci95_high": high, "paired_differences": differences},
+            "latency": cost.of_student(winner_config, data.image_shape, data.n_classes),
+            "finding": finding(gain, low, high, winner_config.distils)})
+
+    # 3. the overall winner, the best band winner on validation, also against the seed project's configuration
+    overall = max(bands_found, key=lambda b: (b["winner_val_mean"], -b["rows"]["tuned"]["n_parameters"]))
+    rows = {**overall["rows"], "reference": test_row("reference", REFERENCE)}
+    record_test_read(study, {"reference": rows["reference"], **{
+        f"{b['band_label']}: {arm}": row for b in bands_found for arm, row in b["rows"].items()}})
+    winner_config = StudentConfig.from_params(rows["tuned"]["config"])
     return {
-        "study": study.study_name, "seeds": seeds, "candidates": candidates, "winner_trial": winner["trial"],
+        "study": study.study_name, "seeds": seeds, "candidates": candidates, "winner_trial": overall["winner_trial"],
         "budget": str(budget),
         "teacher": {"cache_id": teacher.cache_id, "n_parameters": teacher.meta["n_parameters"],
                     "val_accuracy": teacher.val_accuracy, "test_accuracy": teacher_test},
         "students": {"n_labelled": int((data.y_train != UNLABELLED).sum()),
                      "n_unlabelled": int((data.y_train == UNLABELLED).sum())},
-        "rows": rows, "gain": {"mean": gain, "ci95_low": low, "ci95_high": high, "paired_differences": differences},
-        "temperature_by_width": temperature_by_width(study),
-        "verdict": verdict(gain, low, high, teacher_lead=teacher_test - rows["no_distillation"]["test_mean"],
+        "rows": rows, "gain": overall["gain"], "front": bands_found,
+        "temperature_by_band": temperature_by_band(study, budget),
+        "verdict": verdict(overall["gain"]["mean"], overall["gain"]["ci95_low"], overall["gain"]["ci95_high"],
+                           teacher_lead=teacher_test - rows["no_distillation"]["test_mean"],
                            winner_distils=winner_config.distils),
+        "front_verdict": front_verdict(bands_found),
         "seconds": round(time.perf_counter() - started, 1), "spec": to_toml_dict(spec),
         "data_fingerprint": splits.fingerprint, "versions": versions(), "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -159,32 +184,52 @@ def record_test_read(study: optuna.Study, rows: dict) -> None:
     study.set_user_attr("test_reads", reads)
 
 
-def temperature_by_width(study: optuna.Study, n_top: int = 5) -> dict:
-    """Does the best temperature depend on the student's width here? (Hinton et al. 2015: small students
-    preferred T of about 2.5-4, large ones anything above 8.) Compares the top trials of the narrower and
-    the wider half of the distilling trials."""
-    distilling = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                  if StudentConfig.from_trial(t).distils and not t.user_attrs.get("control")]
-    if len(distilling) < 2 * n_top:
-        return {"statement": f"Too few distilling trials ({len(distilling)}) to tell whether the best temperature "
-                             "depends on width."}
-    split_width = statistics.median(t.params["width"] for t in distilling)
-    halves = {"narrow": [t for t in distilling if t.params["width"] <= split_width],
-              "wide": [t for t in distilling if t.params["width"] > split_width]}
-    best_t = {}
-    for name, trials in halves.items():
-        top = sorted(trials, key=lambda t: t.value, reverse=True)[:n_top]
-        temps = sorted(t.params["temperature"] for t in top)
-        best_t[name] = {"median": statistics.median(temps), "low": temps[0], "high": temps[-1], "n": len(top)}
-    narrow, wide = best_t["narrow"], best_t["wide"]
+def temperature_by_band(study: optuna.Study, budget: Budget = Budget(), n_top: int = 5) -> dict:
+    """Does the best temperature depend on the student's size here? (Hinton et al. 2015: small students
+    preferred T of about 2.5-4, large ones anything above 8.) The temperatures of each size band's top
+    distilling trials, and whether the narrowest and the widest band's ranges are apart."""
+    found = []
+    for band, trials in front.complete_by_band(study, budget):
+        distilling = [t for t in trials if StudentConfig.from_trial(t).distils and not t.user_attrs.get("control")]
+        if len(distilling) < 3:  # too few to speak of a range
+            continue
+        temps = sorted(t.params["temperature"] for t in sorted(distilling, key=lambda t: t.value)[-n_top:])
+        found.append({"band": band.index, "band_label": band.label, "n": len(temps), "low": temps[0],
+                      "high": temps[-1], "median": statistics.median(temps)})
+    if len(found) < 2:
+        return {"bands": found, "statement": "Too few size bands with 3 or more distilling trials to tell whether "
+                                             "the best temperature depends on size."}
+    narrow, wide = found[0], found[-1]
     apart = narrow["high"] < wide["low"] or wide["high"] < narrow["low"]
-    statement = (f"Top {n_top} trials of students of width <= {split_width:.0f}: T {narrow['low']:.2g}-"
-                 f"{narrow['high']:.2g} (median {narrow['median']:.2g}); wider students: T {wide['low']:.2g}-"
-                 f"{wide['high']:.2g} (median {wide['median']:.2g}). "
-                 + ("The ranges do not overlap: the best temperature depends on width in this study."
-                    if apart else "The ranges overlap: no width dependence of the best temperature is visible here."))
-    return {"split_width": split_width, "narrow": narrow, "wide": wide, "depends_on_width": apart,
-            "statement": statement}
+    ranges = "; ".join(f"{b['band_label']}: T {b['low']:.2g}-{b['high']:.2g} (median {b['median']:.2g})"
+                       for b in found)
+    statement = (f"Top {n_top} distilling trials of each size band: {ranges}. "
+                 + ("The narrowest and the widest band's ranges do not overlap: the best temperature depends on "
+                    "size in this study." if apart else "The narrowest and the widest band's ranges overlap: no "
+                    "size dependence of the best temperature is visible here."))
+    return {"bands": found, "depends_on_size": apart, "statement": statement}
+
+
+def finding(gain: float, low: float, high: float, distils: bool) -> str:
+    """What distillation does in one size band, in a few words."""
+    if not distils:
+        return "no gain: the best configuration does not distil"
+    if low > 0:
+        return "distillation pays"
+    if high < 0:
+        return "distillation hurts"
+    return "no gain distinguishable from seed noise"
+
+
+def front_verdict(bands_found: list[dict]) -> str:
+    """The verdict per size, then how many bands distillation pays in."""
+    def points(b: dict) -> str:
+        g = b["gain"]
+        return f"{100 * g['mean']:+.2f} points, 95% CI {100 * g['ci95_low']:+.2f} to {100 * g['ci95_high']:+.2f}"
+
+    per_band = "; ".join(f"{b['band_label']}: {b['finding']} ({points(b)})" for b in bands_found)
+    n_pays = sum(b["finding"] == "distillation pays" for b in bands_found)
+    return f"Distillation pays in {n_pays} of {len(bands_found)} size bands. {per_band}."
 
 
 # What to try when distillation does not pay, with a teacher ahead of the student trained alone or behind it.
@@ -227,22 +272,27 @@ def verdict(gain: float, low: float, high: float, teacher_lead: float, winner_di
 
 def to_markdown(report: dict) -> str:
     teacher = report["teacher"]
+    band_labels = {b["band"]: b["band_label"] for b in report.get("front", [])}
+    band_winners = {b["winner_trial"] for b in report.get("front", [])}
     lines = [
         f"# Distillation report: {report['study']}", "",
         f"Students learn from {report['students']['n_labelled']:,} labelled training images"
         + (f" and {report['students']['n_unlabelled']:,} whose labels are withheld (teacher soft targets only)"
            if report["students"]["n_unlabelled"] else "") + "; students without distillation from the labelled "
         "ones only.", "",
-        f"## Winner on validation (top {len(report['candidates'])} configurations x seeds {report['seeds']}"
+        f"## Winners on validation (the top configurations of each size band x seeds {report['seeds']}"
         + (f"; budget: {report['budget']}" if report.get("budget", "no budget") != "no budget" else "") + ")", "",
-        "| trial | temperature | lambda | width | loss | parameters | val accuracy |", "|---|---|---|---|---|---|---|",
+        "| size band | trial | temperature | lambda | width | loss | parameters | val accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in report["candidates"]:
-        mark = " **winner**" if c["trial"] == report["winner_trial"] else ""
-        lines.append(f"| {c['trial']}{mark} | {_config_cells(c['config'])} | {c['n_parameters']:,} | "
-                     f"{100 * c['val_mean']:.2f} ± {100 * c['val_std']:.2f}% |")
+        mark = (" **overall winner**" if c["trial"] == report["winner_trial"]
+                else " **band winner**" if c["trial"] in band_winners else "")
+        lines.append(f"| {band_labels.get(c.get('band'), '')} | {c['trial']}{mark} | {_config_cells(c['config'])} | "
+                     f"{c['n_parameters']:,} | {100 * c['val_mean']:.2f} ± {100 * c['val_std']:.2f}% |")
+    temperature = report.get("temperature_by_band") or report["temperature_by_width"]  # reports before bands
     lines += ["", test_section(report), "",
-              f"**Temperature and width.** {report['temperature_by_width']['statement']}", "",
+              f"**Temperature and size.** {temperature['statement']}", "",
               f"Data fingerprint `{report['data_fingerprint'][:16]}`, teacher cache `{teacher['cache_id']}`, "
               f"{report['machine']}, torch {report['versions']['torch']}, optuna {report['versions']['optuna']}, "
               f"{report['seconds']:.0f} s."]
@@ -250,10 +300,11 @@ def to_markdown(report: dict) -> str:
 
 
 def test_section(report: dict) -> str:
-    """The test table and the verdict: the part of the report that the study's dashboard note repeats."""
+    """The test tables and the verdicts: the part of the report that the study's dashboard note repeats."""
     teacher = report["teacher"]
-    lines = [
-        "## Test set (read only here, for these three configurations)", "",
+    lines = [] if "front" not in report else [front_section(report), ""]
+    lines += [
+        "## The overall winner on the test set, with the seed project's configuration", "",
         "| model | temperature | lambda | width | loss | parameters | test accuracy |", "|---|---|---|---|---|---|---|",
         f"| teacher (CNN) | | | | | {teacher['n_parameters']:,} | {100 * teacher['test_accuracy']:.2f}% |",
     ]
@@ -261,6 +312,31 @@ def test_section(report: dict) -> str:
         lines.append(f"| {name.replace('_', ' ')} | {_config_cells(row['config'])} | {row['n_parameters']:,} | "
                      f"{100 * row['test_mean']:.2f} ± {100 * row['test_std']:.2f}% |")
     lines += ["", f"**Verdict.** {report['verdict']}"]
+    return "\n".join(lines)
+
+
+def front_section(report: dict) -> str:
+    """The size front on the test set: each band's winner against the same student trained alone."""
+    teacher = report["teacher"]
+    lines = [
+        "## The size front on the test set (read only here: each band's winner and its twin)", "",
+        "| size band | winner | T | lambda | width | parameters | latency ms (batch 1 / 256) | tuned | "
+        "no distillation | gain, points (95% CI) | finding |", "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| teacher (CNN) | | | | | {teacher['n_parameters']:,} | | {100 * teacher['test_accuracy']:.2f}% | | | |",
+    ]
+    for b in report["front"]:
+        tuned, twin, gain, latency = b["rows"]["tuned"], b["rows"]["no_distillation"], b["gain"], b["latency"]
+        config = StudentConfig.from_params(tuned["config"])
+        lines.append(
+            f"| {b['band_label']} | trial {b['winner_trial']} | {config.temperature:.3g} | {config.label_weight:.3g} "
+            f"| {config.width} | {tuned['n_parameters']:,} | {latency['latency_ms_batch1']:.3g} / "
+            f"{latency['latency_ms_batch256']:.3g} | {100 * tuned['test_mean']:.2f} ± {100 * tuned['test_std']:.2f}% "
+            f"| {100 * twin['test_mean']:.2f} ± {100 * twin['test_std']:.2f}% | {100 * gain['mean']:+.2f} "
+            f"({100 * gain['ci95_low']:+.2f} to {100 * gain['ci95_high']:+.2f}) | {b['finding']} |")
+    latency = report["front"][0]["latency"]
+    lines += ["", f"Latency per call, median of {cost.N_TIMED_CALLS}: eager PyTorch, fp32, on {latency['latency_cpu']} "
+              f"with {latency['latency_threads']} threads.", "",
+              f"**Verdict by size.** {report['front_verdict']}"]
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ import optuna
 import pytest
 from conftest import run_cli
 
-from kdtune import bands, study
+from kdtune import bands, front, study
 from kdtune.bands import Band
 from kdtune.budget import Budget
 from kdtune.report import top_configurations
@@ -69,8 +69,9 @@ def test_a_trial_without_a_latency_never_meets_a_latency_budget():
 
 
 def test_report_candidates_come_from_within_the_budget(a_study):
-    top = top_configurations(a_study, n=5, budget=Budget(max_params=500_000))
-    assert [config.width for _, config in top] == [512, 64, 32]
+    within = front.complete_by_band(a_study, Budget(max_params=500_000))
+    assert [[config.width for _, config in top_configurations(trials, n=5)] for _, trials in within] == [
+        [64, 32], [512]]
 
 
 def test_best_with_a_budget_from_the_command_line(tiny_study):

@@ -10,7 +10,8 @@ import pytest
 from conftest import CPU_FP32, TINY_SPEC, write_tiny_npz
 from optuna.distributions import FloatDistribution, IntDistribution
 
-from kdtune import data, report, student, teacher
+from kdtune import bands, data, report, student, teacher
+from kdtune.bands import Band
 from kdtune.report import arms, paired_interval, pick_winner, verdict, weak_teacher_warning
 from kdtune.spec import Spec, load_spec
 from kdtune.student import StudentConfig
@@ -104,30 +105,22 @@ class Evaluated:
         return accuracy(model, self.splits.x_test, self.splits.y_test)
 
 
-def add_trial(study: optuna.Study, value: float, config: StudentConfig) -> None:
+def add_trial(study: optuna.Study, value: float, config: StudentConfig, band: int | None = None) -> None:
     """A finished trial of `config`, recorded with `value` as if the search had measured it."""
     params = config.as_params()
     study.add_trial(optuna.trial.create_trial(
         params={name: params[name] for name in SEARCH_DISTRIBUTIONS}, distributions=SEARCH_DISTRIBUTIONS,
-        value=value, user_attrs={"loss": config.loss}))
+        value=value, user_attrs={"loss": config.loss, **({} if band is None else {"band": band})}))
 
 
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory) -> Evaluated:
-    """A report on tiny data (2 seeds, 2 epochs) over a study whose recorded values rank its trials against what
-    training gives: a 2-unit student recorded at 0.99, a 64-unit one at 0.5, and the seed project's
-    configuration at 0.3, which is also the report's reference arm. Every student.train call is recorded."""
-    folder = tmp_path_factory.mktemp("report")
+def evaluate_recording(folder: Path, study: optuna.Study) -> Evaluated:
+    """The report of `study` on tiny data (2 seeds, 2 epochs, 3 candidates per band), recording every
+    student.train call."""
     npz = write_tiny_npz(folder / "tiny.npz", n_test_per_class=50)  # 500 test images: per-seed accuracies differ
     spec_path = folder / "tiny.toml"
     spec_path.write_text(TINY_SPEC.format(path=npz, student_epochs=2, width="[8, 64]", pruner="median",
                                           n_startup_trials=5, search="") + "n_candidates = 3\n")
-    study = optuna.create_study(direction="maximize")
-    add_trial(study, 0.99, StudentConfig(temperature=4.0, label_weight=0.5, width=2))
-    add_trial(study, 0.5, StudentConfig(temperature=4.0, label_weight=0.5, width=64))
-    add_trial(study, 0.3, student.REFERENCE)
     trained, echoed = [], []
-
     train_student = student.train
 
     def recording_train_student(config, schedule, student_data, seed, compute, **options):
@@ -143,6 +136,58 @@ def evaluated(tmp_path_factory) -> Evaluated:
         cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
         result = report.evaluate(spec, splits, cached, study, CPU_FP32, echo=echoed.append)
     return Evaluated(folder, spec, splits, cached, study, result, echoed, trained)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Evaluated:
+    """A report over a study made before size bands (one band), whose recorded values rank its trials against
+    what training gives: a 2-unit student recorded at 0.99, a 64-unit one at 0.5, and the seed project's
+    configuration at 0.3, which is also the report's reference arm."""
+    study = optuna.create_study(direction="maximize")
+    add_trial(study, 0.99, StudentConfig(temperature=4.0, label_weight=0.5, width=2))
+    add_trial(study, 0.5, StudentConfig(temperature=4.0, label_weight=0.5, width=64))
+    add_trial(study, 0.3, student.REFERENCE)
+    return evaluate_recording(tmp_path_factory.mktemp("report"), study)
+
+
+BANDS = [Band(0, 1, 20, 795 * 1 + 10, 795 * 20 + 10), Band(1, 21, 64, 795 * 21 + 10, 795 * 64 + 10)]
+
+
+@pytest.fixture(scope="module")
+def banded(tmp_path_factory) -> Evaluated:
+    """A report over a study of two size bands, each with two distilling trials and one trained alone."""
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(bands.RECORD_KEY, [band.as_record() for band in BANDS])
+    for value, config in ((0.99, StudentConfig(4.0, 0.5, 2)), (0.6, StudentConfig(2.0, 0.3, 16)),
+                          (0.5, StudentConfig(1.0, 1.0, 12)), (0.7, StudentConfig(4.0, 0.5, 64)),
+                          (0.4, StudentConfig(8.0, 0.2, 24)), (0.3, StudentConfig(1.0, 1.0, 40))):
+        add_trial(study, value, config, band=int(config.width > 20))
+    return evaluate_recording(tmp_path_factory.mktemp("banded"), study)
+
+
+def test_each_band_is_judged_by_its_own_trials_its_twin_and_its_paired_gain(banded):
+    front = banded.report["front"]
+    assert [b["band"] for b in front] == [0, 1]
+    seeds = banded.report["seeds"]
+    for found, band in zip(front, BANDS):
+        in_band = [t for t in banded.study.trials if t.user_attrs["band"] == band.index]
+        fresh_mean = {t.number: statistics.fmean(banded.fresh_run(StudentConfig.from_trial(t), seed)[1].val_accuracy
+                                                 for seed in seeds) for t in in_band}
+        assert found["winner_trial"] == max(fresh_mean, key=fresh_mean.get)  # among its own band's trials only
+        tuned = StudentConfig.from_params(found["rows"]["tuned"]["config"])
+        twin = StudentConfig.from_params(found["rows"]["no_distillation"]["config"])
+        assert band.holds(tuned.width) and (twin.width, twin.label_weight) == (tuned.width, 1.0)
+        tuned_tests = [banded.test_accuracy(tuned, seed) for seed in seeds]
+        twin_tests = [banded.test_accuracy(twin, seed) for seed in seeds]
+        assert found["gain"]["paired_differences"] == pytest.approx([a - b for a, b in zip(tuned_tests, twin_tests)])
+        assert found["latency"]["latency_ms_batch1"] > 0
+    overall = max(front, key=lambda b: b["winner_val_mean"])
+    assert banded.report["winner_trial"] == overall["winner_trial"]
+    assert banded.report["rows"]["tuned"] == overall["rows"]["tuned"]
+    [read] = banded.study.user_attrs["test_reads"]
+    assert len(read["configs"]) == 2 * len(front) + 1  # each band's winner and twin, and the reference
+    markdown = report.to_markdown(banded.report)
+    assert all(b.label in markdown for b in BANDS) and "**Verdict by size.** Distillation pays in" in markdown
 
 
 def test_the_winner_is_the_best_mean_over_fresh_seeds_not_the_best_search_value(evaluated):

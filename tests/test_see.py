@@ -16,8 +16,8 @@ from conftest import REPO, run_cli
 from kdtune import dashboard, figures, report
 from kdtune.spec import load_spec
 
-PICTURES = ("optimization-history", "parameter-importances", "temperature-lambda-contour", "accuracy-by-width",
-            "learning-curves")
+PICTURES = ("optimization-history", "parameter-importances", "temperature-lambda-contour", "search-front",
+            "front-by-parameters", "front-by-latency", "learning-curves")
 
 
 @pytest.fixture(scope="module")
