@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from kdtune.bands import size_bands as cut_bands
 from kdtune.losses import LOSSES
 from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.spec import Spec
-from kdtune.study import suggest
+from kdtune.study import assign_band, suggest
 
 
 def seed_cnn(image_shape: tuple[int, int], n_classes: int) -> nn.Sequential:
@@ -91,8 +92,11 @@ def common_kd_objective(spec: Spec, splits, teacher_model: nn.Module) -> Callabl
     the common way: DataLoader, teacher forward on every batch."""
     teacher_model.eval()
 
+    size_bands = cut_bands(spec.search, splits.image_shape, splits.n_classes)
+
     def objective(trial: optuna.Trial) -> float:
-        config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss))  # control arms
+        band = assign_band(trial, size_bands)  # the same size bands as kdtune's study
+        config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss), band)  # control arms
         torch.manual_seed(spec.seed)
         model = StudentMLP(splits.image_shape, splits.n_classes, config.width)
 

@@ -1,6 +1,6 @@
 """Which pruner should a kdtune study use by default? Measure it, side by side, over several seeds.
 
-    python bench/pruners.py [--spec studies/quickstart.toml] [--trials 100] [--pruners median,hyperband,none]
+    python bench/pruners.py [--spec studies/quickstart.toml] [--trials 100] [--pruners median,successive-halving,none]
                             [--seeds 3] [--jobs 2]
 
 Runs the same study (same spec, same cached teacher, the control arms first as `tune` runs them) once per
@@ -26,16 +26,17 @@ from pathlib import Path
 import joblib
 import optuna
 
-from kdtune import data, hardware, study, target, teacher
+from kdtune import bands, data, hardware, study, target, teacher
+from kdtune.per_band import PerBandPruner
 from kdtune.provenance import versions
 from kdtune.spec import load_spec
 
 
 def make_candidate(spec, name: str) -> optuna.pruners.BasePruner:
     if name.startswith("percentile-"):
-        return optuna.pruners.PercentilePruner(float(name.removeprefix("percentile-")),
-                                               n_startup_trials=spec.search.n_startup_trials,
-                                               n_warmup_steps=spec.search.n_warmup_epochs)
+        return PerBandPruner(optuna.pruners.PercentilePruner(float(name.removeprefix("percentile-")),
+                                                             n_startup_trials=spec.search.n_startup_trials,
+                                                             n_warmup_steps=spec.search.n_warmup_epochs))
     return study.make_pruner(dataclasses.replace(spec, search=dataclasses.replace(spec.search, pruner=name)))
 
 
@@ -45,9 +46,10 @@ def run_one(spec, pruner: str, seed: int, splits, cached, compute: hardware.Comp
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # again: a joblib worker is a fresh process
     hardware.configure_threads(n_threads)
     spec = dataclasses.replace(spec, seed=seed)
-    the_study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
-                                    pruner=make_candidate(spec, pruner), study_name=spec.name)
-    study.enqueue_control_arms(the_study, spec.search, spec.student.loss)
+    the_study = optuna.create_study(direction="maximize", sampler=study.make_sampler(seed), study_name=spec.name,
+                                    pruner=make_candidate(spec, pruner))
+    study.enqueue_control_arms(the_study, spec.search, spec.student.loss,
+                               bands.size_bands(spec.search, splits.image_shape, splits.n_classes))
     started = time.perf_counter()
     the_study.optimize(study.make_objective(spec, splits, cached, compute), n_trials=n_trials)
     seconds = time.perf_counter() - started
@@ -86,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=Path("studies/quickstart.toml"))
     parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--pruners", default="median,hyperband,none")
+    parser.add_argument("--pruners", default="median,successive-halving,none")
     parser.add_argument("--seeds", type=int, default=1, help="studies per pruner, seeds from the spec's upwards")
     parser.add_argument("--jobs", type=int, default=1, help="studies run at once, each in its own process")
     args = parser.parse_args()

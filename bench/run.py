@@ -26,7 +26,7 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from kdtune import data, hardware, study, target, teacher
+from kdtune import bands, data, hardware, study, target, teacher
 from kdtune.losses import hinton_loss
 from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.provenance import versions
@@ -272,20 +272,24 @@ def summarize_study(the_study: optuna.Study, seconds: float) -> dict:
 
 
 def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute: hardware.Compute) -> dict:
-    """The same 100-trial search three ways: kdtune with its pruner, kdtune unpruned, the common KD loop."""
+    """The same 100-trial size-front search three ways: kdtune with its pruner, kdtune unpruned, the common KD
+    loop; the same size bands, sampler, pruner and control arms in each."""
     spec = dataclasses.replace(spec, student=dataclasses.replace(spec.student, max_epochs=plan.study_max_epochs))
+    size_bands = bands.size_bands(spec.search, splits.image_shape, splits.n_classes)
     rows = {}
     for label, pruner in (("kdtune", spec.search.pruner), ("kdtune_unpruned", "none")):
         variant = dataclasses.replace(spec, name=label, storage=f"sqlite:///{folder}/{label}.db",
                                       search=dataclasses.replace(spec.search, pruner=pruner))
         the_study = study.open_study(variant, create=True)
+        study.enqueue_control_arms(the_study, variant.search, variant.student.loss, size_bands)  # as `tune` sets up
         started = time.perf_counter()
         target.run(the_study, study.make_objective(variant, splits, cached, compute), n_trials=plan.study_trials,
                   timeout=None)
         rows[label] = summarize_study(the_study, time.perf_counter() - started)
     peer = optuna.create_study(storage=f"sqlite:///{folder}/peer.db", direction="maximize",
-                               sampler=optuna.samplers.TPESampler(seed=spec.seed), pruner=study.make_pruner(spec))
-    study.enqueue_control_arms(peer, spec.search, spec.student.loss)  # kdtune's study runs them first; so must its peer
+                               sampler=study.make_sampler(spec.seed), pruner=study.make_pruner(spec))
+    # kdtune's study runs them first; so must its peer
+    study.enqueue_control_arms(peer, spec.search, spec.student.loss, size_bands)
     started = time.perf_counter()
     seed_teacher = seed_cnn(splits.image_shape, splits.n_classes)  # the peer's own model, kdtune's weights
     seed_teacher.load_state_dict(teacher.load_model(cached).state_dict())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import dashboard, data, figures, hardware, report, study, study_setup, target, teacher, workers
+from kdtune import dashboard, data, figures, front, hardware, report, study, study_setup, target, teacher, workers
 from kdtune.budget import Budget
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
 from kdtune.spec import DEFAULT_SPEC, Spec, SpecError, load_spec
@@ -88,7 +88,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    """Print the best trial so far: temperature, lambda, width, validation accuracy, trial number, parameters.
+    """Print the best trial so far: temperature, lambda, width, validation accuracy, trial number, parameters;
+    and the size front: the best trial of each size band.
 
     --max-params and --max-latency-ms give the best trial within that budget instead.
     """
@@ -102,13 +103,14 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Pick the winner over fresh seeds on validation, then test it against its no-distillation twin and the
-    seed project's configuration.
+    """Pick each size band's winner over fresh seeds on validation, then test it against its no-distillation twin
+    (the size front), and the overall winner against the seed project's configuration.
 
-    The top configurations are retrained over --seeds seeds and the winner is chosen on validation accuracy; the
-    test set is read only for the three final configurations. Writes studies/<name>/report.md and .json, and
-    with kdtune[plots] the pictures (figures/*.png) and one self-contained report.html. --figures-only redraws
-    the pictures from the last report without training anything.
+    Each band's top configurations are retrained over --seeds seeds and its winner is chosen on validation
+    accuracy; the test set is read only for the band winners, their twins and the reference. Writes
+    studies/<name>/report.md and .json, and with kdtune[plots] the pictures (figures/*.png) and one
+    self-contained report.html. --figures-only redraws the pictures from the last report without training
+    anything.
     """
     spec = _spec(args)
     the_study = study.open_study(spec, create=False)
@@ -120,9 +122,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         splits = data.prepare(spec.data, spec.seed)
         compute = _compute(spec)
         cached = study_setup.teacher_of(the_study, spec, splits, compute)
-        print(f"Retraining the top {spec.report.n_candidates} configurations x {spec.report.n_seeds} seeds to pick "
-              "the winner on validation, then the winner, its no-distillation twin and the reference on the test "
-              "set:")
+        print(f"Retraining the top {spec.report.n_candidates} configurations of each size band x "
+              f"{spec.report.n_seeds} seeds to pick each band's winner on validation, then each winner and its "
+              "no-distillation twin, and the reference, on the test set:")
         try:
             result = report.evaluate(spec, splits, cached, the_study, compute, budget=_budget(args))
         except KeyboardInterrupt:
@@ -291,6 +293,7 @@ def _print_best(found: dict) -> None:
     print(f"Best: trial {found['trial']}: temperature={config.temperature:.3f} lambda={config.label_weight:.3f} "
           f"width={config.width} val_accuracy={found['val_accuracy']:.4f} "
           f"({found['n_parameters']:,} student parameters)")
+    print("The size front, the best trial of each size band (on validation):\n" + front.to_markdown(found["front"]))
 
 
 def _exit_reason(code: int) -> str:

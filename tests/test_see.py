@@ -12,8 +12,10 @@ import optuna
 import optuna_dashboard
 import pytest
 from conftest import REPO, run_cli
+from optuna.trial import TrialState
 
-from kdtune import dashboard, figures, report
+from kdtune import bands, dashboard, figures, report
+from kdtune.optuna_compat import live_trial
 from kdtune.spec import load_spec
 
 PICTURES = ("optimization-history", "parameter-importances", "temperature-lambda-contour", "search-front",
@@ -154,3 +156,15 @@ def test_only_the_best_trial_s_note_carries_the_study_summary():
     assert "The best trial of the study" not in optuna_dashboard.get_note(first)  # its own note again
     assert "outcome: complete, best validation accuracy 50.00%" in optuna_dashboard.get_note(first)
     assert "Best so far** (of 2 finished trials" in optuna_dashboard.get_note(the_study)
+
+
+def test_the_study_note_shows_the_front_and_each_trial_note_names_its_band(tiny_study):
+    workdir, _, _ = tiny_study
+    the_study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir}/studies/tiny/study.db")
+    note = optuna_dashboard.get_note(the_study)
+    size_bands = bands.recorded(the_study)
+    assert len(size_bands) == 3 and "The size front" in note
+    assert all(f"| {band.label} |" in note for band in size_bands)  # a row of the front table for each band
+    for trial in the_study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        label = size_bands[trial.user_attrs["band"]].label
+        assert f"size band: {label}" in optuna_dashboard.get_note(live_trial(the_study, trial))
