@@ -26,7 +26,7 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from kdtune import bands, data, hardware, study, target, teacher
+from kdtune import bands, data, front, hardware, study, target, teacher
 from kdtune.losses import hinton_loss
 from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.provenance import versions
@@ -268,26 +268,36 @@ def summarize_study(the_study: optuna.Study, seconds: float) -> dict:
             "student_epochs": sum(t.user_attrs["n_epochs"] for t in trials),
             "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
             "best_val_accuracy": the_study.best_value,
+            "best_per_band": {e["band_label"]: e["val_accuracy"] for e in front.best_per_band(the_study)},
             "trials": [(t.params["width"], t.user_attrs.get("seconds")) for t in trials]}
 
 
-def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute: hardware.Compute) -> dict:
-    """The same 100-trial size-front search three ways: kdtune with its pruner, kdtune unpruned, the common KD
-    loop; the same size bands, sampler, pruner and control arms in each."""
+def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute: hardware.Compute,
+                  with_peer: bool = True) -> dict:
+    """The same 100-trial size-front search, three ways: kdtune with its pruner, kdtune unpruned, the common KD
+    loop (the same size bands, sampler, pruner and control arms in each); and kdtune's search as it was before
+    size bands (one band), whose wall time the front study must not exceed."""
     spec = dataclasses.replace(spec, student=dataclasses.replace(spec.student, max_epochs=plan.study_max_epochs))
     size_bands = bands.size_bands(spec.search, splits.image_shape, splits.n_classes)
     rows = {}
-    for label, pruner in (("kdtune", spec.search.pruner), ("kdtune_unpruned", "none")):
+    for label, pruner, band_setting in (("kdtune", spec.search.pruner, spec.search.bands),
+                                        ("kdtune_unpruned", "none", spec.search.bands),
+                                        ("kdtune_one_band", spec.search.pruner, "none")):
         variant = dataclasses.replace(spec, name=label, storage=f"sqlite:///{folder}/{label}.db",
-                                      search=dataclasses.replace(spec.search, pruner=pruner))
+                                      search=dataclasses.replace(spec.search, pruner=pruner, bands=band_setting))
         the_study = study.open_study(variant, create=True)
-        study.enqueue_control_arms(the_study, variant.search, variant.student.loss, size_bands)  # as `tune` sets up
+        variant_bands = bands.size_bands(variant.search, splits.image_shape, splits.n_classes)
+        record_bands(the_study, variant_bands)
+        study.enqueue_control_arms(the_study, variant.search, variant.student.loss, variant_bands)  # as `tune` does
         started = time.perf_counter()
         target.run(the_study, study.make_objective(variant, splits, cached, compute), n_trials=plan.study_trials,
-                  timeout=None)
+                   timeout=None)
         rows[label] = summarize_study(the_study, time.perf_counter() - started)
+    if not with_peer:
+        return rows
     peer = optuna.create_study(storage=f"sqlite:///{folder}/peer.db", direction="maximize",
                                sampler=study.make_sampler(spec.seed), pruner=study.make_pruner(spec))
+    record_bands(peer, size_bands)
     # kdtune's study runs them first; so must its peer
     study.enqueue_control_arms(peer, spec.search, spec.student.loss, size_bands)
     started = time.perf_counter()
@@ -296,6 +306,11 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
     peer.optimize(common_kd_objective(spec, splits, seed_teacher), n_trials=plan.study_trials)
     rows["common_kd_peer"] = summarize_study(peer, time.perf_counter() - started)
     return rows
+
+
+def record_bands(the_study: optuna.Study, size_bands: list) -> None:
+    """What `tune`'s set-up records, so that the front reads each study's own bands."""
+    the_study.set_user_attr(bands.RECORD_KEY, [band.as_record() for band in size_bands])
 
 
 def study_trial_times(results: dict) -> list[tuple[int, float]]:
@@ -323,6 +338,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--out", type=Path, help="result file (default bench/results/<machine>-<date>.json)")
+    parser.add_argument("--skip-peer", action="store_true", help="study section: leave out the common-KD peer, "
+                        "the longest of its runs")
     args = parser.parse_args()
     sections = args.sections.split(",")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -360,7 +377,8 @@ def main() -> None:
             if "study" in sections:
                 cached = quick_teacher(spec, study_splits, folder, compute) if args.quick \
                     else teacher.load_or_train(spec, splits, compute)
-                results["study"] = section_study(plan, spec, study_splits, cached, folder, compute)
+                results["study"] = section_study(plan, spec, study_splits, cached, folder, compute,
+                                                 with_peer=not args.skip_peer)
                 print_table("100-trial study" if not args.quick else f"{plan.study_trials}-trial study (quick)",
                             [{"run": k, **{f: v for f, v in r.items() if f != "trials"}}
                              for k, r in results["study"].items()])

@@ -103,7 +103,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         fetched = [run_for(config, seed) for seed in seeds]
         runs = [run for run, _ in fetched]
         n_from_earlier = sum(from_earlier for _, from_earlier in fetched)
-        echo(f"  {name:<32} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs)
+        echo(f"  {name:<40} val accuracy " + " ".join(f"{r.val_accuracy:.4f}" for _, r in runs)
              + (f"  ({n_from_earlier} of {len(runs)} from an earlier report)" if n_from_earlier else ""))
         return runs
 
@@ -335,7 +335,7 @@ def front_section(report: dict) -> str:
             f"({100 * gain['ci95_low']:+.2f} to {100 * gain['ci95_high']:+.2f}) | {b['finding']} |")
     latency = report["front"][0]["latency"]
     lines += ["", f"Latency per call, median of {cost.N_TIMED_CALLS}: eager PyTorch, fp32, on {latency['latency_cpu']} "
-              f"with {latency['latency_threads']} threads.", "",
+              f"with {latency['latency_threads']} torch thread(s).", "",
               f"**Verdict by size.** {report['front_verdict']}"]
     return "\n".join(lines)
 
