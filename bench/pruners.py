@@ -26,7 +26,7 @@ from pathlib import Path
 import joblib
 import optuna
 
-from kdtune import bands, data, hardware, study, target, teacher
+from kdtune import bands, data, front, hardware, study, target, teacher
 from kdtune.per_band import PerBandPruner
 from kdtune.provenance import versions
 from kdtune.spec import load_spec
@@ -48,8 +48,9 @@ def run_one(spec, pruner: str, seed: int, splits, cached, compute: hardware.Comp
     spec = dataclasses.replace(spec, seed=seed)
     the_study = optuna.create_study(direction="maximize", sampler=study.make_sampler(seed), study_name=spec.name,
                                     pruner=make_candidate(spec, pruner))
-    study.enqueue_control_arms(the_study, spec.search, spec.student.loss,
-                               bands.size_bands(spec.search, splits.image_shape, splits.n_classes))
+    size_bands = bands.size_bands(spec.search, splits.image_shape, splits.n_classes)
+    the_study.set_user_attr(bands.RECORD_KEY, [band.as_record() for band in size_bands])  # as `tune` records them
+    study.enqueue_control_arms(the_study, spec.search, spec.student.loss, size_bands)
     started = time.perf_counter()
     the_study.optimize(study.make_objective(spec, splits, cached, compute), n_trials=n_trials)
     seconds = time.perf_counter() - started
@@ -57,7 +58,8 @@ def run_one(spec, pruner: str, seed: int, splits, cached, compute: hardware.Comp
     return {"pruner": pruner, "seed": seed, "n_trials": len(trials), "seconds": round(seconds, 1),
             "student_epochs": sum(t.user_attrs["n_epochs"] for t in trials),
             "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
-            "best_val_accuracy": the_study.best_value, "best_params": the_study.best_params}
+            "best_val_accuracy": the_study.best_value, "best_params": the_study.best_params,
+            "best_per_band": {e["band_label"]: e["val_accuracy"] for e in front.best_per_band(the_study)}}
 
 
 def summarize(rows: list[dict], baseline: str) -> list[dict]:
@@ -80,7 +82,11 @@ def summarize(rows: list[dict], baseline: str) -> list[dict]:
             "epochs_vs_baseline": base_epochs / statistics.fmean(r["student_epochs"] for r in mine),
             "time_vs_baseline": base_seconds / statistics.fmean(r["seconds"] for r in mine),
             "best_change_points": statistics.fmean(change),
-            "best_change_min_points": min(change), "best_change_max_points": max(change)})
+            "best_change_min_points": min(change), "best_change_max_points": max(change),
+            # each band's best against the unpruned study's best in that band, same seed: mean over seeds
+            "band_change_points": {label: statistics.fmean(
+                100 * (r["best_per_band"][label] - base[r["seed"]]["best_per_band"][label]) for r in mine)
+                for label in mine[0]["best_per_band"] if all(label in r["best_per_band"] for r in mine)}})
     return summary
 
 
@@ -120,6 +126,8 @@ def main() -> None:
               f"{s['best_change_points']:>+7.2f} "
               f"({s['best_change_min_points']:+.2f}..{s['best_change_max_points']:+.2f})"
               f" {s['epochs_vs_baseline']:>14.2f}x {s['time_vs_baseline']:>12.2f}x")
+        print("    each band's best vs none (points, mean over seeds): " + ", ".join(
+            f"{label} {change:+.2f}" for label, change in s["band_change_points"].items()))
     out = Path("bench/results") / f"pruners-{platform.node() or 'machine'}-{time.strftime('%Y%m%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"spec": str(args.spec), "trials": args.trials, "seeds": args.seeds,
