@@ -49,7 +49,7 @@ def run_one(spec, pruner: str, seed: int, splits, cached, compute: hardware.Comp
     the_study = optuna.create_study(direction="maximize", sampler=study.make_sampler(seed), study_name=spec.name,
                                     pruner=make_candidate(spec, pruner))
     size_bands = bands.size_bands(spec.search, splits.image_shape, splits.n_classes)
-    the_study.set_user_attr(bands.RECORD_KEY, [band.as_record() for band in size_bands])  # as `tune` records them
+    bands.record(the_study, size_bands)  # as `tune` records them
     study.enqueue_control_arms(the_study, spec.search, spec.student.loss, size_bands)
     started = time.perf_counter()
     the_study.optimize(study.make_objective(spec, splits, cached, compute), n_trials=n_trials)
@@ -101,6 +101,8 @@ def main() -> None:
     pruners = args.pruners.split(",")
     if "none" not in pruners:
         parser.error("--pruners must include none: every figure is measured against no pruning")
+    if "hyperband" in pruners:
+        parser.error("hyperband cannot judge each size band apart (see kdtune/spec.py); leave it out")
 
     spec = load_spec(args.spec)
     splits = data.prepare(spec.data, spec.seed)

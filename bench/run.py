@@ -287,7 +287,7 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
                                       search=dataclasses.replace(spec.search, pruner=pruner, bands=band_setting))
         the_study = study.open_study(variant, create=True)
         variant_bands = bands.size_bands(variant.search, splits.image_shape, splits.n_classes)
-        record_bands(the_study, variant_bands)
+        bands.record(the_study, variant_bands)  # as `tune` records them
         study.enqueue_control_arms(the_study, variant.search, variant.student.loss, variant_bands)  # as `tune` does
         started = time.perf_counter()
         target.run(the_study, study.make_objective(variant, splits, cached, compute), n_trials=plan.study_trials,
@@ -297,7 +297,7 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
         return rows
     peer = optuna.create_study(storage=f"sqlite:///{folder}/peer.db", direction="maximize",
                                sampler=study.make_sampler(spec.seed), pruner=study.make_pruner(spec))
-    record_bands(peer, size_bands)
+    bands.record(peer, size_bands)
     # kdtune's study runs them first; so must its peer
     study.enqueue_control_arms(peer, spec.search, spec.student.loss, size_bands)
     started = time.perf_counter()
@@ -306,11 +306,6 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
     peer.optimize(common_kd_objective(spec, splits, seed_teacher), n_trials=plan.study_trials)
     rows["common_kd_peer"] = summarize_study(peer, time.perf_counter() - started)
     return rows
-
-
-def record_bands(the_study: optuna.Study, size_bands: list) -> None:
-    """What `tune`'s set-up records, so that the front reads each study's own bands."""
-    the_study.set_user_attr(bands.RECORD_KEY, [band.as_record() for band in size_bands])
 
 
 def study_trial_times(results: dict) -> list[tuple[int, float]]:

@@ -20,11 +20,15 @@ from kdtune.per_band import PerBandSampler
 
 
 def one_trial(the_study: optuna.Study, number: int, n_bands: int) -> None:
+    """A trial as kdtune's objective makes one: its band first, then its width within the band's widths (the
+    log range 16-2,048 cut into equal parts)."""
     trial = the_study.ask()
-    trial.set_user_attr(bands.TRIAL_KEY, number % n_bands)
+    band = number % n_bands
+    trial.set_user_attr(bands.TRIAL_KEY, band)
     trial.suggest_float("temperature", 1.0, 20.0, log=True)
     trial.suggest_float("lambda", 0.0, 1.0)
-    trial.suggest_int("width", 16, 2048, log=True)
+    low, high = (round(16 * 128 ** (edge / n_bands)) for edge in (band, band + 1))
+    trial.suggest_int("width", low + (band > 0), high, log=True)
     the_study.tell(trial, random.random())
 
 

@@ -120,6 +120,11 @@ def band_of_width(bands: list[Band], width: int) -> Band | None:
     return next((band for band in bands if band.holds(width)), None)
 
 
+def record(study, size_bands: list[Band]) -> None:
+    """Write the study's bands, for `recorded` to read."""
+    study.set_user_attr(RECORD_KEY, [band.as_record() for band in size_bands])
+
+
 def recorded(study) -> list[Band] | None:
     """The bands a study recorded at its set-up; None for a study not set up yet, or made before bands."""
     records = study.user_attrs.get(RECORD_KEY)

@@ -29,9 +29,16 @@ def study_bands(study: optuna.Study) -> list[Band]:
 
 def complete_by_band(study: optuna.Study, budget: Budget = Budget()) -> list[tuple[Band, list[FrozenTrial]]]:
     """(band, its completed trials within `budget`) for each band that has any, narrowest first."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if budget.admits(t)]
-    by_band = [(band, [t for t in complete if bands.of_trial(t) == band.index]) for band in study_bands(study)]
-    return [(band, trials) for band, trials in by_band if trials]
+    return [(band, [t for t in trials if t.state == TrialState.COMPLETE])
+            for band, trials in finished_by_band(study, budget)
+            if any(t.state == TrialState.COMPLETE for t in trials)]
+
+
+def finished_by_band(study: optuna.Study, budget: Budget = Budget()) -> list[tuple[Band, list[FrozenTrial]]]:
+    """(band, its finished trials, complete or pruned, within `budget`) for every band."""
+    finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                if budget.admits(t)]
+    return [(band, [t for t in finished if bands.of_trial(t) == band.index]) for band in study_bands(study)]
 
 
 def best_of(trials: list[FrozenTrial]) -> FrozenTrial:
@@ -40,15 +47,18 @@ def best_of(trials: list[FrozenTrial]) -> FrozenTrial:
 
 
 def best_per_band(study: optuna.Study, budget: Budget = Budget()) -> list[dict]:
-    """One entry per band with a completed trial within `budget`: the band and its best trial."""
+    """One entry per band with a completed trial within `budget`: the band, its trial counts and its best."""
     entries = []
-    for band, trials in complete_by_band(study, budget):
-        trial = best_of(trials)
+    for band, trials in finished_by_band(study, budget):
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if not complete:  # every trial of the band pruned, or none run yet
+            continue
+        trial = best_of(complete)
         config = StudentConfig.from_trial(trial)
         entries.append({
             "band": band.index, "band_label": band.label, "min_params": band.min_params,
-            "max_params": band.max_params, "n_complete": len(trials), "trial": trial.number,
-            "width": config.width, "n_parameters": trial.user_attrs.get("n_parameters"),
+            "max_params": band.max_params, "n_finished": len(trials), "n_complete": len(complete),
+            "trial": trial.number, "width": config.width, "n_parameters": trial.user_attrs.get("n_parameters"),
             "latency_ms": trial.user_attrs.get("latency_ms_batch1"), "val_accuracy": trial.value,
             "temperature": config.temperature, "lambda": config.label_weight})
     return entries
@@ -56,10 +66,10 @@ def best_per_band(study: optuna.Study, budget: Budget = Budget()) -> list[dict]:
 
 def to_markdown(entries: list[dict]) -> str:
     """The front as a table: the dashboard's study note, `best`'s text output."""
-    lines = ["| band | trials | best trial | width | parameters | latency (ms, batch 1) | T | lambda "
-             "| val accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| band | trials finished (complete) | best trial | width | parameters | latency (ms, batch 1) | T "
+             "| lambda | val accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        lines.append(f"| {e['band_label']} | {e['n_complete']} | {e['trial']} | {e['width']} | "
+        lines.append(f"| {e['band_label']} | {e['n_finished']} ({e['n_complete']}) | {e['trial']} | {e['width']} | "
                      f"{e['n_parameters']:,} | {_or_dash(e['latency_ms'])} | {e['temperature']:.3g} | "
                      f"{e['lambda']:.3g} | {100 * e['val_accuracy']:.2f}% |")
     return "\n".join(lines)

@@ -34,7 +34,9 @@ class TrialSubset:
     """A study as seen through a filter on its trials, for a sampler or pruner that should judge a trial among
     some trials only (kdtune.per_band: those of its size band). Optuna's own HyperbandPruner does the same for
     its brackets with a private `_BracketStudy`. Samplers read trials through the private `Study._get_trials`
-    (TPESampler does), so both getters are filtered; everything else is the study's."""
+    (TPESampler does), so both getters are filtered. Only what TPE and the median and successive-halving
+    pruners read besides trials is passed through, explicitly: anything else (`best_trial`, say) would see the
+    whole study, so it is missing here rather than silently unfiltered."""
 
     def __init__(self, study: optuna.Study, keep) -> None:
         self._study, self._keep = study, keep
@@ -51,5 +53,21 @@ class TrialSubset:
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         return self.get_trials()
 
-    def __getattr__(self, name: str):
-        return getattr(self._study, name)
+    @property
+    def direction(self):
+        return self._study.direction
+
+    @property
+    def directions(self):
+        return self._study.directions
+
+    def _is_multi_objective(self) -> bool:
+        return self._study._is_multi_objective()
+
+    @property
+    def _study_id(self) -> int:
+        return self._study._study_id  # a search-space cache's key
+
+    @property
+    def _storage(self):
+        return self._study._storage  # successive halving records each trial's rung value through it

@@ -6,8 +6,8 @@ and be pruned for being narrow. Here a trial's band (`kdtune.bands`, a trial use
 first suggestion) decides which trials the wrapped sampler and pruner see: a study per band, in effect, inside
 one Optuna study, so that workers, resume, control arms, heartbeats and the exact trial count work unchanged.
 
-The sampler samples each parameter independently (TPE's default, `multivariate=False`): Optuna samples
-relative (joint) parameters as a trial is created, before its band is known.
+Every sampler call sees the trial's band: Optuna asks for relative (joint) parameters lazily, at a trial's
+first suggestion, and kdtune's objective sets the band before that.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ class PerBandSampler(optuna.samplers.BaseSampler):
         self.sampler = sampler
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return {}
+        return self.sampler.infer_relative_search_space(band_view(study, trial), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
-        return {}
+        return self.sampler.sample_relative(band_view(study, trial), trial, search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution):

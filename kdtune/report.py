@@ -201,11 +201,11 @@ def temperature_by_band(study: optuna.Study, budget: Budget = Budget(), n_top: i
                                              "the best temperature depends on size."}
     narrow, wide = found[0], found[-1]
     apart = narrow["high"] < wide["low"] or wide["high"] < narrow["low"]
-    ranges = "; ".join(f"{b['band_label']}: T {b['low']:.2g}-{b['high']:.2g} (median {b['median']:.2g})"
-                       for b in found)
-    statement = (f"Top {n_top} distilling trials of each size band: {ranges}. "
-                 + ("The narrowest and the widest band's ranges do not overlap: the best temperature depends on "
-                    "size in this study." if apart else "The narrowest and the widest band's ranges overlap: no "
+    ranges = "; ".join(f"{b['band_label']}: T {b['low']:.2g}-{b['high']:.2g} (median {b['median']:.2g} of "
+                       f"{b['n']})" for b in found)
+    statement = (f"The top (up to {n_top}) distilling trials of each size band with at least 3: {ranges}. "
+                 + ("The narrowest and the widest of these bands do not overlap: the best temperature depends on "
+                    "size in this study." if apart else "The narrowest and the widest of these bands overlap: no "
                     "size dependence of the best temperature is visible here."))
     return {"bands": found, "depends_on_size": apart, "statement": statement}
 

@@ -99,8 +99,16 @@ def assign_band(trial: optuna.Trial, size_bands: list[Band]) -> Band:
 
 
 def study_bands(study: optuna.Study, spec: Spec, image_shape: tuple[int, int], n_classes: int) -> list[Band]:
-    """The bands the study recorded at its set-up, or, before that, the spec's."""
-    return bands.recorded(study) or bands.size_bands(spec.search, image_shape, n_classes)
+    """The bands the study recorded at its set-up, or, before that, the spec's. A study made before bands
+    records its one band as it resumes, so that every command labels its trials alike."""
+    recorded = bands.recorded(study)
+    if recorded is not None:
+        return recorded
+    size_bands = bands.size_bands(spec.search, image_shape, n_classes)
+    if "spec" in study.user_attrs:  # set up before bands existed
+        with uninterrupted():
+            bands.record(study, size_bands)
+    return size_bands
 
 
 def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
@@ -180,9 +188,10 @@ def record_end(trial: optuna.Trial, config: StudentConfig, band: Band, n_paramet
 # --------------------------------------------------------------------------------- study and storage
 
 def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
-    """The spec's pruner, judging each trial among the trials of its size band."""
+    """The spec's pruner, judging each trial among the trials of its size band. A study of one band gets
+    Optuna's pruner itself: Optuna's samplers then see Hyperband's brackets, which they recognise by type."""
     search = spec.search
-    return PerBandPruner({
+    pruner = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=search.n_startup_trials,
                                                       n_warmup_steps=search.n_warmup_epochs),
         # asynchronous successive halving: rungs at 1, 3, 9 times the warm-up epochs; a trial goes on from a rung
@@ -192,7 +201,8 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=max(1, search.n_warmup_epochs),
                                                             max_resource=spec.student.max_epochs),
         "none": optuna.pruners.NopPruner,
-    }[search.pruner]())
+    }[search.pruner]()
+    return pruner if search.bands == "none" or search.width.fixed else PerBandPruner(pruner)
 
 
 def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
@@ -258,25 +268,28 @@ def mark_creator(study: optuna.Study) -> None:
 def check_same_spec(spec: Spec, recorded: dict, record_version: int | None = RECORD_VERSION) -> None:
     current = to_toml_dict(spec)
     recorded = as_recorded_now(recorded, record_version)
-    changed = [k for k in RECORDED_SECTIONS if recorded.get(k, current[k]) != current[k]]
+    changed = [k for k in RECORDED_SECTIONS if recorded[k] != current[k]]
     if changed:
         section = changed[0] if changed[0] in ("seed", "precision") else f"[{changed[0]}] section"
+        only_bands = changed == ["search"] and {**recorded["search"], "bands": current["search"]["bands"]} == \
+            current["search"]
         raise SpecError(f"study {spec.name!r} was made with a different {section}; restore it, "
                         "or start a new study with --study-name." + (
                             ' It was made before size bands: add bands = "none" to its [search] section.'
-                            if changed[0] == "search" and (record_version or 1) < 3 else ""))
+                            if only_bands and (record_version or 1) < 3 else ""))
 
 
 def as_recorded_now(recorded: dict, record_version: int | None) -> dict:
-    """A study's recorded spec as this kdtune would record the spec it ran with. A key the record predates
-    ran with its default, except where the default changed since."""
+    """A study's recorded spec as this kdtune would record the spec it ran with. A key or section the record
+    predates ran with its default, except where the default changed since."""
     defaults = to_toml_dict(Spec(name=""))
+    recorded = {**{key: defaults[key] for key in RECORDED_SECTIONS}, **recorded}
     recorded = {key: {**defaults[key], **value} if isinstance(value, dict) and isinstance(defaults.get(key), dict)
                 else value for key, value in recorded.items()}
-    if record_version is None and recorded.get("data", {}).get("format") in TRANSPOSED_FORMATS:
+    if record_version is None and recorded["data"].get("format") in TRANSPOSED_FORMATS:
         # recorded before `transpose` was honoured for EMNIST's own formats, which were always transposed
         recorded["data"] = {**recorded["data"], "transpose": True}
-    if (record_version or 1) < 3 and "search" in recorded:  # studies made before size bands had one band
+    if (record_version or 1) < 3:  # studies made before size bands had one band
         recorded["search"] = {**recorded["search"], "bands": "none"}
     return recorded
 
@@ -294,9 +307,8 @@ def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeach
     """
     if "spec" in study.user_attrs:
         return
+    bands.record(study, study_bands(study, spec, splits.image_shape, splits.n_classes))
     for key, value in {"precision": compute.precision,
-                       bands.RECORD_KEY: [band.as_record() for band in study_bands(study, spec, splits.image_shape,
-                                                                                   splits.n_classes)],
                        "teacher_cache_id": teacher.cache_id,
                        "teacher_val_accuracy": teacher.val_accuracy, "data_fingerprint": splits.fingerprint,
                        "versions": versions(), RECORD_VERSION_KEY: RECORD_VERSION,

@@ -1,6 +1,8 @@
 """Size bands: how a study cuts its width range, shares its trials among bands, and judges each trial (sampler
 and pruner) among the trials of its own band only."""
 
+import math
+import statistics
 from collections import Counter
 from dataclasses import replace
 
@@ -8,7 +10,7 @@ import optuna
 import pytest
 
 from kdtune import bands, student, study
-from kdtune.per_band import PerBandSampler
+from kdtune.per_band import PerBandPruner, PerBandSampler
 from kdtune.spec import Range, SearchSpec, SpecError, load_spec, to_toml_dict
 from kdtune.student import StudentConfig
 
@@ -147,3 +149,47 @@ def test_a_study_made_before_bands_resumes_as_one_band(tiny_spec):
     study.check_same_spec(old, recorded, record_version=2)
     with pytest.raises(SpecError, match='made before size bands: add bands = "none"'):
         study.check_same_spec(replace(old, search=replace(old.search, bands="auto")), recorded, record_version=2)
+
+
+def test_tpe_past_its_start_up_learns_each_band_from_its_own_trials():
+    """Band 0 scores best near T = 2, band 1 near T = 15. Multivariate TPE (Optuna's default) through the
+    per-band filter must learn each band's optimum from that band's trials alone, widths staying in-band."""
+    size_bands = [bands.Band(0, 8, 40, 0, 0), bands.Band(1, 41, 512, 0, 0)]
+    best_temperature = {0: 2.0, 1: 15.0}
+    the_study = optuna.create_study(direction="maximize",
+                                    sampler=PerBandSampler(optuna.samplers.TPESampler(seed=0, n_startup_trials=4)))
+
+    def objective(trial):
+        band = size_bands[trial.number % 2]
+        trial.set_user_attr(bands.TRIAL_KEY, band.index)
+        temperature = trial.suggest_float("temperature", 1.0, 20.0, log=True)
+        trial.suggest_float("lambda", 0.0, 1.0)
+        width = trial.suggest_int("width", band.min_width, band.max_width, log=True)
+        assert band.holds(width)
+        return -abs(math.log(temperature / best_temperature[band.index]))
+
+    the_study.optimize(objective, n_trials=40)
+    for band, target in best_temperature.items():
+        late = [t.params["temperature"] for t in the_study.trials[-10:] if bands.of_trial(t) == band]
+        assert abs(math.log(statistics.median(late) / target)) < math.log(2)  # within a factor of 2 of its own
+
+
+def test_a_record_missing_a_section_still_refuses_a_changed_one(tiny_spec):
+    """A section the record predates ran with its default: a spec that changes it is refused, not waved through."""
+    old = load_spec(tiny_spec(search='bands = "none"'))
+    recorded = to_toml_dict(old)
+    del recorded["transfer"], recorded["precision"]
+    study.check_same_spec(old, recorded, record_version=2)
+    with pytest.raises(SpecError, match=r"different \[transfer\] section"):
+        study.check_same_spec(replace(old, transfer=replace(old.transfer, labelled=0.1)), recorded, record_version=2)
+    with pytest.raises(SpecError, match="different precision") as refused:
+        study.check_same_spec(replace(old, precision="bf16"), recorded, record_version=2)
+    assert "before size bands" not in str(refused.value)  # the hint only where bands are what changed
+
+
+def test_a_study_of_one_band_gets_optuna_s_own_pruner(tiny_spec):
+    """Optuna's samplers recognise Hyperband by its type (to sample within its brackets): a study of one band
+    keeps it unwrapped; several bands wrap the pruner."""
+    one_band = load_spec(tiny_spec(pruner="hyperband", search='bands = "none"'))
+    assert isinstance(study.make_pruner(one_band), optuna.pruners.HyperbandPruner)
+    assert isinstance(study.make_pruner(load_spec(tiny_spec("banded"))), PerBandPruner)

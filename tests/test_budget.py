@@ -33,7 +33,7 @@ def trial(value: float, width: int, latency_ms: float | None = None) -> optuna.t
 def a_study():
     """The wider the student, the better and the slower, as in every study so far."""
     the_study = optuna.create_study(direction="maximize", study_name="sized")
-    the_study.set_user_attr(bands.RECORD_KEY, [band.as_record() for band in BANDS])
+    bands.record(the_study, BANDS)
     for value, width, latency in ((0.90, 2048, 0.20), (0.88, 512, 0.08), (0.85, 64, 0.02), (0.85, 32, 0.02)):
         the_study.add_trial(trial(value, width, latency))
     return the_study
@@ -50,11 +50,26 @@ def test_the_front_is_the_best_of_each_band_within_the_budget(a_study):
     front = study.best(a_study)["front"]
     assert [(e["band"], e["width"], e["n_complete"]) for e in front] == [(0, 32, 2), (1, 2048, 2)]  # ties: smaller
     assert front[1] == {"band": 1, "band_label": "80.3k-1.63M parameters", "min_params": 80_305,
-                        "max_params": 1_628_170, "n_complete": 2, "trial": 0, "width": 2048, "n_parameters": 1_628_170,
-                        "latency_ms": 0.20, "val_accuracy": 0.90, "temperature": 2.0, "lambda": 0.5}
+                        "max_params": 1_628_170, "n_finished": 2, "n_complete": 2, "trial": 0, "width": 2048,
+                        "n_parameters": 1_628_170, "latency_ms": 0.20, "val_accuracy": 0.90, "temperature": 2.0,
+                        "lambda": 0.5}
     within = study.best(a_study, Budget(max_params=500_000))["front"]
     assert [(e["band"], e["width"]) for e in within] == [(0, 32), (1, 512)]
     assert [e["band"] for e in study.best(a_study, Budget(max_params=60_000))["front"]] == [0]
+
+
+def test_a_band_whose_trials_were_all_pruned_has_no_front_entry_but_counts_them(a_study):
+    for width in (16, 24):  # two more trials in band 0, pruned
+        pruned = trial(0.5, width)
+        a_study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.PRUNED, params=pruned.params, distributions=DISTRIBUTIONS,
+            user_attrs=pruned.user_attrs, intermediate_values={0: 0.5}))
+    [narrow, _] = study.best(a_study)["front"]
+    assert (narrow["n_finished"], narrow["n_complete"]) == (4, 2)
+    only_pruned = optuna.create_study(direction="maximize")
+    bands.record(only_pruned, BANDS)
+    only_pruned.add_trial(a_study.trials[-1])
+    assert front.best_per_band(only_pruned) == []
 
 
 def test_a_budget_no_trial_meets_says_what_the_study_holds(a_study):

@@ -2,6 +2,7 @@
 the seeds, the pairing of the gain and the saved runs (the end-to-end report through the CLI is in test_cli.py)."""
 
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 
 from kdtune import bands, data, report, student, teacher
 from kdtune.bands import Band
+from kdtune.budget import Budget
 from kdtune.report import arms, paired_interval, pick_winner, verdict, weak_teacher_warning
 from kdtune.spec import Spec, load_spec
 from kdtune.student import StudentConfig
@@ -94,6 +96,7 @@ class Evaluated:
     report: dict
     echoed: list[str]
     trained: list[tuple[StudentConfig, int, tuple]]  # every student.train call: (config, seed, (model, result))
+    tested: list[int]  # the hidden width of every student whose accuracy the report measured on the test set
 
     def fresh_run(self, config: StudentConfig, seed: int) -> tuple:
         """The run the report trained for this config and seed."""
@@ -110,7 +113,8 @@ def add_trial(study: optuna.Study, value: float, config: StudentConfig, band: in
     params = config.as_params()
     study.add_trial(optuna.trial.create_trial(
         params={name: params[name] for name in SEARCH_DISTRIBUTIONS}, distributions=SEARCH_DISTRIBUTIONS,
-        value=value, user_attrs={"loss": config.loss, **({} if band is None else {"band": band})}))
+        value=value, user_attrs={"loss": config.loss, "n_parameters": 795 * config.width + 10,  # 28x28, 10 classes
+                                 **({} if band is None else {"band": band})}))
 
 
 def evaluate_recording(folder: Path, study: optuna.Study) -> Evaluated:
@@ -120,8 +124,14 @@ def evaluate_recording(folder: Path, study: optuna.Study) -> Evaluated:
     spec_path = folder / "tiny.toml"
     spec_path.write_text(TINY_SPEC.format(path=npz, student_epochs=2, width="[8, 64]", pruner="median",
                                           n_startup_trials=5, search="") + "n_candidates = 3\n")
-    trained, echoed = [], []
+    trained, echoed, tested = [], [], []
     train_student = student.train
+    test_accuracy = report.accuracy
+
+    def recording_test_accuracy(model, x, y, *args):
+        assert x.shape[0] == 500  # only the test set is measured here: the tiny data has 500 test images
+        tested.append(model[1].out_features)
+        return test_accuracy(model, x, y, *args)
 
     def recording_train_student(config, schedule, student_data, seed, compute, **options):
         run = train_student(config, schedule, student_data, seed, compute, **options)
@@ -131,11 +141,12 @@ def evaluate_recording(folder: Path, study: optuna.Study) -> Evaluated:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.setattr(student, "train", recording_train_student)
+        patch.setattr(report, "accuracy", recording_test_accuracy)
         spec = load_spec(spec_path)
         splits = data.prepare(spec.data, spec.seed)
         cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
         result = report.evaluate(spec, splits, cached, study, CPU_FP32, echo=echoed.append)
-    return Evaluated(folder, spec, splits, cached, study, result, echoed, trained)
+    return Evaluated(folder, spec, splits, cached, study, result, echoed, trained, tested)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +168,7 @@ BANDS = [Band(0, 1, 20, 795 * 1 + 10, 795 * 20 + 10), Band(1, 21, 64, 795 * 21 +
 def banded(tmp_path_factory) -> Evaluated:
     """A report over a study of two size bands, each with two distilling trials and one trained alone."""
     study = optuna.create_study(direction="maximize")
-    study.set_user_attr(bands.RECORD_KEY, [band.as_record() for band in BANDS])
+    bands.record(study, BANDS)
     for value, config in ((0.99, StudentConfig(4.0, 0.5, 2)), (0.6, StudentConfig(2.0, 0.3, 16)),
                           (0.5, StudentConfig(1.0, 1.0, 12)), (0.7, StudentConfig(4.0, 0.5, 64)),
                           (0.4, StudentConfig(8.0, 0.2, 24)), (0.3, StudentConfig(1.0, 1.0, 40))):
@@ -186,6 +197,11 @@ def test_each_band_is_judged_by_its_own_trials_its_twin_and_its_paired_gain(band
     assert banded.report["rows"]["tuned"] == overall["rows"]["tuned"]
     [read] = banded.study.user_attrs["test_reads"]
     assert len(read["configs"]) == 2 * len(front) + 1  # each band's winner and twin, and the reference
+    # and the test set was read for those and nothing else: each band's winner and twin (the same width), and
+    # the reference, once per seed
+    winner_widths = [StudentConfig.from_params(b["rows"]["tuned"]["config"]).width for b in front]
+    assert Counter(banded.tested) == Counter({width: 2 * len(seeds) for width in winner_widths}) + Counter(
+        {student.REFERENCE.width: len(seeds)})
     markdown = report.to_markdown(banded.report)
     assert all(b.label in markdown for b in BANDS) and "**Verdict by size.** Distillation pays in" in markdown
 
@@ -246,3 +262,12 @@ def test_a_resumed_report_loads_each_seed_its_own_saved_run(evaluated, monkeypat
         assert row["test_accuracy"] == pytest.approx(
             [evaluated.test_accuracy(config, seed) for seed in resumed["seeds"]]), arm
         assert row["val_curves"] == [evaluated.fresh_run(config, seed)[1].val_curve for seed in resumed["seeds"]]
+
+
+def test_a_budget_keeps_the_report_to_the_bands_and_candidates_within_it(banded, monkeypatch):
+    monkeypatch.chdir(banded.folder)  # the runs the banded report kept: nothing is retrained
+    within = report.evaluate(banded.spec, banded.splits, banded.cached, banded.study, CPU_FP32, echo=lambda _: None,
+                             budget=Budget(max_params=BANDS[0].max_params))
+    assert [b["band"] for b in within["front"]] == [0]
+    assert all(c["n_parameters"] <= BANDS[0].max_params for c in within["candidates"])
+    assert within["budget"] == f"at most {BANDS[0].max_params:,} parameters"

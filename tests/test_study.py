@@ -164,7 +164,8 @@ def test_a_new_study_runs_the_control_arms_first(setup, tiny_spec):
         ("no_distillation", 1.0, width, "hinton", band) for width, band in ((24, 0), (69, 1), (218, 2), (622, 3))]
     assert the_study.trials[0].params["temperature"] == 10.0
     assert the_study.trials[5].user_attrs.get("control") is None
-    study_setup.set_up(study.open_study(spec, create=True), spec, splits, CPU_FP32)  # resuming queues no more
+    # queueing again, as a set-up taken over from a creator that died does, adds none
+    study.enqueue_control_arms(the_study, spec.search, spec.student.loss, bands.recorded(the_study))
     assert not the_study.get_trials(states=(optuna.trial.TrialState.WAITING,))
 
 
