@@ -68,7 +68,10 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class TeacherSpec(TrainSpec):
-    pass
+    # Teacher only: students learn the cached logits of fixed images, so they keep a constant rate, unshifted images.
+    # With "cosine", early stopping cuts the decay short: set patience_epochs = max_epochs to train it through.
+    lr_schedule: str = "constant"  # constant | cosine (per epoch, from learning_rate to ~0 after max_epochs)
+    augment: str = "none"  # none | shift (each training image moved up to 2 pixels each way; never flipped)
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,8 @@ class Spec:
 TOML_KEYS = {"label_weight": "lambda"}
 PRUNERS = ("median", "successive-halving", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
+LR_SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("none", "shift")
 # Optuna's TPESampler takes seeds in [0, 2**32) and numpy's default_rng none below 0. kdtune adds offsets to the
 # spec's seed (study.sampler_seed: the trials run, 1,000,003 per worker and up to that again for a process joining
 # a running study; report: 1..n_seeds): seeds below 2**31 leave 2**31 for them, room for 2,000 workers.
@@ -201,6 +206,8 @@ def validate(spec: Spec) -> None:
         for name in ("max_epochs", "patience_epochs", "batch_size"):
             check(getattr(part, name) >= 1, f"{section}.{name} must be at least 1, but got {getattr(part, name)}.")
         check(part.learning_rate > 0, f"{section}.learning_rate must be positive, but got {part.learning_rate}.")
+    choose(dict.fromkeys(LR_SCHEDULES), spec.teacher.lr_schedule, "teacher.lr_schedule")
+    choose(dict.fromkeys(AUGMENTATIONS), spec.teacher.augment, "teacher.augment")
     choose(LOSSES, spec.student.loss, "student.loss")
     choose(dict.fromkeys(PRUNERS), spec.search.pruner, "search.pruner")
     search = spec.search

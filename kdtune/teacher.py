@@ -26,12 +26,13 @@ from kdtune.data import Splits
 from kdtune.hardware import Compute
 from kdtune.models import TeacherCNN, n_parameters
 from kdtune.provenance import sha256_file, versions
-from kdtune.spec import Spec
+from kdtune.spec import Spec, TeacherSpec
 from kdtune.train import fit, predict
 
 CACHE_ROOT = Path("studies/.teacher-cache")
 PARTS = ("train", "val", "test")
 WEIGHTS_FILE = "weights.pt"
+LATER_TEACHER_KEYS = ("lr_schedule", "augment")
 
 
 class CorruptCache(Exception):
@@ -52,8 +53,11 @@ class CachedTeacher:
 
 def cache_id(spec: Spec, data_fingerprint: str, compute: Compute) -> str:
     """`compute`: the spec's device and precision, resolved for this machine."""
-    key = {"data": data_fingerprint, "teacher": dataclasses.asdict(spec.teacher), "seed": spec.seed,
-           "architecture": TeacherCNN.__name__}
+    # Keys added to [teacher] after teachers were cached enter the key only away from their defaults, which train
+    # as before: so every teacher cached before them keeps its id.
+    teacher = {name: value for name, value in dataclasses.asdict(spec.teacher).items()
+               if not (name in LATER_TEACHER_KEYS and value == getattr(TeacherSpec, name))}
+    key = {"data": data_fingerprint, "teacher": teacher, "seed": spec.seed, "architecture": TeacherCNN.__name__}
     if compute.autocast_dtype is not None:  # only then: every fp32 teacher cached before precision existed stays valid
         key["precision"] = compute.precision
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -114,7 +118,8 @@ def train(spec: Spec, splits: Splits, folder: Path, compute: Compute, *,
 
         result = fit(model, x_train, y_train, x_val, y_val, schedule=spec.teacher, seed=spec.seed,
                      loss_fn=lambda logits, _, labels: F.cross_entropy(logits, labels), report=show,
-                     autocast_dtype=compute.autocast_dtype)
+                     autocast_dtype=compute.autocast_dtype, lr_schedule=spec.teacher.lr_schedule,
+                     augment=spec.teacher.augment)
     logits = {part: predict(model, getattr(splits, f"x_{part}").to(device), compute.autocast_dtype).cpu()
               for part in PARTS}
 

@@ -7,11 +7,13 @@ Data lives on the device as whole tensors; an epoch is one index permutation sli
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdtune.hardware import autocast
@@ -20,6 +22,33 @@ from kdtune.spec import TrainSpec
 # (logits, teacher_logits or None, labels) -> scalar loss
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 EVAL_BATCH_SIZE = 4096
+MAX_SHIFT_PIXELS = 2
+
+
+def shift_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image moved by its own random offset of up to MAX_SHIFT_PIXELS rows and columns either way; the
+    pixels it uncovers are 0, the background of kdtune's 0..1 images. Drawn from `generator`, on the images' device.
+
+    Never flipped: a mirrored 2, 3 or J is not a 2, 3 or J, and kdtune serves digits and letters too.
+    """
+    n, n_channels, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (MAX_SHIFT_PIXELS,) * 4)
+    offsets = torch.randint(0, 2 * MAX_SHIFT_PIXELS + 1, (2, n, 1, 1, 1), generator=generator, device=device)
+    rows = offsets[0] + torch.arange(height, device=device).view(1, 1, height, 1)
+    columns = offsets[1] + torch.arange(width, device=device).view(1, 1, 1, width)
+    return padded[torch.arange(n, device=device).view(n, 1, 1, 1),
+                  torch.arange(n_channels, device=device).view(1, n_channels, 1, 1), rows, columns]
+
+
+# Per-epoch learning-rate factors of the training's progress, epoch / max_epochs in [0, 1).
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    # from 1 in the first epoch to sin^2(pi / (2 max_epochs)) in the last (2.4% at 10 epochs)
+    "cosine": lambda progress: (1 + math.cos(math.pi * progress)) / 2,
+}
+AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None] = {
+    "none": None, "shift": shift_images}
 
 
 @dataclass
@@ -55,8 +84,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
         *, loss_fn: LossFn, schedule: TrainSpec, seed: int, teacher_logits: torch.Tensor | None = None,
-        report: Callable[[int, float], None] | None = None, autocast_dtype: torch.dtype | None = None) -> FitResult:
+        report: Callable[[int, float], None] | None = None, autocast_dtype: torch.dtype | None = None,
+        lr_schedule: str = "constant", augment: str = "none") -> FitResult:
     """Train `model` in place with Adam; keep the weights of the epoch with the best validation accuracy.
+
+    `lr_schedule` (LR_SCHEDULES) sets each epoch's learning rate from `schedule.learning_rate`; `augment`
+    (AUGMENTATIONS) transforms each training batch, from a generator seeded by `seed`, on the data's device.
 
     `report(epoch, val_accuracy)` runs after every epoch; it may raise StopTraining to stop early. A fit that
     ends without a model (TrainingDiverged, TrainingInterrupted) carries its result so far in the exception.
@@ -68,16 +101,22 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: t
     fused = x_train.device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.learning_rate, fused=fused)
     shuffle = torch.Generator(device="cpu").manual_seed(seed)
+    lr_factor, transform = LR_SCHEDULES[lr_schedule], AUGMENTATIONS[augment]
+    if transform is not None:  # seed + 1: on the CPU, seeding it like `shuffle` would reuse its random numbers
+        augment_rng = torch.Generator(device=x_train.device).manual_seed(seed + 1)
     best_accuracy, best_state, result = -1.0, None, FitResult(0.0, 0, 0.0)
     try:
         for epoch in range(schedule.max_epochs):
             # forward backward update
             model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.learning_rate * lr_factor(epoch / schedule.max_epochs)
             order = torch.randperm(len(x_train), generator=shuffle).to(x_train.device)
             loss_sum = torch.zeros((), device=x_train.device)
             for batch in order.split(schedule.batch_size):
+                images = x_train[batch] if transform is None else transform(x_train[batch], augment_rng)
                 with autocast(x_train.device, autocast_dtype):
-                    logits = model(x_train[batch])
+                    logits = model(images)
                     loss = loss_fn(logits, None if teacher_logits is None else teacher_logits[batch], y_train[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -51,6 +51,10 @@ def test_cli_overrides_win_over_the_toml(tmp_path):
     ("[search]\nwidth = 16.5\n", "search.width must be whole numbers"),
     ("[data]\nformat = 'csv'\npath = 'x'\n", "data.format must be one of ['embedded', 'emnist-csv', "),
     ("[data]\ntranspose = 'yes'\n", "data.transpose must be bool, but got 'yes'."),
+    ("[teacher]\nlr_schedule = 'step'\n", "teacher.lr_schedule must be one of ['constant', 'cosine'], but got 'step'."),
+    ("[teacher]\naugment = 'flip'\n", "teacher.augment must be one of ['none', 'shift'], but got 'flip'."),
+    ("[teacher]\naugment = true\n", "teacher.augment must be str, but got True."),
+    ("[student]\nlr_schedule = 'cosine'\n", "unknown key student.lr_schedule"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -10,8 +10,9 @@ import torch
 from conftest import CPU_FP32
 
 from kdtune import data, hardware, teacher
-from kdtune.spec import load_spec
+from kdtune.spec import Spec, load_spec
 from kdtune.train import accuracy_of_logits
+from kdtune.train import fit as train_fit
 
 
 @pytest.fixture
@@ -71,6 +72,34 @@ def test_other_config_or_seed_or_split_misses(trained, tiny_spec, monkeypatch):
     assert cache_id(replace(spec, precision="auto"), splits.fingerprint) == cached.cache_id
     other_seed = replace(spec, seed=1)
     assert cache_id(other_seed, data.prepare(spec.data, 1).fingerprint) != cached.cache_id
+
+
+def test_new_teacher_keys_at_their_defaults_keep_the_cache_ids_of_teachers_cached_before_them():
+    """The ids main's cache_id gave before lr_schedule and augment existed (fixed fingerprint, fp32 on the CPU)."""
+    spec = Spec(name="any")
+    assert teacher.cache_id(spec, "fingerprint", CPU_FP32) == "f057e9a2ab09613b"
+    fm = replace(spec, teacher=replace(spec.teacher, max_epochs=30, lr_schedule="constant", augment="none"))
+    assert teacher.cache_id(fm, "fingerprint", CPU_FP32) == "fc7980e0747efe4e"
+    changes = ({"lr_schedule": "cosine"}, {"augment": "shift"}, {"lr_schedule": "cosine", "augment": "shift"})
+    others = {teacher.cache_id(replace(fm, teacher=replace(fm.teacher, **change)), "fingerprint", CPU_FP32)
+              for change in changes}
+    assert len(others) == 3 and "fc7980e0747efe4e" not in others
+
+
+def test_the_teacher_trains_with_its_spec_schedule_and_augmentation(tiny_spec, monkeypatch):
+    spec = load_spec(tiny_spec())
+    spec = replace(spec, teacher=replace(spec.teacher, lr_schedule="cosine", augment="shift"))
+    splits = data.prepare(spec.data, spec.seed)
+    passed = {}
+
+    def fit(*args, **kwargs):
+        passed.update(kwargs)
+        return train_fit(*args, **kwargs)
+
+    monkeypatch.setattr(teacher, "fit", fit)
+    cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
+    assert (passed["lr_schedule"], passed["augment"]) == ("cosine", "shift")
+    assert (cached.meta["teacher"]["lr_schedule"], cached.meta["teacher"]["augment"]) == ("cosine", "shift")
 
 
 @pytest.mark.parametrize("damage", ["flip a byte of logits", "delete weights", "garble meta"])

@@ -1,14 +1,16 @@
-"""The training loop: early stopping on validation accuracy, and the best epoch's weights on return."""
+"""The training loop: early stopping on validation accuracy, the best epoch's weights on return, and the
+teacher's learning-rate schedule and augmentation."""
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kdtune import train
-from kdtune.models import StudentMLP
-from kdtune.spec import StudentSpec
+from kdtune.models import StudentMLP, TeacherCNN
+from kdtune.spec import AUGMENTATIONS, LR_SCHEDULES, StudentSpec, TeacherSpec
 
 
 def cross_entropy(logits, teacher_logits, labels):
@@ -94,3 +96,101 @@ def test_a_fit_that_ends_without_a_model_carries_its_epochs(monkeypatch, ending)
                   schedule=StudentSpec(max_epochs=4, patience_epochs=5, batch_size=32))
     assert ended.value.result.val_curve == [0.3, 0.5] and ended.value.result.n_epochs == 2
     assert ended.value.result.seconds > 0
+
+
+def test_the_schedules_and_augmentations_are_the_ones_the_spec_accepts():
+    assert tuple(train.LR_SCHEDULES) == LR_SCHEDULES and tuple(train.AUGMENTATIONS) == AUGMENTATIONS
+
+
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_cosine_lowers_the_learning_rate_every_epoch_towards_zero(monkeypatch, lr_schedule):
+    """The rate each optimizer step used: the spec's in the first epoch; under cosine, lower in every later epoch
+    and near 0 in the last, base * (1 + cos(pi * epoch / max_epochs)) / 2."""
+    used = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            used.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(train.torch.optim, "Adam", RecordingAdam)
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 3, (64,))
+    schedule = TeacherSpec(max_epochs=8, patience_epochs=8, batch_size=32, learning_rate=1e-2)
+    train.fit(StudentMLP((8, 8), 3, 8), x, y, x, y, loss_fn=cross_entropy, schedule=schedule, seed=0,
+              lr_schedule=lr_schedule)
+
+    per_epoch = used[::2]  # two steps per epoch, at the same rate
+    assert used[1::2] == per_epoch and len(per_epoch) == 8 and per_epoch[0] == 1e-2
+    if lr_schedule == "constant":
+        assert per_epoch == [1e-2] * 8
+    else:
+        assert all(later < earlier for earlier, later in zip(per_epoch, per_epoch[1:]))
+        assert per_epoch == pytest.approx([1e-2 * (1 + math.cos(math.pi * e / 8)) / 2 for e in range(8)])
+        assert 0 < per_epoch[-1] < 0.05 * 1e-2
+
+
+def shifted(image: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """`image` (C, H, W) moved down `rows` and right `columns` pixels, zeros where it uncovers: by hand."""
+    out = torch.zeros_like(image)
+    height, width = image.shape[-2:]
+    out[:, max(rows, 0):height + min(rows, 0), max(columns, 0):width + min(columns, 0)] = \
+        image[:, max(-rows, 0):height - max(rows, 0), max(-columns, 0):width - max(columns, 0)]
+    return out
+
+
+def test_shift_moves_each_image_by_its_own_offset_of_at_most_two_pixels():
+    images = torch.rand(200, 1, 9, 7) + 0.1  # no zero pixels: a zero in the output was uncovered
+    moved = train.shift_images(images, torch.Generator().manual_seed(0))
+    offsets = []
+    for image, out in zip(images, moved):
+        matches = [(r, c) for r in range(-2, 3) for c in range(-2, 3) if torch.equal(out, shifted(image, r, c))]
+        assert len(matches) == 1
+        offsets.append(matches[0])
+    assert set(offsets) == {(r, c) for r in range(-2, 3) for c in range(-2, 3)}  # all 25 offsets drawn
+    again = train.shift_images(images, torch.Generator().manual_seed(0))
+    assert torch.equal(again, moved)
+
+
+def fit_weights(lr_schedule: str, augment: str, seed: int = 0) -> list[torch.Tensor]:
+    """The weights after 3 epochs (validation is scripted to improve every epoch)."""
+    scripted = iter([0.1, 0.2, 0.3])
+    torch.manual_seed(0)
+    model = StudentMLP((8, 8), 3, 16)
+    x, y = torch.rand(96, 1, 8, 8), torch.randint(0, 3, (96,))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "accuracy", lambda *args: next(scripted))
+        train.fit(model, x, y, x, y, loss_fn=cross_entropy, seed=seed, lr_schedule=lr_schedule, augment=augment,
+                  schedule=TeacherSpec(max_epochs=3, patience_epochs=3, batch_size=32))
+    return list(model.state_dict().values())
+
+
+def test_cosine_and_shift_training_is_reproducible_under_a_seed_and_differs_from_plain():
+    weights = fit_weights("cosine", "shift")
+    assert all(torch.equal(a, b) for a, b in zip(weights, fit_weights("cosine", "shift")))
+    for other in (fit_weights("cosine", "shift", seed=1), fit_weights("cosine", "none"),
+                  fit_weights("constant", "shift"), fit_weights("constant", "none")):
+        assert not all(torch.equal(a, b) for a, b in zip(weights, other))
+
+
+def test_constant_rate_without_augmentation_trains_bit_identically_to_the_loop_before_them(monkeypatch):
+    """The loop as it was before schedules and augmentation existed, written out: Adam at a constant rate over
+    seeded permutations. Validation is scripted to improve every epoch, so `fit` returns its last weights."""
+    scripted = iter([0.1, 0.2, 0.3])
+    monkeypatch.setattr(train, "accuracy", lambda *args: next(scripted))
+    x, y = torch.rand(96, 1, 8, 8), torch.randint(0, 3, (96,))
+    torch.manual_seed(0)
+    model, before = TeacherCNN((8, 8), 3), TeacherCNN((8, 8), 3)
+    before.load_state_dict(model.state_dict())
+    train.fit(model, x, y, x, y, loss_fn=cross_entropy, seed=7, lr_schedule="constant", augment="none",
+              schedule=TeacherSpec(max_epochs=3, patience_epochs=3, batch_size=32, learning_rate=2e-3))
+
+    optimizer = torch.optim.Adam(before.parameters(), lr=2e-3, fused=True)
+    shuffle = torch.Generator().manual_seed(7)
+    before.train()
+    for _ in range(3):
+        for batch in torch.randperm(len(x), generator=shuffle).split(32):
+            loss = F.cross_entropy(before(x[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
