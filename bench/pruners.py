@@ -10,8 +10,11 @@ bench/results/pruners-<machine>-<date>.json. A seed sets both the sampler and th
 (the validation split stays the spec's), so "the same best accuracy" is judged over seeds, not on one lucky
 one. `--jobs N` runs N studies at once, each in its own process with its share of the CPUs; the epoch counts
 and accuracies do not depend on it, the seconds do (compare seconds within one run with the same --jobs).
-Besides the spec's pruners, `percentile-P` is a candidate measured here only: Optuna's PercentilePruner
-keeping the top P% of trials at each epoch (the median pruner keeps the top 50%).
+Besides the spec's pruners, two candidates are measured here only: `percentile-P`, Optuna's PercentilePruner
+keeping the top P% of trials at each epoch (the median pruner keeps the top 50%), and `median-startup-N`, the
+median pruner judging a size band's trials once N of them have finished (the spec's n_startup_trials). Every
+pruner judges a trial among its own size band's trials, and each band's best is compared with the unpruned
+study's best in that band.
 """
 
 import argparse
@@ -33,6 +36,9 @@ from kdtune.spec import load_spec
 
 
 def make_candidate(spec, name: str) -> optuna.pruners.BasePruner:
+    if name.startswith("median-startup-"):  # the median pruner judging a band after this many of its trials
+        return PerBandPruner(optuna.pruners.MedianPruner(n_startup_trials=int(name.removeprefix("median-startup-")),
+                                                         n_warmup_steps=spec.search.n_warmup_epochs))
     if name.startswith("percentile-"):
         return PerBandPruner(optuna.pruners.PercentilePruner(float(name.removeprefix("percentile-")),
                                                              n_startup_trials=spec.search.n_startup_trials,
