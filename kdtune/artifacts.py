@@ -103,3 +103,12 @@ def fetch(record: dict, store, folder: Path) -> None:
         scratch.rename(folder)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def publish_export(study: optuna.Study, spec: Spec, folder: Path) -> dict[str, str]:
+    """Upload an exported student's files as artifacts of the study ({file name: artifact id}), where the
+    dashboard lists them. Optuna attaches artifacts to a trial only while it runs, so they go on the study, and
+    the winning trial's note names them (kdtune.dashboard.note_export)."""
+    store = open_artifact_store(spec)
+    return {path.name: upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+            for path in sorted(folder.iterdir()) if path.is_file()}

@@ -16,7 +16,23 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import dashboard, data, figures, front, hardware, report, study, study_setup, target, teacher, workers
+from kdtune import (
+    artifacts,
+    dashboard,
+    data,
+    export,
+    figures,
+    front,
+    hardware,
+    predict,
+    report,
+    runtime,
+    study,
+    study_setup,
+    target,
+    teacher,
+    workers,
+)
 from kdtune.budget import Budget
 from kdtune.errors import EXIT_USAGE, USER_ERRORS, one_line
 from kdtune.spec import DEFAULT_SPEC, Spec, SpecError, load_spec
@@ -44,6 +60,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     Every trial trains a student on the cached teacher logits and is pruned on validation accuracy.
     """
     spec = _spec(args)
+    if spec.onnxruntime_latency:
+        runtime.require("onnxruntime_latency = true")
     splits = data.prepare(spec.data, spec.seed)
     compute = _compute(spec)
     try:
@@ -144,6 +162,49 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Ship the report's student: ONNX (checked against PyTorch on the test images), its weights, its latency in
+    PyTorch and ONNX Runtime, and a model card.
+
+    By default the report's overall winner; with --max-params or --max-latency-ms the band winner with the best
+    validation accuracy within that budget; with --trial K the band winner of trial K. Of its seeds, the one with
+    the best validation accuracy. Nothing is retrained: run `report` first. Writes to --out (default
+    studies/<name>/export/trial-<K>/) and adds the files to the study's artifacts and the trial's note.
+    """
+    spec = _spec(args)
+    runtime.require("kdtune export")
+    found = report.read(spec)
+    chosen = export.choose(found, _budget(args), args.trial)
+    folder = args.out or export.default_folder(spec, chosen)
+    the_study = study.open_study(spec, create=False)
+    card = export.export(spec, found, chosen, data.prepare(spec.data, spec.seed), folder)
+    published = artifacts.publish_export(the_study, spec, folder)
+    dashboard.note_export(the_study, chosen.band["winner_trial"], export.summary(card, folder, published))
+    print(export.summary(card, folder, published))
+    print(f"Use it: kdtune predict --model {folder} IMAGES.npz")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict classes with an exported student in ONNX Runtime: an .npz of images (`images`, optionally
+    `labels`), an .npy of images, or one image file.
+
+    Prints each image's class and its probability (the first --show), and the accuracy where the file has
+    labels; --out FILE.csv writes every image's class and class probabilities.
+    """
+    found = predict.predict(args.model, args.images, args.threads)
+    for index, (label, probs) in enumerate(zip(found["predicted"][:args.show], found["probabilities"])):
+        print(f"image {index}: class {label} (probability {probs[label]:.3f})")
+    if found["n_images"] > args.show:
+        print(f"... and {found['n_images'] - args.show:,} more images")
+    if "accuracy" in found:
+        print(f"Accuracy on the {found['n_images']:,} labelled images: {100 * found['accuracy']:.2f}%")
+    if args.out:
+        predict.write_csv(found, args.out)
+        print(f"Written: {args.out}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """List the study's trials by state and what will be retried.
 
@@ -181,8 +242,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"teacher": cmd_teacher, "tune": cmd_tune, "best": cmd_best, "status": cmd_status,
-            "report": cmd_report, "dashboard": cmd_dashboard}
+            "report": cmd_report, "export": cmd_export, "predict": cmd_predict, "dashboard": cmd_dashboard}
 TRAINING_COMMANDS = ("teacher", "tune", "report")
+STUDY_FREE_COMMANDS = ("predict",)  # needs an exported folder, not a spec or a study
 
 
 class _Parser(argparse.ArgumentParser):
@@ -196,13 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         doc = inspect.getdoc(command)
         sub = commands.add_parser(name, help=first_sentence(doc), description=doc)
+        sub.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name in STUDY_FREE_COMMANDS:
+            continue
         sub.add_argument("--spec", type=Path, help=f"study spec TOML (default: {DEFAULT_SPEC}, or the built-in "
                          "quickstart where that file is absent)")
-        sub.add_argument("--debug", action="store_true", help="show tracebacks")
         if name != "teacher":
             sub.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<name>/study.db)")
             sub.add_argument("--study-name", help="study name (default: the spec's name)")
-    for name in TRAINING_COMMANDS:
+    for name in (*TRAINING_COMMANDS, "export"):  # export times the student
         commands.choices[name].add_argument("--threads", type=_positive(int), help="torch threads (default: one per "
                                             "CPU this process may use, counting a container's CPU quota)")
     commands.choices["teacher"].add_argument("--force", action="store_true", help="retrain even if cached")
@@ -213,12 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
                       "machine, each with its share of the CPUs (default 1)")
     for name in ("best", "status"):
         commands.choices[name].add_argument("--json", action="store_true", help="print JSON")
-    for name in ("best", "report"):
+    for name in ("best", "report", "export"):
         chooser = commands.choices[name]
         chooser.add_argument("--max-params", type=_positive(int), help="only students with at most this many "
                              "parameters")
         chooser.add_argument("--max-latency-ms", type=_positive(float), help="only students that take at most this "
                              "many milliseconds per image at batch 1 (as timed on their CPU)")
+        chooser.add_argument("--latency-runtime", choices=("pytorch", "onnxruntime"), default="pytorch",
+                             help="whose latency --max-latency-ms limits (default pytorch; onnxruntime: as timed "
+                             "where the spec has onnxruntime_latency = true, and for the report's band winners)")
+    commands.choices["export"].add_argument("--trial", type=_natural, help="the report's band winner of this trial")
+    commands.choices["export"].add_argument("--out", type=Path, help="folder to write (default: "
+                                            "studies/<name>/export/trial-<K>)")
+    prediction = commands.choices["predict"]
+    prediction.add_argument("images", type=Path, help=".npz (images, optionally labels), .npy or an image file")
+    prediction.add_argument("--model", type=Path, required=True, help="a folder `kdtune export` wrote")
+    prediction.add_argument("--out", type=Path, help="write every prediction to this CSV file")
+    prediction.add_argument("--show", type=_natural, default=10, help="images to print (default 10)")
+    prediction.add_argument("--threads", type=_positive(int), help="ONNX Runtime threads (default: one per CPU this "
+                            "process may use)")
     commands.choices["report"].add_argument("--seeds", type=_positive(int), help="seeds per configuration")
     commands.choices["report"].add_argument("--figures-only", action="store_true", help="redraw the pictures and "
                                             "report.html from the last report; trains nothing")
@@ -256,12 +333,13 @@ def _compute(spec: Spec) -> hardware.Compute:
 
 def _report_flags(args: argparse.Namespace) -> list[str]:
     """The flags that decide what `report` trains, for the command that resumes it."""
-    values = {"--seeds": args.seeds, "--max-params": args.max_params, "--max-latency-ms": args.max_latency_ms}
+    values = {"--seeds": args.seeds, "--max-params": args.max_params, "--max-latency-ms": args.max_latency_ms,
+              "--latency-runtime": None if args.latency_runtime == "pytorch" else args.latency_runtime}
     return [f"{flag} {value}" for flag, value in values.items() if value is not None]
 
 
 def _budget(args: argparse.Namespace) -> Budget:
-    return Budget(max_params=args.max_params, max_latency_ms=args.max_latency_ms)
+    return Budget(max_params=args.max_params, max_latency_ms=args.max_latency_ms, runtime=args.latency_runtime)
 
 
 def first_sentence(doc: str) -> str:
@@ -280,6 +358,12 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
     return parse
+
+
+def _natural(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
+    return int(text)
 
 
 def _port(text: str) -> int:

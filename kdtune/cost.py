@@ -10,29 +10,35 @@ The medians are only as quiet as the machine. Another process on the same cores 
 training, a CI job) slows the calls it overlaps, and a median of 20 hides that only when the overlap is short.
 A measurement is cached per (family, width, input, classes, torch threads, CPU model and flags, torch version)
 in `studies/.cost-cache/`, so a noisy one stays until that file is deleted.
+
+ONNX Runtime, where a student ships (kdtune.runtime), is timed by the same protocol on the exported graph when
+asked: a spec's `onnxruntime_latency = true` for every trial (off by default: exporting costs about 0.7 s per
+new width, a third more on the quickstart's first study), and the report's band winners whenever kdtune[export]
+is installed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
-from time import perf_counter
 
 import numpy as np
 import torch
 from torch import nn
 
-from kdtune import hardware, student
+from kdtune import hardware, runtime, student
 from kdtune.student import StudentConfig
+from kdtune.timing import BATCH_SIZES, N_TIMED_CALLS, N_WARMUP_CALLS, time_calls
 
 CACHE_ROOT = Path("studies/.cost-cache")
-BATCH_SIZES = (1, 256)
-N_WARMUP_CALLS = 5  # first calls allocate buffers and pick kernels
-N_TIMED_CALLS = 20
+# how a trial's and a report's latency keys end, by runtime: latency_ms_batch1, latency_ms_batch1_onnxruntime
+LATENCY_SUFFIX = {"pytorch": "", "onnxruntime": "_onnxruntime"}
 # The layers whose multiply-adds `multiply_adds` counts; any other layer with weights is refused, not skipped.
 COUNTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -69,57 +75,64 @@ def latency(model: nn.Module, image_shape: tuple[int, int], *, batch_sizes: tupl
             n_warmup_calls: int = N_WARMUP_CALLS, n_calls: int = N_TIMED_CALLS) -> dict[int, dict]:
     """{batch size: {"median_ms", "p95_ms", "n_calls"}} of `model` on the CPU, over `n_calls` timed calls that
     follow `n_warmup_calls` untimed ones, with the torch threads set now."""
-    assert n_calls >= 1, f"{n_calls=}"
     model = model.to("cpu").eval()
-    found = {}
     with torch.inference_mode():
-        for batch in batch_sizes:
-            x = torch.rand(batch, 1, *image_shape, generator=torch.Generator().manual_seed(0))
-            for _ in range(n_warmup_calls):
-                model(x)
-            milliseconds = []
-            for _ in range(n_calls):
-                started = perf_counter()
-                model(x)
-                milliseconds.append(1000 * (perf_counter() - started))
-            found[batch] = {"median_ms": round(float(np.median(milliseconds)), 4),
-                            "p95_ms": round(float(np.percentile(milliseconds, 95)), 4), "n_calls": n_calls}
-    return found
+        return time_calls(model, lambda batch: torch.rand(batch, 1, *image_shape,
+                                                          generator=torch.Generator().manual_seed(0)),
+                          batch_sizes=batch_sizes, n_warmup_calls=n_warmup_calls, n_calls=n_calls)
 
 
-def measure(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str) -> dict:
+def measure(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str,
+            runtime_name: str = "pytorch") -> dict:
     """Multiply-adds and latency of the student `config` describes, with random weights (a dense model's
-    time does not depend on their values); the global RNG, which seeds the next student, is left alone."""
+    time does not depend on their values), in eager PyTorch or, exported as it ships, in ONNX Runtime; the
+    global RNG, which seeds the next student, is left alone."""
     with torch.random.fork_rng(devices=[]):
         model = student.build(config, image_shape, n_classes, family).eval()  # only ever runs inference
+    if runtime_name == "pytorch":
+        timed = latency(model, image_shape)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            runtime.to_onnx(model, image_shape, Path(folder) / "student.onnx")
+            timed = runtime.latency(runtime.session(Path(folder) / "student.onnx"), image_shape)
     return {"multiply_adds": multiply_adds(model, image_shape),
-            "latency": {str(batch): timed for batch, timed in latency(model, image_shape).items()}}
+            "latency": {str(batch): found for batch, found in timed.items()}}
 
 
-def of_student(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str = "mlp") -> dict:
+def of_student(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str = "mlp",
+               onnxruntime: bool = False) -> dict:
     """What a trial records of its student's cost: `multiply_adds` per image, the median latency at each
-    batch size (`latency_ms_batch1`, `latency_ms_batch256`), the torch threads and the CPU it was timed on.
-    Measured once per width and machine, then read from the cache."""
-    key = cache_key(config.width, image_shape, n_classes, family)
-    path = CACHE_ROOT / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
-    measured = read_cached(path, key)
-    if measured is None:
-        measured = measure(config, image_shape, n_classes, family)
-        write_cached(path, {"key": key, **measured, "cpu_flags": hardware.reported_cpu_flags(),
-                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return {"multiply_adds": measured["multiply_adds"],
-            **{f"latency_ms_batch{batch}": measured["latency"][str(batch)]["median_ms"] for batch in BATCH_SIZES},
-            "latency_threads": key["threads"], "latency_cpu": key["cpu"]}
+    batch size (`latency_ms_batch1`, `latency_ms_batch256`), the torch threads and the CPU it was timed on;
+    with `onnxruntime`, also the latency of the student exported as it ships, in ONNX Runtime
+    (`latency_ms_batch1_onnxruntime`, ...; about 0.7 s to export each new width). Measured once per width and
+    machine, then read from the cache."""
+    found = {}
+    for runtime_name in ("pytorch", "onnxruntime")[:1 + onnxruntime]:
+        key = cache_key(config.width, image_shape, n_classes, family, runtime_name)
+        path = CACHE_ROOT / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+        measured = read_cached(path, key)
+        if measured is None:
+            measured = measure(config, image_shape, n_classes, family, runtime_name)
+            write_cached(path, {"key": key, **measured, "cpu_flags": hardware.reported_cpu_flags(),
+                                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        found.update({f"latency_ms_batch{batch}{LATENCY_SUFFIX[runtime_name]}":
+                      measured["latency"][str(batch)]["median_ms"] for batch in BATCH_SIZES})
+        found["multiply_adds"] = measured["multiply_adds"]
+    return {**found, "latency_threads": torch.get_num_threads(), "latency_cpu": hardware.cpu_model()}
 
 
-def cache_key(width: int, image_shape: tuple[int, int], n_classes: int, family: str) -> dict:
+def cache_key(width: int, image_shape: tuple[int, int], n_classes: int, family: str,
+              runtime_name: str = "pytorch") -> dict:
     """Everything a measurement depends on: the student, the machine (a VM's model name is often only a
-    family, so its feature flags too), torch's threads and version, and how it was timed."""
+    family, so its feature flags too), torch's threads and version, the runtime and how it was timed."""
     flags = " ".join(sorted(hardware.cpu_flags()))
-    return {"family": family, "width": width, "image_shape": list(image_shape), "n_classes": n_classes,
-            "threads": torch.get_num_threads(), "cpu": hardware.cpu_model(),
-            "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "torch": torch.__version__,
-            "batch_sizes": list(BATCH_SIZES), "n_warmup_calls": N_WARMUP_CALLS, "n_calls": N_TIMED_CALLS}
+    key = {"family": family, "width": width, "image_shape": list(image_shape), "n_classes": n_classes,
+           "threads": torch.get_num_threads(), "cpu": hardware.cpu_model(),
+           "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "torch": torch.__version__,
+           "batch_sizes": list(BATCH_SIZES), "n_warmup_calls": N_WARMUP_CALLS, "n_calls": N_TIMED_CALLS}
+    # a PyTorch measurement keeps the key it had before ONNX Runtime was timed: caches stay valid
+    return key if runtime_name == "pytorch" else {**key, "runtime": runtime_name,
+                                                  "onnxruntime": importlib.metadata.version("onnxruntime")}
 
 
 def read_cached(path: Path, key: dict) -> dict | None:

@@ -28,6 +28,7 @@ from kdtune.student import StudentConfig
 
 REPORT_NOTE_KEY = "report_note"  # study user attribute: the last report's test table and verdict, in markdown
 BEST_NOTED_KEY = "best_trial_noted"  # study user attribute: the trial whose note carries the study's summary
+EXPORTS_KEY = "exports"  # study user attribute: {trial number: markdown on its exported student}
 
 
 def serve(spec: Spec, the_study: optuna.Study, host: str, port: int) -> None:
@@ -129,14 +130,25 @@ def note_study(the_study: optuna.Study) -> None:
     the_study.set_user_attr(BEST_NOTED_KEY, best.number)
 
 
+def note_export(the_study: optuna.Study, trial_number: int, text: str) -> None:
+    """Add `text` (on the trial's exported student: files, accuracy, latency) to the trial's note, where it
+    stays when the notes are rewritten."""
+    the_study.set_user_attr(EXPORTS_KEY, {**the_study.user_attrs.get(EXPORTS_KEY, {}), str(trial_number): text})
+    trial = next(t for t in the_study.get_trials(deepcopy=False) if t.number == trial_number)
+    _save_finished_trial_note(the_study, trial, _complete_trial_note(the_study, trial))
+    note_study(the_study)  # the best trial's note, in case it is this one, gets the study's summary back
+
+
 def _complete_trial_note(the_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
     """A completed trial's note, from what the study stored of it."""
     curve = [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)]
     band = next((b.label for b in front.study_bands(the_study) if b.index == bands.of_trial(trial)), None)
-    return trial_note(trial.number, StudentConfig.from_trial(trial),
+    note = trial_note(trial.number, StudentConfig.from_trial(trial),
                       n_parameters=trial.user_attrs.get("n_parameters", 0), n_epochs=len(curve),
                       seconds=trial.user_attrs.get("seconds", 0.0), val_curve=curve, costs=trial.user_attrs, band=band,
                       outcome=f"complete, best validation accuracy {100 * trial.value:.2f}%")
+    exported = the_study.user_attrs.get(EXPORTS_KEY, {}).get(str(trial.number))
+    return note if exported is None else f"{note}\n\n#### Exported\n\n{exported}"
 
 
 def _save_finished_trial_note(the_study: optuna.Study, trial: optuna.trial.FrozenTrial, body: str) -> None:

@@ -119,8 +119,18 @@ def fingerprint(dataset: Dataset, train_idx: np.ndarray, val_idx: np.ndarray) ->
 
 def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     # torch.tensor copies: the IDX reader's arrays are read-only views of the file, which from_numpy would share
-    x = torch.tensor(images, dtype=torch.float32).div_(255.0).unsqueeze(1)
-    return x, torch.tensor(labels)
+    return model_inputs(torch.tensor(images)), torch.tensor(labels)
+
+
+def model_inputs(pixels: torch.Tensor) -> torch.Tensor:
+    """What every model here takes: uint8 pixels (N, H, W) as float32 in [0, 1], shaped (N, 1, H, W). An
+    exported student carries this step in its graph (kdtune.runtime), so it takes the uint8 pixels as they are."""
+    return pixels.to(torch.float32).div(255.0).unsqueeze(1)
+
+
+def pixels(inputs: torch.Tensor) -> torch.Tensor:
+    """The uint8 pixels (N, H, W) back from `model_inputs`: exact, each input being a whole number over 255."""
+    return inputs.squeeze(1).mul(255.0).round().to(torch.uint8)
 
 
 def prepare(spec: DataSpec, seed: int) -> Splits:

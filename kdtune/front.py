@@ -59,18 +59,23 @@ def best_per_band(study: optuna.Study, budget: Budget = Budget()) -> list[dict]:
             "band": band.index, "band_label": band.label, "min_params": band.min_params,
             "max_params": band.max_params, "n_finished": len(trials), "n_complete": len(complete),
             "trial": trial.number, "width": config.width, "n_parameters": trial.user_attrs.get("n_parameters"),
-            "latency_ms": trial.user_attrs.get("latency_ms_batch1"), "val_accuracy": trial.value,
+            "latency_ms": trial.user_attrs.get("latency_ms_batch1"),
+            "latency_ms_onnxruntime": trial.user_attrs.get("latency_ms_batch1_onnxruntime"),
+            "val_accuracy": trial.value,
             "temperature": config.temperature, "lambda": config.label_weight})
     return entries
 
 
 def to_markdown(entries: list[dict]) -> str:
     """The front as a table: the dashboard's study note, `best`'s text output."""
-    lines = ["| band | trials finished (complete) | best trial | width | parameters | latency (ms, batch 1) | T "
+    onnx = any(e.get("latency_ms_onnxruntime") is not None for e in entries)  # onnxruntime_latency = true
+    latency = "latency (ms, batch 1: PyTorch / ONNX Runtime)" if onnx else "latency (ms, batch 1)"
+    lines = [f"| band | trials finished (complete) | best trial | width | parameters | {latency} | T "
              "| lambda | val accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
+        timed = _or_dash(e["latency_ms"]) + (f" / {_or_dash(e.get('latency_ms_onnxruntime'))}" if onnx else "")
         lines.append(f"| {e['band_label']} | {e['n_finished']} ({e['n_complete']}) | {e['trial']} | {e['width']} | "
-                     f"{e['n_parameters']:,} | {_or_dash(e['latency_ms'])} | {e['temperature']:.3g} | "
+                     f"{e['n_parameters']:,} | {timed} | {e['temperature']:.3g} | "
                      f"{e['lambda']:.3g} | {100 * e['val_accuracy']:.2f}% |")
     return "\n".join(lines)
 

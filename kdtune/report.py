@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import cost, figures, front, saved_runs, student
+from kdtune import cost, figures, front, runtime, saved_runs, student
 from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.hardware import Compute
@@ -50,15 +50,14 @@ def arms(winner: StudentConfig) -> dict[str, StudentConfig]:
     }
 
 
-def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean of paired differences and its two-sided Student-t confidence interval."""
-    mean = statistics.fmean(differences)
-    if len(set(differences)) == 1:  # identical arms (the winner does not distil): no spread, no interval
+def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The mean and its two-sided Student-t confidence interval: of paired differences, the paired interval."""
+    mean = statistics.fmean(values)
+    if len(set(values)) == 1:  # no spread (of paired differences: the winner does not distil), no interval
         return mean, mean, mean
     # imported here: scipy.stats costs ~1.3 s to import, on every kdtune command; scipy.special ~0.5 s, on report only
     from scipy.special import stdtrit  # the Student-t quantile
-    half = stdtrit(len(differences) - 1, 0.5 + confidence / 2) * statistics.stdev(differences) \
-        / math.sqrt(len(differences))
+    half = stdtrit(len(values) - 1, 0.5 + confidence / 2) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
 
@@ -115,7 +114,11 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         tests = [accuracy(model, x_test, y_test, compute.autocast_dtype) for model, _ in runs]
         return {"config": config.as_params(), "test_accuracy": tests,
                 "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests),
+                "val_accuracy": [r.val_accuracy for _, r in runs],
                 "val_mean": statistics.fmean(r.val_accuracy for _, r in runs),
+                # the trained students, seed by seed, for `export`: names in runs_folder(spec)
+                "run_files": [saved_runs.path_of(runs_folder(spec), context, config.as_params(), seed).name
+                              for seed in seeds],
                 "val_curves": [r.val_curve for _, r in runs],
                 "n_parameters": student.n_parameters(config, data.image_shape, data.n_classes)}
 
@@ -142,13 +145,14 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         rows = {"tuned": test_row("tuned", winner_config, candidate_runs[winner["trial"]]),
                 "no_distillation": test_row(f"{band.label}: no distillation", twin)}
         differences = [a - b for a, b in zip(rows["tuned"]["test_accuracy"], rows["no_distillation"]["test_accuracy"])]
-        gain, low, high = paired_interval(differences)
+        gain, low, high = mean_interval(differences)
         candidates += band_candidates
         bands_found.append({
             "band": band.index, "band_label": band.label, "min_params": band.min_params,
             "max_params": band.max_params, "winner_trial": winner["trial"], "winner_val_mean": winner["val_mean"],
             "rows": rows, "gain": {"mean": gain, "ci95_low": low, "ci95_high": high, "paired_differences": differences},
-            "latency": cost.of_student(winner_config, data.image_shape, data.n_classes),
+            "latency": cost.of_student(winner_config, data.image_shape, data.n_classes,
+                                       onnxruntime=not runtime.missing_packages()),
             "finding": finding(gain, low, high, winner_config.distils)})
 
     # 3. the overall winner, the best band winner on validation, also against the seed project's configuration
@@ -330,12 +334,17 @@ def front_section(report: dict) -> str:
         lines.append(
             f"| {b['band_label']} | trial {b['winner_trial']} | {config.temperature:.3g} | {config.label_weight:.3g} "
             f"| {config.width} | {tuned['n_parameters']:,} | {latency['latency_ms_batch1']:.3g} / "
-            f"{latency['latency_ms_batch256']:.3g} | {100 * tuned['test_mean']:.2f} ± {100 * tuned['test_std']:.2f}% "
+            f"{latency['latency_ms_batch256']:.3g}" + (
+                f" (ONNX Runtime {latency['latency_ms_batch1_onnxruntime']:.3g} / "
+                f"{latency['latency_ms_batch256_onnxruntime']:.3g})" if "latency_ms_batch1_onnxruntime" in latency
+                else "") + f" | {100 * tuned['test_mean']:.2f} ± {100 * tuned['test_std']:.2f}% "
             f"| {100 * twin['test_mean']:.2f} ± {100 * twin['test_std']:.2f}% | {100 * gain['mean']:+.2f} "
             f"({100 * gain['ci95_low']:+.2f} to {100 * gain['ci95_high']:+.2f}) | {b['finding']} |")
     latency = report["front"][0]["latency"]
     lines += ["", f"Latency per call, median of {cost.N_TIMED_CALLS}: eager PyTorch, fp32, on {latency['latency_cpu']} "
-              f"with {latency['latency_threads']} torch thread(s).", "",
+              f"with {latency['latency_threads']} thread(s)"
+              + ("; in parentheses ONNX Runtime, the student exported as it ships (`kdtune export`)."
+                 if "latency_ms_batch1_onnxruntime" in latency else "."), "",
               f"**Verdict by size.** {report['front_verdict']}"]
     return "\n".join(lines)
 

@@ -23,12 +23,17 @@ from kdtune.train import FitResult
 Run = tuple[nn.Module, FitResult]
 
 
+def path_of(folder: Path, context: dict, params: dict, seed: int) -> Path:
+    """The file that holds (or will hold) the run of `params` with `seed` in `context`."""
+    key = hashlib.sha256(json.dumps({**context, "params": params, "seed": seed}, sort_keys=True).encode())
+    return folder / f"{key.hexdigest()[:20]}.pt"
+
+
 def trained(folder: Path, context: dict, params: dict, seed: int, device: torch.device,
             build: Callable[[], nn.Module], train: Callable[[], Run]) -> tuple[Run, bool]:
     """The run for `params` and `seed`, from `folder` when an earlier report finished it, else from `train()`
     (and then saved). Returns the run and whether it came from disk."""
-    key = hashlib.sha256(json.dumps({**context, "params": params, "seed": seed}, sort_keys=True).encode())
-    path = folder / f"{key.hexdigest()[:20]}.pt"
+    path = path_of(folder, context, params, seed)
     if path.exists():
         try:
             saved = torch.load(path, map_location=device, weights_only=True)

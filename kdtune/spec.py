@@ -130,6 +130,8 @@ class Spec:
     precision: str = "fp32"  # fp32 | bf16 | auto (bf16 only where the hardware has it natively)
     storage: str = ""  # Optuna storage URL; empty means sqlite:///studies/<name>/study.db
     artifacts: str = ""  # where the study's teacher travels: a folder or s3://bucket; empty: studies/<name>/artifacts
+    # also time every trial's width in ONNX Runtime, as the student ships (kdtune[export]; ~0.7 s per new width)
+    onnxruntime_latency: bool = False
     data: DataSpec = field(default_factory=DataSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)

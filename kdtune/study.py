@@ -125,7 +125,8 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
         with uninterrupted():  # every write to the storage: a stop signal waits for it (see interrupts)
             config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss), band)
         n_parameters = student.n_parameters(config, data.image_shape, data.n_classes)
-        costs = cost.of_student(config, data.image_shape, data.n_classes)  # before training: pruned trials too
+        # before training: pruned trials too
+        costs = cost.of_student(config, data.image_shape, data.n_classes, onnxruntime=spec.onnxruntime_latency)
         with uninterrupted():
             # `worker`: `status` shows where a running trial runs
             for name, value in {"loss": config.loss, "worker": WORKER_ID, "n_parameters": n_parameters,

@@ -51,8 +51,8 @@ def test_the_front_is_the_best_of_each_band_within_the_budget(a_study):
     assert [(e["band"], e["width"], e["n_complete"]) for e in front] == [(0, 32, 2), (1, 2048, 2)]  # ties: smaller
     assert front[1] == {"band": 1, "band_label": "80.3k-1.63M parameters", "min_params": 80_305,
                         "max_params": 1_628_170, "n_finished": 2, "n_complete": 2, "trial": 0, "width": 2048,
-                        "n_parameters": 1_628_170, "latency_ms": 0.20, "val_accuracy": 0.90, "temperature": 2.0,
-                        "lambda": 0.5}
+                        "n_parameters": 1_628_170, "latency_ms": 0.20, "latency_ms_onnxruntime": None,
+                        "val_accuracy": 0.90, "temperature": 2.0, "lambda": 0.5}
     within = study.best(a_study, Budget(max_params=500_000))["front"]
     assert [(e["band"], e["width"]) for e in within] == [(0, 32), (1, 512)]
     assert [e["band"] for e in study.best(a_study, Budget(max_params=60_000))["front"]] == [0]
@@ -97,3 +97,17 @@ def test_best_with_a_budget_from_the_command_line(tiny_study):
     impossible = run_cli("best", "--spec", str(spec), "--max-params", "10", cwd=workdir)
     assert impossible.returncode == 2 and len(impossible.stderr.strip().splitlines()) == 1
     assert "has at most 10 parameters" in impossible.stderr and "Traceback" not in impossible.stderr
+
+
+def test_a_latency_budget_in_onnx_runtime_reads_onnx_runtime_s_latency():
+    timed = {"n_parameters": 1000, "latency_ms_batch1": 0.05, "latency_ms_batch1_onnxruntime": 0.01}
+    assert not Budget(max_latency_ms=0.02).admits_costs(timed)  # PyTorch's 0.05 ms
+    assert Budget(max_latency_ms=0.02, runtime="onnxruntime").admits_costs(timed)
+    untimed = {"n_parameters": 1000, "latency_ms_batch1": 0.01}  # tuned without onnxruntime_latency
+    assert not Budget(max_latency_ms=0.02, runtime="onnxruntime").admits_costs(untimed)
+
+
+def test_an_onnx_runtime_budget_on_a_study_never_timed_there_says_how_to_time_it(a_study):
+    with pytest.raises(SpecError, match="onnxruntime_latency = true"):
+        Budget(max_latency_ms=1.0, runtime="onnxruntime").select(a_study.trials, "sized")
+

@@ -10,7 +10,7 @@ import torch
 from conftest import CPU_FP32
 from torch import nn
 
-from kdtune import cost, data, student, study, target, teacher
+from kdtune import cost, data, runtime, student, study, target, teacher, timing
 from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.spec import load_spec
 from kdtune.student import StudentConfig
@@ -65,7 +65,7 @@ def test_median_and_p95_come_from_the_timed_calls_only(monkeypatch):
             times += [now, now + k / 1000]
             now += 1.0
     clock = iter(times)
-    monkeypatch.setattr(cost, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(timing, "perf_counter", lambda: next(clock))
     model = Counted()
     found = cost.latency(model, (4, 4), n_warmup_calls=5, n_calls=20)
     assert model.n_calls == len(cost.BATCH_SIZES) * (5 + 20)  # the warm-ups ran ...
@@ -79,11 +79,12 @@ def measured(workdir, monkeypatch):
     """(width, torch threads) of each real measurement; each returns a made-up result."""
     calls = []
 
-    def measure(config, image_shape, n_classes, family):
-        calls.append((config.width, torch.get_num_threads()))
+    def measure(config, image_shape, n_classes, family, runtime_name="pytorch"):
+        calls.append((config.width, torch.get_num_threads()) + ((runtime_name,) if runtime_name != "pytorch" else ()))
+        slower = 2.0 if runtime_name == "pytorch" else 1.0  # ONNX Runtime, here, the faster
         return {"multiply_adds": 794 * config.width,
-                "latency": {"1": {"median_ms": 0.5, "p95_ms": 0.6, "n_calls": 20},
-                            "256": {"median_ms": 7.0, "p95_ms": 8.0, "n_calls": 20}}}
+                "latency": {"1": {"median_ms": 0.5 * slower, "p95_ms": 0.6, "n_calls": 20},
+                            "256": {"median_ms": 7.0 * slower, "p95_ms": 8.0, "n_calls": 20}}}
 
     monkeypatch.setattr(cost, "measure", measure)
     return calls
@@ -91,7 +92,7 @@ def measured(workdir, monkeypatch):
 
 def test_a_width_is_measured_once_per_thread_count(measured):
     first = cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10)
-    assert first == {"multiply_adds": 794 * 32, "latency_ms_batch1": 0.5, "latency_ms_batch256": 7.0,
+    assert first == {"multiply_adds": 794 * 32, "latency_ms_batch1": 1.0, "latency_ms_batch256": 14.0,
                      "latency_threads": torch.get_num_threads(), "latency_cpu": first["latency_cpu"]}
     assert cost.of_student(StudentConfig(2.0, 0.1, 32), (28, 28), 10) == first  # other knobs, the same student
     assert len(measured) == 1
@@ -105,6 +106,26 @@ def test_a_width_is_measured_once_per_thread_count(measured):
         torch.set_num_threads(threads)
     assert measured == [(32, threads), (64, threads), (32, threads + 1)]
     assert len(list(cost.CACHE_ROOT.glob("*.json"))) == 3
+
+
+def test_onnx_runtime_latency_is_recorded_beside_pytorch_s_when_asked_and_cached_apart(measured):
+    config = StudentConfig(4.0, 0.5, 32)
+    both = cost.of_student(config, (28, 28), 10, onnxruntime=True)
+    assert (both["latency_ms_batch1"], both["latency_ms_batch256"]) == (1.0, 14.0)  # PyTorch's
+    assert (both["latency_ms_batch1_onnxruntime"], both["latency_ms_batch256_onnxruntime"]) == (0.5, 7.0)
+    assert measured == [(32, torch.get_num_threads()), (32, torch.get_num_threads(), "onnxruntime")]
+    assert cost.of_student(config, (28, 28), 10, onnxruntime=True) == both  # both from the cache now
+    assert "latency_ms_batch1_onnxruntime" not in cost.of_student(config, (28, 28), 10)  # only when asked
+    assert len(measured) == 2
+
+
+@pytest.mark.skipif(bool(runtime.missing_packages()), reason="needs kdtune[export]")
+def test_onnx_runtime_times_the_exported_student():
+    found = cost.measure(StudentConfig(4.0, 0.5, 16), (28, 28), 10, "mlp", "onnxruntime")
+    assert found["multiply_adds"] == 784 * 16 + 16 * 10
+    assert set(found["latency"]) == {"1", "256"}
+    assert 0 < found["latency"]["1"]["median_ms"] < found["latency"]["256"]["median_ms"]
+    assert found["latency"]["1"]["n_calls"] == timing.N_TIMED_CALLS
 
 
 @pytest.mark.parametrize("damage", ["{not json", "", "[]", '{"key": {}}', "cut"])

@@ -14,18 +14,18 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from kdtune import bands, data, report, student, teacher
 from kdtune.bands import Band
 from kdtune.budget import Budget
-from kdtune.report import arms, paired_interval, pick_winner, verdict, weak_teacher_warning
+from kdtune.report import arms, mean_interval, pick_winner, verdict, weak_teacher_warning
 from kdtune.spec import Spec, load_spec
 from kdtune.student import StudentConfig
 from kdtune.train import accuracy
 
 
 def test_identical_arms_give_a_zero_width_interval():
-    assert paired_interval([0.0, 0.0, 0.0]) == (0.0, 0.0, 0.0)
+    assert mean_interval([0.0, 0.0, 0.0]) == (0.0, 0.0, 0.0)
 
 
-def test_paired_interval_is_the_student_t_interval():
-    mean, low, high = paired_interval([0.01, 0.02, 0.03])
+def test_mean_interval_is_the_student_t_interval():
+    mean, low, high = mean_interval([0.01, 0.02, 0.03])
     half = 4.302652729911275 * 0.01 / 3 ** 0.5  # t(0.975, df=2) * sd / sqrt(n)
     assert mean == pytest.approx(0.02) and (low, high) == pytest.approx((0.02 - half, 0.02 + half))
 

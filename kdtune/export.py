@@ -1,0 +1,158 @@
+"""Ship the report's student: its trained weights as ONNX, checked against PyTorch, timed, with a model card.
+
+Nothing is retrained and nothing is chosen on the test set. The student is one of the report's band winners
+(the overall winner, the best band winner within a budget by validation accuracy, or one named by its trial),
+and of its seeds the one with the best validation accuracy. The test images serve only the parity check.
+
+The files go to a scratch folder first: a graph that ONNX Runtime does not run like PyTorch, or a folder that
+cannot be written, leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdtune import cost, data, model_card, report, runtime, student
+from kdtune.budget import Budget
+from kdtune.data import Splits
+from kdtune.spec import Spec, SpecError
+from kdtune.student import StudentConfig
+
+# Parity between ONNX Runtime and PyTorch on the test images, or nothing is written
+MAX_LOGIT_DIFFERENCE = 1e-4
+MIN_SAME_PREDICTIONS = 0.999
+WEIGHTS, ONNX, CONFIG = "student.pt", "student.onnx", "student.json"
+
+
+@dataclass(frozen=True)
+class Chosen:
+    band: dict  # the report's front entry of the band whose winner ships
+    seed_index: int  # which of the report's seeds
+
+    @property
+    def config(self) -> StudentConfig:
+        return StudentConfig.from_params(self.band["rows"]["tuned"]["config"])
+
+
+def choose(found: dict, budget: Budget = Budget(), trial: int | None = None) -> Chosen:
+    """The report's student to ship: the one trained with `trial`'s configuration, else the band winner with
+    the best validation accuracy within `budget` (with no budget, the report's overall winner)."""
+    bands_found = found.get("front") or []
+    if not bands_found or "run_files" not in bands_found[0]["rows"]["tuned"]:
+        raise SpecError("the report predates `kdtune export`; run `kdtune report` again (it reuses the students it "
+                        "trained) and then export.")
+    winners = ", ".join(str(b["winner_trial"]) for b in bands_found)
+    if trial is not None:
+        picked = [b for b in bands_found if b["winner_trial"] == trial]
+        if not picked:
+            raise SpecError(f"trial {trial} is not one of the report's band winners ({winners}); only they were "
+                            "tested against their twins. Choose one of those.")
+        band = picked[0]
+    else:
+        within = [b for b in bands_found
+                  if budget.admits_costs({**b["latency"], "n_parameters": b["rows"]["tuned"]["n_parameters"]})]
+        if not within:
+            raise SpecError(f"no student of the report has {budget}: its band winners are trials {winners}, the "
+                            f"smallest with {min(b['rows']['tuned']['n_parameters'] for b in bands_found):,} "
+                            "parameters; raise the budget.")
+        band = max(within, key=lambda b: (b["winner_val_mean"], -b["rows"]["tuned"]["n_parameters"]))
+    vals = band["rows"]["tuned"]["val_accuracy"]
+    return Chosen(band, vals.index(max(vals)))
+
+
+def default_folder(spec: Spec, chosen: Chosen) -> Path:
+    return spec.output_dir / "export" / f"trial-{chosen.band['winner_trial']}"
+
+
+def load_student(spec: Spec, found: dict, chosen: Chosen, splits: Splits) -> torch.nn.Module:
+    """The chosen seed's trained student, from the report's runs, on the CPU in fp32."""
+    if splits.fingerprint != found["data_fingerprint"]:
+        raise SpecError(f"the data at {spec.data.path or spec.data.format} is not the data the report used "
+                        "(its fingerprint changed); run `kdtune report` on this data first.")
+    path = report.runs_folder(spec) / chosen.band["rows"]["tuned"]["run_files"][chosen.seed_index]
+    model = student.build(chosen.config, splits.image_shape, splits.n_classes)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    except FileNotFoundError:
+        raise SpecError(f"the report's student {path} is missing; run `kdtune report` again to retrain it.") from None
+    except (RuntimeError, KeyError, EOFError) as error:
+        raise SpecError(f"the report's student {path} is unreadable ({type(error).__name__}); delete it and run "
+                        "`kdtune report` again.") from error
+    return model.eval()
+
+
+def parity(model: torch.nn.Module, onnx_session, images: torch.Tensor) -> dict:
+    """ONNX Runtime's logits against PyTorch's on the same uint8 images (N, H, W)."""
+    with torch.inference_mode():
+        expected = runtime.FromPixels(model).eval()(images).numpy()
+    found = runtime.logits(onnx_session, images.numpy())
+    return {"n_images": len(images), "max_abs_logit_difference": float(np.abs(found - expected).max()),
+            "same_predictions": float((found.argmax(1) == expected.argmax(1)).mean())}
+
+
+def export(spec: Spec, found: dict, chosen: Chosen, splits: Splits, folder: Path) -> dict:
+    """Write the chosen student to `folder` (replacing an earlier export there) and return its model card."""
+    runtime.require("kdtune export")
+    model = load_student(spec, found, chosen, splits)
+    scratch = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    try:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        runtime.to_onnx(model, splits.image_shape, scratch / ONNX)
+        onnx_session = runtime.session(scratch / ONNX)
+        checked = parity(model, onnx_session, data.pixels(splits.x_test))
+        if checked["max_abs_logit_difference"] > MAX_LOGIT_DIFFERENCE or \
+                checked["same_predictions"] < MIN_SAME_PREDICTIONS:
+            raise SpecError(f"ONNX Runtime does not run the exported student as PyTorch does on the test images "
+                            f"(largest logit difference {checked['max_abs_logit_difference']:.2g}, same prediction "
+                            f"on {100 * checked['same_predictions']:.2f}%): nothing was written; report it with "
+                            "the output of --debug.")
+        latency = {"pytorch": cost.latency(model, splits.image_shape),
+                   "onnxruntime": runtime.latency(onnx_session, splits.image_shape)}
+        torch.save(model.state_dict(), scratch / WEIGHTS)
+        rebuild = {"family": "mlp", "config": chosen.config.as_params(), "image_shape": list(splits.image_shape),
+                   "n_classes": splits.n_classes, "input": model_card.INPUT}
+        (scratch / CONFIG).write_text(json.dumps(rebuild, indent=2))
+        card = model_card.card(found, chosen, checked, latency, rebuild,
+                               cost.multiply_adds(model, splits.image_shape))
+        (scratch / model_card.JSON).write_text(json.dumps(card, indent=2))
+        (scratch / model_card.MARKDOWN).write_text(model_card.to_markdown(card))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(scratch, folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return card
+
+
+def rebuild(folder: Path) -> torch.nn.Module:
+    """The exported student as a PyTorch module again, from the folder `export` wrote: the documented way back
+    from the files (only the weights are read with torch.load, with weights_only)."""
+    described = json.loads((folder / CONFIG).read_text())
+    model = student.build(StudentConfig.from_params(described["config"]), tuple(described["image_shape"]),
+                          described["n_classes"], described["family"])
+    model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def summary(card: dict, folder: Path, published: dict[str, str]) -> str:
+    """A few lines on an export, for the terminal and the trial's note."""
+    acc, latency = card["test_accuracy"], card["latency"]
+    return "\n".join([
+        f"Exported trial {card['trial']} ({card['size_band']}, seed {card['seed']}, {card['n_parameters']:,} "
+        f"parameters) to {folder}: {', '.join(sorted(published))} (in the study's artifacts).",
+        f"Test accuracy {100 * acc['this_model']:.2f}% (over the report's seeds {100 * acc['tuned']['mean']:.2f}%, "
+        f"without distillation {100 * acc['no_distillation']['mean']:.2f}%: {card['finding']}).",
+        f"Latency per call, median: ONNX Runtime {latency['onnxruntime']['1']['median_ms']:.3g} ms at batch 1, "
+        f"{latency['onnxruntime']['256']['median_ms']:.3g} ms at batch 256; PyTorch "
+        f"{latency['pytorch']['1']['median_ms']:.3g} / {latency['pytorch']['256']['median_ms']:.3g} ms "
+        f"({card['latency_machine']['threads']} thread(s), {card['latency_machine']['cpu']}).",
+        f"ONNX Runtime matches PyTorch on {card['parity']['n_images']:,} test images (largest logit difference "
+        f"{card['parity']['max_abs_logit_difference']:.2g}).",
+    ])

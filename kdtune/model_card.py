@@ -1,0 +1,116 @@
+"""The model card that travels with an exported student: what it is, what it was measured to do, against what,
+on what data and machine, and the report's honest verdict. Every accuracy comes from the report as it is;
+the card computes only the intervals of the report's per-seed test accuracies."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kdtune import hardware, report, runtime, timing
+
+JSON, MARKDOWN = "model_card.json", "MODEL_CARD.md"
+# What the exported graph takes: kdtune's preprocessing (kdtune.data.model_inputs) is inside it
+INPUT = {"name": runtime.INPUT_NAME, "dtype": "uint8", "layout": "(N, H, W): N images of H x W pixels, any N",
+         "scaling": "none: the graph divides by 255 itself, as kdtune did in training",
+         "orientation": "as kdtune read the training images (transposed when the spec's [data] transpose = true)",
+         "output": f"{runtime.OUTPUT_NAME} (N, classes): unnormalised; softmax gives probabilities"}
+
+
+def card(found: dict, chosen, checked: dict, latency: dict, rebuild: dict, multiply_adds: int) -> dict:
+    """The card of `chosen` (an export.Chosen) from the report `found`, the parity `checked`, the `latency`
+    measured per runtime, the configuration to `rebuild` it, and its multiply-adds per image."""
+    band, seed_index = chosen.band, chosen.seed_index
+    tuned, twin = band["rows"]["tuned"], band["rows"]["no_distillation"]
+
+    def accuracy(row: dict) -> dict:
+        mean, low, high = report.mean_interval(row["test_accuracy"])
+        return {"mean": mean, "std": row["test_std"], "ci95_low": low, "ci95_high": high,
+                "per_seed": row["test_accuracy"]}
+
+    return {
+        "study": found["study"], "trial": band["winner_trial"], "size_band": band["band_label"],
+        "overall_winner": band["winner_trial"] == found["winner_trial"], "seed": found["seeds"][seed_index],
+        "seeds": found["seeds"], "configuration": rebuild["config"], "family": rebuild["family"],
+        "n_parameters": tuned["n_parameters"], "multiply_adds": multiply_adds,
+        "image_shape": rebuild["image_shape"], "n_classes": rebuild["n_classes"], "input": rebuild["input"],
+        "test_accuracy": {"this_model": tuned["test_accuracy"][seed_index],
+                          "this_model_val_accuracy": tuned["val_accuracy"][seed_index],
+                          "tuned": accuracy(tuned), "no_distillation": accuracy(twin),
+                          "gain": band["gain"], "teacher": found["teacher"]["test_accuracy"]},
+        "finding": band["finding"], "front_verdict": found["front_verdict"], "verdict": found["verdict"],
+        "teacher": {"cache_id": found["teacher"]["cache_id"], "n_parameters": found["teacher"]["n_parameters"]},
+        "data_fingerprint": found["data_fingerprint"], "report_created": found["created"],
+        "latency": {name: {str(batch): timed for batch, timed in by_batch.items()}
+                    for name, by_batch in latency.items()},
+        "latency_machine": {"cpu": hardware.cpu_model(), "cpu_flags": hardware.reported_cpu_flags(),
+                            "threads": torch.get_num_threads(), "n_calls": timing.N_TIMED_CALLS,
+                            "n_warmup_calls": timing.N_WARMUP_CALLS},
+        "parity": checked, "versions": found["versions"], "export_versions": export_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def export_versions() -> dict:
+    """The packages that exported and timed the student (the report's `versions` trained it)."""
+    from importlib.metadata import version
+
+    return {"torch": torch.__version__, **{name: version(name) for name in runtime.PACKAGES}}
+
+
+def to_markdown(c: dict) -> str:
+    config, acc = c["configuration"], c["test_accuracy"]
+
+    def interval(a: dict) -> str:
+        return f"{100 * a['mean']:.2f}% (95% CI {100 * a['ci95_low']:.2f} to {100 * a['ci95_high']:.2f})"
+
+    gain = acc["gain"]
+    machine = c["latency_machine"]
+    lines = [
+        f"# Model card: study {c['study']}, trial {c['trial']}", "",
+        f"A one-hidden-layer MLP student (width {config['width']}, {c['n_parameters']:,} parameters, "
+        f"{c['multiply_adds']:,} multiply-adds per image) distilled by kdtune from a CNN teacher of "
+        f"{c['teacher']['n_parameters']:,} parameters; "
+        + ("the report's overall winner" if c["overall_winner"] else f"the winner of size band {c['size_band']}")
+        + f", seed {c['seed']} (the best of seeds {c['seeds']} on validation).", "",
+        "## Configuration", "",
+        f"Temperature {config['temperature']:.4g}, lambda {config['lambda']:.4g} (weight of the label loss), "
+        f"width {config['width']}, loss `{config['loss']}`. Rebuild: `kdtune.export.rebuild(folder)`, or "
+        "`student.json` and `student.pt` (a `state_dict`; `torch.load(weights_only=True)` reads it).", "",
+        "## Input", "",
+        f"`{c['input']['name']}`: {c['input']['dtype']}, {c['input']['layout']}, {c['image_shape'][0]} x "
+        f"{c['image_shape'][1]} pixels, {c['n_classes']} classes. Scaling: {c['input']['scaling']}. Orientation: "
+        f"{c['input']['orientation']}. Output: {c['input']['output']}.", "",
+        "## Accuracy on the test set (from the report)", "",
+        "| model | test accuracy |", "|---|---|",
+        f"| this model (seed {c['seed']}) | {100 * acc['this_model']:.2f}% |",
+        f"| tuned, over {len(c['seeds'])} seeds | {interval(acc['tuned'])} |",
+        f"| same student without distillation | {interval(acc['no_distillation'])} |",
+        f"| teacher (CNN) | {100 * acc['teacher']:.2f}% |", "",
+        f"Distillation gain, paired over seeds: {100 * gain['mean']:+.2f} points (95% CI "
+        f"{100 * gain['ci95_low']:+.2f} to {100 * gain['ci95_high']:+.2f}): {c['finding']}.", "",
+        f"**The report's verdict.** {c['verdict']}", "",
+        f"**By size.** {c['front_verdict']}", "",
+        "## Latency (ms per call, CPU)", "",
+        "| runtime | batch 1 median | batch 1 p95 | batch 256 median | batch 256 p95 |", "|---|---|---|---|---|",
+    ]
+    for name, label in (("pytorch", "PyTorch (eager, fp32)"), ("onnxruntime", "ONNX Runtime")):
+        one, many = c["latency"][name]["1"], c["latency"][name]["256"]
+        lines.append(f"| {label} | {one['median_ms']:.4g} | {one['p95_ms']:.4g} | {many['median_ms']:.4g} | "
+                     f"{many['p95_ms']:.4g} |")
+    parity = c["parity"]
+    lines += [
+        "", f"{machine['n_calls']} timed calls after {machine['n_warmup_calls']} untimed, on {machine['cpu']} "
+        f"({', '.join(machine['cpu_flags']) or 'no reported flags'}) with {machine['threads']} thread(s) in each "
+        "runtime. PyTorch is timed on the student's float input; ONNX Runtime on uint8 pixels, its scaling "
+        "included.", "",
+        "## Provenance", "",
+        f"Parity on {parity['n_images']:,} test images: largest logit difference "
+        f"{parity['max_abs_logit_difference']:.2g}, same prediction on {100 * parity['same_predictions']:.2f}%. "
+        f"Data fingerprint `{c['data_fingerprint'][:16]}`, teacher cache `{c['teacher']['cache_id']}`, report of "
+        f"{c['report_created']}, exported {c['created']}. Trained with "
+        + ", ".join(f"{name} {value}" for name, value in c["versions"].items()) + "; exported with "
+        + ", ".join(f"{name} {value}" for name, value in c["export_versions"].items()) + ".",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,102 @@
+"""`kdtune predict`: an exported student on new images, through ONNX Runtime, the runtime it ships in.
+
+Images come as an .npz (`images`, optionally `labels`; or kdtune's own `x_test`/`y_test`), an .npy of images,
+or one image file (PNG, JPEG, ... read with Pillow as grayscale). They must be uint8 pixels of the size the
+student was trained on, oriented as kdtune read its training images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from kdtune import export, runtime
+from kdtune.readers import DataError
+from kdtune.spec import SpecError
+
+# (images, labels) keys an .npz may use: its own, or the test split of a dataset in kdtune's npz format
+NPZ_KEYS = (("images", "labels"), ("x_test", "y_test"))
+
+
+def read_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (N, H, W) and their labels where the file has them."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file; give an .npz, an .npy or an image file.")
+    if path.suffix == ".npz":
+        return _read_npz(path)
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False), None
+        except (ValueError, EOFError, OSError) as error:
+            raise DataError(f"{path} is not a readable .npy file ({error}).") from error
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise SpecError(f"reading the image file {path} needs Pillow: {runtime.INSTALL_HINT}") from None
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L"))[None], None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"{path} is not an image Pillow can read ({error}); give a PNG or JPEG, or an .npz.") from error
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            for images, labels in NPZ_KEYS:
+                if images in archive.files:
+                    return archive[images], archive[labels] if labels in archive.files else None
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path} is not a readable .npz archive ({error}).") from error
+    raise DataError(f"{path} has no array named 'images' (or 'x_test'); save the images with "
+                    "numpy.savez(path, images=..., labels=...).")
+
+
+def check_images(images: np.ndarray, image_shape: tuple[int, int], where: Path) -> np.ndarray:
+    """uint8 images (N, H, W) of the student's size; one image (H, W) becomes a batch of one."""
+    if images.ndim == 2:
+        images = images[None]
+    if images.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 pixels 0..255, as in training, but are {images.dtype}.")
+    if images.ndim != 3 or tuple(images.shape[1:]) != tuple(image_shape):
+        raise DataError(f"{where}: images must be (N, {image_shape[0]}, {image_shape[1]}) for this student, but are "
+                        f"{images.shape}.")
+    return images
+
+
+def predict(folder: Path, path: Path, threads: int | None = None) -> dict:
+    """Predicted classes and their probabilities for the images in `path`, by the student exported to
+    `folder`; with labels in the file, the accuracy too."""
+    runtime.require("kdtune predict")
+    try:
+        described = json.loads((folder / export.CONFIG).read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{folder} holds no exported student ({export.CONFIG} is missing); run `kdtune export` "
+                        "and pass its folder to --model.") from None
+    images, labels = read_images(path)
+    images = check_images(images, tuple(described["image_shape"]), path)
+    logits = runtime.logits(runtime.session(folder / export.ONNX, threads), images)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # softmax, without overflow
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    predicted = probabilities.argmax(axis=1)
+    found = {"n_images": len(images), "predicted": predicted.tolist(), "probabilities": probabilities.tolist()}
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(images):
+            raise DataError(f"{path} has {len(images)} images but {len(labels)} labels.")
+        found["accuracy"] = float((predicted == labels).mean())
+    return found
+
+
+def write_csv(found: dict, path: Path) -> None:
+    """One row per image: its index, the predicted class and the probability of each class."""
+    n_classes = len(found["probabilities"][0])
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["image", "predicted", *(f"p{c}" for c in range(n_classes))])
+        for index, (label, probs) in enumerate(zip(found["predicted"], found["probabilities"])):
+            writer.writerow([index, label, *(f"{p:.6f}" for p in probs)])

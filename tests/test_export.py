@@ -1,0 +1,213 @@
+"""Shipping the student: `export` (ONNX, parity, card, budgets) and `predict`, on the session's tiny study."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import optuna
+import optuna_dashboard
+import pytest
+import torch
+from conftest import REPO, run_cli
+from PIL import Image
+
+from kdtune import export, model_card, runtime
+from kdtune.budget import Budget
+from kdtune.optuna_compat import live_trial
+from kdtune.spec import SpecError
+
+pytestmark = pytest.mark.skipif(bool(runtime.missing_packages()), reason="needs kdtune[export]")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_study, tmp_path_factory):
+    """A copy of the session's tiny study (tuned and reported), exported once with the defaults:
+    (working folder, spec, the export's result, the report, the folder written)."""
+    source, spec, _ = tiny_study
+    workdir = tmp_path_factory.mktemp("export") / "study"
+    shutil.copytree(source, workdir)
+    spec = workdir / spec.name  # its data path still names the session study's file, which nothing here writes
+    result = run_cli("export", "--spec", str(spec), "--threads", "1", cwd=workdir)
+    found = json.loads((workdir / "studies/tiny/report.json").read_text())
+    return workdir, spec, result, found, workdir / "studies/tiny/export" / f"trial-{found['winner_trial']}"
+
+
+def test_export_writes_a_student_that_onnx_runtime_runs_as_pytorch_does(exported):
+    workdir, _, result, found, folder = exported
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "model_card.json", "student.json",
+                                                        "student.onnx", "student.pt"]
+    test = np.load(workdir / "tiny.npz")["x_test"]
+    with torch.inference_mode():
+        expected = runtime.FromPixels(export.rebuild(folder))(torch.from_numpy(test)).numpy()
+    found_logits = runtime.logits(runtime.session(folder / export.ONNX, threads=1), test)
+    assert np.abs(found_logits - expected).max() <= export.MAX_LOGIT_DIFFERENCE
+    assert (found_logits.argmax(1) == expected.argmax(1)).all()
+    # any batch size goes through, uint8 pixels as they are
+    assert runtime.logits(runtime.session(folder / export.ONNX, threads=1), test[:1]).shape == (1, 10)
+
+
+def test_the_card_s_figures_are_the_report_s(exported):
+    _, _, _, found, folder = exported
+    card = json.loads((folder / "model_card.json").read_text())
+    band = next(b for b in found["front"] if b["winner_trial"] == found["winner_trial"])
+    tuned, twin = band["rows"]["tuned"], band["rows"]["no_distillation"]
+    seed_index = tuned["val_accuracy"].index(max(tuned["val_accuracy"]))  # the seed best on validation
+    assert card["trial"] == found["winner_trial"] and card["seed"] == found["seeds"][seed_index]
+    assert card["configuration"] == tuned["config"] and card["n_parameters"] == tuned["n_parameters"]
+    assert card["test_accuracy"]["this_model"] == tuned["test_accuracy"][seed_index]
+    assert card["test_accuracy"]["tuned"]["per_seed"] == tuned["test_accuracy"]
+    assert card["test_accuracy"]["tuned"]["mean"] == pytest.approx(tuned["test_mean"])
+    assert card["test_accuracy"]["no_distillation"]["per_seed"] == twin["test_accuracy"]
+    assert card["test_accuracy"]["gain"] == band["gain"]
+    assert card["test_accuracy"]["teacher"] == found["teacher"]["test_accuracy"]
+    assert card["verdict"] == found["verdict"] and card["finding"] == band["finding"]
+    assert card["data_fingerprint"] == found["data_fingerprint"]
+    assert card["teacher"]["cache_id"] == found["teacher"]["cache_id"]
+    assert set(card["latency"]) == {"pytorch", "onnxruntime"}
+    assert "latency_ms_batch1_onnxruntime" in band["latency"]  # the report timed its band winners there too
+    assert all(set(card["latency"][name]) == {"1", "256"} for name in card["latency"])
+    assert card["parity"]["max_abs_logit_difference"] <= export.MAX_LOGIT_DIFFERENCE
+    markdown = (folder / "MODEL_CARD.md").read_text()
+    assert f"{100 * tuned['test_accuracy'][seed_index]:.2f}%" in markdown and "ONNX Runtime" in markdown
+
+
+def test_predict_gives_the_report_s_test_accuracy_on_the_same_images(exported):
+    workdir, _, _, _, folder = exported
+    card = json.loads((folder / "model_card.json").read_text())
+    result = run_cli("predict", "--model", str(folder), str(workdir / "tiny.npz"), "--out", "p.csv", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert f"Accuracy on the 100 labelled images: {100 * card['test_accuracy']['this_model']:.2f}%" in result.stdout
+    image = Image.fromarray(np.load(workdir / "tiny.npz")["x_test"][0])  # one image file, as a user has it
+    image.save(workdir / "first.png")
+    single = run_cli("predict", "--model", str(folder), "first.png", cwd=workdir)
+    assert single.returncode == 0, single.stderr
+    assert single.stdout.splitlines()[0] == result.stdout.splitlines()[0]  # "image 0: class c (probability p)"
+    rows = (workdir / "p.csv").read_text().splitlines()
+    assert len(rows) == 101 and rows[0].startswith("image,predicted,p0")
+    probabilities = np.array([[float(p) for p in row.split(",")[2:]] for row in rows[1:]])
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+
+
+def test_the_export_is_on_the_trial_s_note_and_in_the_study_s_artifacts(exported):
+    workdir, _, _, found, _ = exported
+    the_study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir}/studies/tiny/study.db")
+    winner = next(t for t in the_study.trials if t.number == found["winner_trial"])
+    note = optuna_dashboard.get_note(live_trial(the_study, winner))
+    assert "#### Exported" in note and "student.onnx" in note
+    artifacts = optuna.artifacts.get_all_artifact_meta(the_study)
+    assert {"student.onnx", "MODEL_CARD.md", "student.pt"} <= {a.filename for a in artifacts}
+
+
+def test_a_student_that_fails_parity_is_not_written(exported, monkeypatch):
+    workdir, spec, _, found, folder = exported
+    before = (folder / "student.onnx").read_bytes()
+    real = runtime.logits
+    monkeypatch.setattr(runtime, "logits", lambda session, images: real(session, images) + 1e-3)
+    monkeypatch.chdir(workdir)
+    from kdtune import data, report
+    from kdtune.spec import load_spec
+    loaded = load_spec(spec)
+    with pytest.raises(SpecError, match="nothing was written"):
+        export.export(loaded, found, export.choose(report.read(loaded)), data.prepare(loaded.data, loaded.seed), folder)
+    assert (folder / "student.onnx").read_bytes() == before  # the earlier export is untouched
+    assert not list(folder.parent.glob("*.partial-*"))
+
+
+def band(trial: int, n_parameters: int, val_mean: float, latency_ms: float, vals=(0.5, 0.7, 0.6)) -> dict:
+    return {"winner_trial": trial, "winner_val_mean": val_mean,
+            "latency": {"latency_ms_batch1": latency_ms, "latency_ms_batch1_onnxruntime": latency_ms * 2 / 3},
+            "rows": {"tuned": {"n_parameters": n_parameters, "run_files": ["a", "b", "c"], "val_accuracy": list(vals),
+                               "config": {"temperature": 2.0, "lambda": 0.5, "width": 8, "loss": "hinton"}}}}
+
+
+REPORT = {"winner_trial": 30, "front": [band(10, 20_000, 0.80, 0.02), band(20, 60_000, 0.84, 0.03),
+                                        band(30, 500_000, 0.86, 0.09)]}
+
+
+@pytest.mark.parametrize("budget, trial, expected", [
+    (Budget(), None, 30),  # the overall winner
+    (Budget(max_params=100_000), None, 20),  # the best on validation within the budget
+    (Budget(max_params=60_000), None, 20),  # the budget is inclusive
+    (Budget(max_params=59_999), None, 10),
+    (Budget(max_latency_ms=0.025), None, 10),
+    (Budget(max_latency_ms=0.025, runtime="onnxruntime"), None, 20),  # ONNX Runtime: 60 k parameters at 0.02 ms
+    (Budget(), 10, 10),  # a band winner by its trial
+])
+def test_export_chooses_the_band_winner_the_budget_admits(budget, trial, expected):
+    chosen = export.choose(REPORT, budget, trial)
+    assert chosen.band["winner_trial"] == expected
+    assert chosen.seed_index == 1  # the seed with the best validation accuracy
+
+
+@pytest.mark.parametrize("found, budget, trial, message", [
+    (REPORT, Budget(max_params=10_000), None, "no student of the report has at most 10,000 parameters"),
+    (REPORT, Budget(), 11, "trial 11 is not one of the report's band winners"),
+    ({"front": [{"rows": {"tuned": {}}}]}, Budget(), None, "predates `kdtune export`"),
+])
+def test_export_refuses_what_the_report_cannot_give(found, budget, trial, message):
+    with pytest.raises(SpecError, match=message):
+        export.choose(found, budget, trial)
+
+
+def one_line_exit_2(result, *phrases: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr
+
+
+def test_export_without_a_report_says_to_run_it(workdir, tiny_spec):
+    one_line_exit_2(run_cli("export", "--spec", str(tiny_spec()), cwd=workdir), "run `kdtune report` first")
+
+
+def test_export_and_predict_without_the_extra_say_how_to_get_it(workdir, tiny_spec):
+    code = ("import sys; from kdtune import runtime, cli; runtime.missing_packages = lambda: ['onnxruntime']; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    for args in (["export", "--spec", str(tiny_spec())], ["predict", "--model", ".", "x.npz"]):
+        result = subprocess.run([sys.executable, "-c", code, *args], cwd=workdir, capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+        one_line_exit_2(result, "needs onnxruntime", 'pip install "kdtune[export]"')
+
+
+def test_export_to_an_unwritable_folder_and_to_a_budget_no_student_meets_exit_2(exported):
+    workdir, spec, _, _, _ = exported
+    (workdir / "a-file").write_text("")
+    one_line_exit_2(run_cli("export", "--spec", str(spec), "--out", str(workdir / "a-file" / "out"), cwd=workdir),
+                    "a-file")
+    one_line_exit_2(run_cli("export", "--spec", str(spec), "--max-params", "10", cwd=workdir),
+                    "no student of the report has at most 10 parameters")
+
+
+def test_predict_refuses_images_of_the_wrong_size_or_type(exported):
+    workdir, _, _, _, folder = exported
+    np.savez(workdir / "small.npz", images=np.zeros((2, 8, 8), np.uint8))
+    np.savez(workdir / "float.npz", images=np.zeros((2, 28, 28), np.float32))
+    one_line_exit_2(run_cli("predict", "--model", str(folder), "small.npz", cwd=workdir), "(N, 28, 28)", "(2, 8, 8)")
+    one_line_exit_2(run_cli("predict", "--model", str(folder), "float.npz", cwd=workdir), "uint8")
+    one_line_exit_2(run_cli("predict", "--model", str(workdir), "small.npz", cwd=workdir), "no exported student")
+
+
+def test_the_card_speaks_of_the_chosen_seed():
+    chosen_band = band(30, 500_000, 0.86, 0.09, vals=(0.5, 0.7, 0.6))
+    chosen_band.update(band_label="301k-999k parameters", finding="distillation pays",
+                       gain={"mean": 0.01, "ci95_low": 0.005, "ci95_high": 0.015})
+    chosen_band["rows"]["tuned"].update(test_accuracy=[0.80, 0.82, 0.81], test_mean=0.81, test_std=0.01)
+    chosen_band["rows"]["no_distillation"] = {"test_accuracy": [0.79, 0.81, 0.80], "test_mean": 0.80,
+                                              "test_std": 0.01}
+    found = {"study": "s", "winner_trial": 30, "seeds": [1, 2, 3], "front": [chosen_band], "verdict": "v",
+             "front_verdict": "f", "data_fingerprint": "d", "created": "c", "versions": {"torch": "x"},
+             "teacher": {"cache_id": "t", "n_parameters": 3, "test_accuracy": 0.9}}
+    timed = {"1": {"median_ms": 0.1, "p95_ms": 0.2}, "256": {"median_ms": 1.0, "p95_ms": 2.0}}
+    card = model_card.card(found, export.choose(found), {"n_images": 1, "max_abs_logit_difference": 0.0,
+                                                         "same_predictions": 1.0},
+                           {"pytorch": timed, "onnxruntime": timed},
+                           {"config": chosen_band["rows"]["tuned"]["config"], "family": "mlp", "image_shape": [28, 28],
+                            "n_classes": 10, "input": model_card.INPUT}, 1000)
+    assert card["seed"] == 2 and card["test_accuracy"]["this_model"] == 0.82  # the seed best on validation
+    assert card["test_accuracy"]["this_model_val_accuracy"] == 0.7
+    assert card["test_accuracy"]["tuned"]["ci95_low"] < 0.81 < card["test_accuracy"]["tuned"]["ci95_high"]
+    assert "| this model (seed 2) | 82.00% |" in model_card.to_markdown(card)
