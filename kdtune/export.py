@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdtune import cost, data, model_card, report, runtime, student
+from kdtune import cost, data, model_card, report, runtime, saved_runs, student
 from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.spec import Spec, SpecError
@@ -29,6 +29,7 @@ from kdtune.student import StudentConfig
 MAX_LOGIT_DIFFERENCE = 1e-4
 MIN_SAME_PREDICTIONS = 0.999
 WEIGHTS, ONNX, CONFIG = "student.pt", "student.onnx", "student.json"
+WRITTEN = (WEIGHTS, ONNX, CONFIG, model_card.JSON, model_card.MARKDOWN)
 
 
 @dataclass(frozen=True)
@@ -50,19 +51,24 @@ def choose(found: dict, budget: Budget = Budget(), trial: int | None = None) -> 
                         "trained) and then export.")
     winners = ", ".join(str(b["winner_trial"]) for b in bands_found)
     if trial is not None:
+        if budget.max_params is not None or budget.max_latency_ms is not None:
+            raise SpecError("--trial names the student itself; give it without --max-params or --max-latency-ms.")
         picked = [b for b in bands_found if b["winner_trial"] == trial]
         if not picked:
             raise SpecError(f"trial {trial} is not one of the report's band winners ({winners}); only they were "
                             "tested against their twins. Choose one of those.")
         band = picked[0]
     else:
+        if budget.max_latency_ms is not None and all(budget.latency_key not in b["latency"] for b in bands_found):
+            raise SpecError(f"the report did not time its students in {budget.runtime}; install kdtune[export] "
+                            "and run `kdtune report` again (it reuses the students it trained).")
         within = [b for b in bands_found
                   if budget.admits_costs({**b["latency"], "n_parameters": b["rows"]["tuned"]["n_parameters"]})]
         if not within:
             raise SpecError(f"no student of the report has {budget}: its band winners are trials {winners}, the "
                             f"smallest with {min(b['rows']['tuned']['n_parameters'] for b in bands_found):,} "
                             "parameters; raise the budget.")
-        band = max(within, key=lambda b: (b["winner_val_mean"], -b["rows"]["tuned"]["n_parameters"]))
+        band = report.best_band(within)  # with no budget, the report's overall winner
     vals = band["rows"]["tuned"]["val_accuracy"]
     return Chosen(band, vals.index(max(vals)))
 
@@ -77,12 +83,12 @@ def load_student(spec: Spec, found: dict, chosen: Chosen, splits: Splits) -> tor
         raise SpecError(f"the data at {spec.data.path or spec.data.format} is not the data the report used "
                         "(its fingerprint changed); run `kdtune report` on this data first.")
     path = report.runs_folder(spec) / chosen.band["rows"]["tuned"]["run_files"][chosen.seed_index]
-    model = student.build(chosen.config, splits.image_shape, splits.n_classes)
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+        model, _ = saved_runs.load(path, lambda: student.build(chosen.config, splits.image_shape, splits.n_classes),
+                                   torch.device("cpu"))
     except FileNotFoundError:
         raise SpecError(f"the report's student {path} is missing; run `kdtune report` again to retrain it.") from None
-    except (RuntimeError, KeyError, EOFError) as error:
+    except saved_runs.READ_ERRORS as error:
         raise SpecError(f"the report's student {path} is unreadable ({type(error).__name__}); delete it and run "
                         "`kdtune report` again.") from error
     return model.eval()
@@ -97,19 +103,50 @@ def parity(model: torch.nn.Module, onnx_session, images: torch.Tensor) -> dict:
             "same_predictions": float((found.argmax(1) == expected.argmax(1)).mean())}
 
 
+def check_destination(folder: Path) -> Path:
+    """`folder`, resolved, when it is new, empty or an earlier export (which the export replaces); anything
+    else is refused rather than emptied."""
+    folder = folder.resolve()
+    if folder.is_file():
+        raise SpecError(f"--out {folder} is a file; name a folder for the exported student.")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in WRITTEN) if folder.is_dir() else []
+    if foreign:
+        raise SpecError(f"--out {folder} holds other files ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); name a new or empty folder.")
+    if folder.parent == folder:
+        raise SpecError(f"--out {folder} is a file system's root; name a folder for the exported student.")
+    return folder
+
+
+def replace_folder(scratch: Path, folder: Path) -> None:
+    """Put `scratch` where `folder` is, keeping the earlier `folder` until the new one is in place."""
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    try:
+        os.replace(scratch, folder)
+    except OSError:
+        if old.exists():
+            os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(spec: Spec, found: dict, chosen: Chosen, splits: Splits, folder: Path) -> dict:
     """Write the chosen student to `folder` (replacing an earlier export there) and return its model card."""
     runtime.require("kdtune export")
+    folder = check_destination(folder)
     model = load_student(spec, found, chosen, splits)
-    scratch = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    scratch = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     try:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
         runtime.to_onnx(model, splits.image_shape, scratch / ONNX)
         onnx_session = runtime.session(scratch / ONNX)
         checked = parity(model, onnx_session, data.pixels(splits.x_test))
-        if checked["max_abs_logit_difference"] > MAX_LOGIT_DIFFERENCE or \
-                checked["same_predictions"] < MIN_SAME_PREDICTIONS:
+        # written so that a NaN fails too
+        if not (checked["max_abs_logit_difference"] <= MAX_LOGIT_DIFFERENCE
+                and checked["same_predictions"] >= MIN_SAME_PREDICTIONS):
             raise SpecError(f"ONNX Runtime does not run the exported student as PyTorch does on the test images "
                             f"(largest logit difference {checked['max_abs_logit_difference']:.2g}, same prediction "
                             f"on {100 * checked['same_predictions']:.2f}%): nothing was written; report it with "
@@ -124,8 +161,7 @@ def export(spec: Spec, found: dict, chosen: Chosen, splits: Splits, folder: Path
                                cost.multiply_adds(model, splits.image_shape))
         (scratch / model_card.JSON).write_text(json.dumps(card, indent=2))
         (scratch / model_card.MARKDOWN).write_text(model_card.to_markdown(card))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(scratch, folder)
+        replace_folder(scratch, folder)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return card

@@ -62,9 +62,9 @@ def check_images(images: np.ndarray, image_shape: tuple[int, int], where: Path) 
         images = images[None]
     if images.dtype != np.uint8:
         raise DataError(f"{where}: images must be uint8 pixels 0..255, as in training, but are {images.dtype}.")
-    if images.ndim != 3 or tuple(images.shape[1:]) != tuple(image_shape):
-        raise DataError(f"{where}: images must be (N, {image_shape[0]}, {image_shape[1]}) for this student, but are "
-                        f"{images.shape}.")
+    if images.ndim != 3 or tuple(images.shape[1:]) != tuple(image_shape) or len(images) == 0:
+        raise DataError(f"{where}: images must be (N, {image_shape[0]}, {image_shape[1]}) with N >= 1 for this "
+                        f"student, but are {images.shape}.")
     return images
 
 
@@ -73,12 +73,15 @@ def predict(folder: Path, path: Path, threads: int | None = None) -> dict:
     `folder`; with labels in the file, the accuracy too."""
     runtime.require("kdtune predict")
     try:
-        described = json.loads((folder / export.CONFIG).read_text())
+        image_shape = tuple(json.loads((folder / export.CONFIG).read_text())["image_shape"])
     except FileNotFoundError:
         raise SpecError(f"{folder} holds no exported student ({export.CONFIG} is missing); run `kdtune export` "
                         "and pass its folder to --model.") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise SpecError(f"{folder / export.CONFIG} is damaged ({type(error).__name__}); run `kdtune export` "
+                        "again.") from error
     images, labels = read_images(path)
-    images = check_images(images, tuple(described["image_shape"]), path)
+    images = check_images(images, image_shape, path)
     logits = runtime.logits(runtime.session(folder / export.ONNX, threads), images)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # softmax, without overflow
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)

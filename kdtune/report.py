@@ -156,7 +156,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
             "finding": finding(gain, low, high, winner_config.distils)})
 
     # 3. the overall winner, the best band winner on validation, also against the seed project's configuration
-    overall = max(bands_found, key=lambda b: (b["winner_val_mean"], -b["rows"]["tuned"]["n_parameters"]))
+    overall = best_band(bands_found)
     rows = {**overall["rows"], "reference": test_row("reference", REFERENCE)}
     record_test_read(study, {"reference": rows["reference"], **{
         f"{b['band_label']}: {arm}": row for b in bands_found for arm, row in b["rows"].items()}})
@@ -178,6 +178,11 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         "data_fingerprint": splits.fingerprint, "versions": versions(), "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def best_band(bands_found: list[dict]) -> dict:
+    """The band whose winner has the best validation mean; on a tie, the smaller student."""
+    return max(bands_found, key=lambda b: (b["winner_val_mean"], -b["rows"]["tuned"]["n_parameters"]))
 
 
 def record_test_read(study: optuna.Study, rows: dict) -> None:

@@ -57,12 +57,14 @@ def to_onnx(student: nn.Module, image_shape: tuple[int, int], path: Path) -> Non
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), None, dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], verbose=False,
-                                    dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}})
-    exporter_log.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+                                        output_names=[OUTPUT_NAME], verbose=False,
+                                        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}})
+    finally:
+        exporter_log.setLevel(level)
     program.save(str(path))
 
 

@@ -23,6 +23,18 @@ from kdtune.train import FitResult
 Run = tuple[nn.Module, FitResult]
 
 
+# what reading a run that is cut short, from an older layout or not a run at all raises
+READ_ERRORS = (RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError)
+
+
+def load(path: Path, build: Callable[[], nn.Module], device: torch.device) -> tuple[nn.Module, dict]:
+    """The model a saved run holds, built by `build()` on `device`, and the saved record (weights, fit)."""
+    saved = torch.load(path, map_location=device, weights_only=True)
+    model = build().to(device)
+    model.load_state_dict(saved["state_dict"])
+    return model, saved
+
+
 def path_of(folder: Path, context: dict, params: dict, seed: int) -> Path:
     """The file that holds (or will hold) the run of `params` with `seed` in `context`."""
     key = hashlib.sha256(json.dumps({**context, "params": params, "seed": seed}, sort_keys=True).encode())
@@ -36,11 +48,9 @@ def trained(folder: Path, context: dict, params: dict, seed: int, device: torch.
     path = path_of(folder, context, params, seed)
     if path.exists():
         try:
-            saved = torch.load(path, map_location=device, weights_only=True)
-            model = build().to(device)
-            model.load_state_dict(saved["state_dict"])
+            model, saved = load(path, build, device)
             return (model, FitResult(**saved["fit"])), True
-        except (RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError):
+        except READ_ERRORS:
             pass  # a run cut off while saving, or from an older layout: train it again
     model, result = train()
     folder.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,9 @@ def test_export_chooses_the_band_winner_the_budget_admits(budget, trial, expecte
     (REPORT, Budget(max_params=10_000), None, "no student of the report has at most 10,000 parameters"),
     (REPORT, Budget(), 11, "trial 11 is not one of the report's band winners"),
     ({"front": [{"rows": {"tuned": {}}}]}, Budget(), None, "predates `kdtune export`"),
+    (REPORT, Budget(max_params=100_000), 10, "give it without --max-params"),
+    ({**REPORT, "front": [{**b, "latency": {"latency_ms_batch1": 0.01}} for b in REPORT["front"]]},
+     Budget(max_latency_ms=1.0, runtime="onnxruntime"), None, "did not time its students in onnxruntime"),
 ])
 def test_export_refuses_what_the_report_cannot_give(found, budget, trial, message):
     with pytest.raises(SpecError, match=message):
@@ -182,12 +185,28 @@ def test_export_to_an_unwritable_folder_and_to_a_budget_no_student_meets_exit_2(
                     "no student of the report has at most 10 parameters")
 
 
+def test_export_never_empties_a_folder_that_is_not_an_export_and_replaces_its_own(exported):
+    workdir, spec, _, found, folder = exported
+    mine = workdir / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    one_line_exit_2(run_cli("export", "--spec", str(spec), "--out", str(mine), cwd=workdir), "holds other files")
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    before = (folder / "model_card.json").read_text()
+    again = run_cli("export", "--spec", str(spec), "--threads", "1", cwd=workdir)  # over the earlier export
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no scratch or old copy left
+    assert json.loads((folder / "model_card.json").read_text())["created"] >= json.loads(before)["created"]
+
+
 def test_predict_refuses_images_of_the_wrong_size_or_type(exported):
     workdir, _, _, _, folder = exported
     np.savez(workdir / "small.npz", images=np.zeros((2, 8, 8), np.uint8))
     np.savez(workdir / "float.npz", images=np.zeros((2, 28, 28), np.float32))
+    np.savez(workdir / "none.npz", images=np.zeros((0, 28, 28), np.uint8))
     one_line_exit_2(run_cli("predict", "--model", str(folder), "small.npz", cwd=workdir), "(N, 28, 28)", "(2, 8, 8)")
     one_line_exit_2(run_cli("predict", "--model", str(folder), "float.npz", cwd=workdir), "uint8")
+    one_line_exit_2(run_cli("predict", "--model", str(folder), "none.npz", cwd=workdir), "N >= 1")
     one_line_exit_2(run_cli("predict", "--model", str(workdir), "small.npz", cwd=workdir), "no exported student")
 
 
