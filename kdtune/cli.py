@@ -179,8 +179,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     the_study = study.open_study(spec, create=False)
     card = export.export(spec, found, chosen, data.prepare(spec.data, spec.seed), folder)
     published = artifacts.publish_export(the_study, spec, folder)
-    dashboard.note_export(the_study, chosen.band["winner_trial"], export.summary(card, folder, published))
-    print(export.summary(card, folder, published))
+    summary = export.summary(card, folder, published)
+    dashboard.note_export(the_study, chosen.band["winner_trial"], summary)
+    print(summary)
     print(f"Use it: kdtune predict --model {folder} IMAGES.npz")
     return 0
 
