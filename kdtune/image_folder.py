@@ -1,0 +1,109 @@
+"""The image-folder layout: `train/<class>/*` and `test/<class>/*`, one folder of image files per class, as
+torchvision's ImageFolder and most labelled photo collections use. The files are PNG, JPEG, BMP, GIF or WebP, so
+they are decoded with Pillow, an optional dependency: the other formats need only NumPy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdtune.readers import DataError, Dataset, _existing_folder
+
+LAYOUT = "train/<class>/*.png|jpg, test/<class>/*.png|jpg"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+GREY_MODES = {"1", "L", "LA"}
+WIDE_GREY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}  # would lose bits squeezed into uint8
+
+
+def read_folder(folder: Path | None) -> Dataset:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("format 'folder' reads images with Pillow, which is not installed: "
+                        "pip install \"kdtune[images]\"") from None
+    folder = _existing_folder(folder, f"format 'folder' needs a folder laid out as {LAYOUT}")
+    train, test = (_split_folder(folder, split) for split in ("train", "test"))
+    class_names = [d.name for d in _visible(train) if d.is_dir()]
+    if not class_names:
+        raise DataError(f"{train} holds no class folders; format 'folder' expects {LAYOUT}.")
+    for class_dir in _visible(test):
+        if class_dir.is_dir() and class_dir.name not in class_names:
+            raise DataError(f"{class_dir} is not one of the classes in {train} ({', '.join(class_names)}); "
+                            "rename it to one of them or remove it.")
+
+    reader = _ImageReader(Image)
+    splits = []
+    for split in (train, test):
+        images, labels = [], []
+        for label, name in enumerate(class_names):
+            files = _image_files(split / name)
+            if split is train and not files:
+                raise DataError(f"{split / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add some "
+                                "or remove the class folder.")
+            images += [reader.read(path) for path in files]
+            labels += [label] * len(files)
+        if not images:
+            raise DataError(f"{split} holds no images in any class folder; format 'folder' expects {LAYOUT}.")
+        splits.append((images, np.array(labels, dtype=np.int64)))
+    (x_train, y_train), (x_test, y_test) = ((reader.stack(images), labels) for images, labels in splits)
+    return Dataset(x_train, y_train, x_test, y_test, class_names=tuple(class_names))
+
+
+class _ImageReader:
+    """Reads each file once, as grey (H, W) or RGB (H, W, 3) uint8, checking every image against the first's size;
+    grey images are promoted to RGB only when stacking, once it is known whether any image has colour."""
+
+    def __init__(self, pil_image):
+        self.pil_image = pil_image
+        self.first: Path | None = None
+        self.size: tuple[int, int] | None = None
+        self.any_colour = False
+
+    def read(self, path: Path) -> np.ndarray:
+        try:
+            with self.pil_image.open(path) as image:
+                image.load()  # open() reads only the header: decoding here is what catches a truncated file
+                mode, size, grey = image.mode, image.size, image.mode in GREY_MODES
+                pixels = None if mode in WIDE_GREY_MODES else np.asarray(image.convert("L" if grey else "RGB"))
+        except (OSError, SyntaxError, ValueError) as error:  # Pillow reports some damaged files as SyntaxError
+            raise DataError(f"{path}: cannot read this image ({error}); remove or replace it.") from error
+        if pixels is None:
+            raise DataError(f"{path} holds {mode} pixels (more than 8 bits each); only 8-bit images are supported: "
+                            "save it as 8-bit grey or RGB.")
+        if self.size is None:
+            self.first, self.size = path, size
+        elif size != self.size:
+            raise DataError(f"{path} is {_wxh(size)} pixels but {self.first} is {_wxh(self.size)}; every image must "
+                            "be the same size: resize them to one size.")
+        self.any_colour |= not grey
+        return pixels
+
+    def stack(self, images: list[np.ndarray]) -> np.ndarray:
+        channels = (3,) if self.any_colour else ()
+        stacked = np.empty((len(images), *images[0].shape[:2], *channels), dtype=np.uint8)
+        for i, pixels in enumerate(images):
+            stacked[i] = pixels[..., None] if self.any_colour and pixels.ndim == 2 else pixels  # grey into R, G, B
+        return stacked
+
+
+def _split_folder(folder: Path, split: str) -> Path:
+    if not (folder / split).is_dir():
+        raise DataError(f"{folder} has no {split}/ folder; format 'folder' expects {LAYOUT}.")
+    return folder / split
+
+
+def _visible(folder: Path) -> list[Path]:
+    """Entries in name order, without hidden ones: .DS_Store, and macOS's ._name.png files, which are not images."""
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    if not class_dir.is_dir():
+        return []  # test/ may lack a class
+    return [p for p in _visible(class_dir) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
