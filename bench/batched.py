@@ -70,7 +70,7 @@ def batched_speedup(splits, soft, epochs: int, trial_times: list[tuple[int, floa
 
     def fresh_students() -> list[StudentMLP]:
         torch.manual_seed(0)
-        return [StudentMLP(splits.image_shape, splits.n_classes, width) for _ in range(k)]
+        return [StudentMLP(splits.input_shape, splits.n_classes, width) for _ in range(k)]
 
     train_batched(fresh_students(), configs, splits, soft, 1, 0)  # warm-up
     batched_seconds, batched_val = train_batched(fresh_students(), configs, splits, soft, epochs, 0)

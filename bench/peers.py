@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from kdtune.bands import size_bands as cut_bands
 from kdtune.losses import LOSSES
-from kdtune.models import StudentMLP, TeacherCNN
+from kdtune.models import StudentMLP, TeacherCNN, n_parameters
 from kdtune.spec import Spec
+from kdtune.student import Architecture
 from kdtune.study import assign_band, suggest
 
 
@@ -92,13 +93,14 @@ def common_kd_objective(spec: Spec, splits, teacher_model: nn.Module) -> Callabl
     the common way: DataLoader, teacher forward on every batch."""
     teacher_model.eval()
 
-    size_bands = cut_bands(spec.search, splits.image_shape, splits.n_classes)
+    architecture = Architecture.of(spec.student, splits.input_shape, splits.n_classes)
+    size_bands = cut_bands(spec.search, architecture, n_parameters(teacher_model))
 
     def objective(trial: optuna.Trial) -> float:
         band = assign_band(trial, size_bands)  # the same size bands as kdtune's study
         config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss), band)  # control arms
         torch.manual_seed(spec.seed)
-        model = StudentMLP(splits.image_shape, splits.n_classes, config.width)
+        model = StudentMLP(splits.input_shape, splits.n_classes, config.width)
 
         def loss_fn(logits, soft, labels):
             return LOSSES[config.loss](logits, soft, labels, temperature=config.temperature,

@@ -33,6 +33,7 @@ from kdtune import bands, data, front, hardware, study, target, teacher
 from kdtune.per_band import PerBandPruner
 from kdtune.provenance import versions
 from kdtune.spec import load_spec
+from kdtune.student import Architecture
 
 
 def make_candidate(spec, name: str) -> optuna.pruners.BasePruner:
@@ -54,7 +55,8 @@ def run_one(spec, pruner: str, seed: int, splits, cached, compute: hardware.Comp
     spec = dataclasses.replace(spec, seed=seed)
     the_study = optuna.create_study(direction="maximize", sampler=study.make_sampler(seed), study_name=spec.name,
                                     pruner=make_candidate(spec, pruner))
-    size_bands = bands.size_bands(spec.search, splits.image_shape, splits.n_classes)
+    architecture = Architecture.of(spec.student, splits.input_shape, splits.n_classes)
+    size_bands = bands.size_bands(spec.search, architecture, cached.n_parameters)
     bands.record(the_study, size_bands)  # as `tune` records them
     study.enqueue_control_arms(the_study, spec.search, spec.student.loss, size_bands)
     started = time.perf_counter()

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import platform
 import statistics
 import sys
@@ -32,6 +33,7 @@ from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.provenance import versions
 from kdtune.spec import Spec, StudentSpec, TeacherSpec, load_spec
 from kdtune.storage import open_storage
+from kdtune.student import Architecture
 from kdtune.train import accuracy, fit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -107,7 +109,7 @@ def student_flops_per_epoch(n_images: int, n_pixels: int, width: int, n_classes:
 def kdtune_student_epoch(splits, soft, width: int, epochs: int, seed: int, dtype=None, n_images=None) -> dict:
     n = n_images or len(splits.x_train)
     torch.manual_seed(seed)
-    model = StudentMLP(splits.image_shape, splits.n_classes, width)
+    model = StudentMLP(splits.input_shape, splits.n_classes, width)
     loss_fn = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
     schedule = StudentSpec(max_epochs=epochs, patience_epochs=epochs)
     result = fit(model, splits.x_train[:n], splits.y_train[:n], splits.x_val, splits.y_val, loss_fn=loss_fn,
@@ -120,7 +122,7 @@ def naive_student_epoch(splits, teacher, width: int, epochs: int, seed: int) -> 
     """The naive loop's epoch on cached logits; given a teacher *module*, the common KD loop's, which runs the
     teacher on every batch (there only the speed is compared: any weights cost the same forward pass)."""
     torch.manual_seed(seed)
-    model = StudentMLP(splits.image_shape, splits.n_classes, width)
+    model = StudentMLP(splits.input_shape, splits.n_classes, width)
     loss_fn = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
     started = time.perf_counter()
     curve = naive_fit(model, splits.x_train, splits.y_train, splits.x_val, splits.y_val, loss_fn=loss_fn,
@@ -144,8 +146,8 @@ def with_threads(n: int, measure):
 
 def section_students(plan: Plan, compute, splits, soft, machine: dict) -> list[dict]:
     rows, native = [], machine["native_bf16"]
-    n_pixels = splits.image_shape[0] * splits.image_shape[1]
-    teacher_model = seed_cnn(splits.image_shape, splits.n_classes).to(compute.device).eval()
+    n_pixels = math.prod(splits.input_shape)
+    teacher_model = seed_cnn(splits.input_shape[1:], splits.n_classes).to(compute.device).eval()
     for width in WIDTHS:
         kdtune_student_epoch(splits, soft, width, 1, 0)  # warm-up: allocations, kernels
         measured = {"kdtune": [], "naive": [], "kdtune_1_thread": [], "common_kd": []}
@@ -200,7 +202,7 @@ def section_teacher(plan: Plan, splits, machine: dict) -> dict:
 
     def kdtune_run(seed: int, dtype=None, n_images=n) -> tuple[float, float]:
         torch.manual_seed(seed)
-        model = TeacherCNN(splits.image_shape, splits.n_classes)
+        model = TeacherCNN(splits.input_shape, splits.n_classes)
         epochs, n_val = (schedule.max_epochs, len(splits.x_val)) if n_images == n else (1, 128)
         result = fit(model, x[:n_images], y[:n_images], splits.x_val[:n_val], splits.y_val[:n_val],
                      schedule=dataclasses.replace(
@@ -210,7 +212,7 @@ def section_teacher(plan: Plan, splits, machine: dict) -> dict:
 
     def naive_run(seed: int) -> tuple[float, float]:
         torch.manual_seed(seed)
-        model = seed_cnn(splits.image_shape, splits.n_classes)
+        model = seed_cnn(splits.input_shape[1:], splits.n_classes)
         started = time.perf_counter()
         curve = naive_fit(model, x, y, splits.x_val, splits.y_val, epochs=schedule.max_epochs,
                           batch_size=schedule.batch_size, learning_rate=schedule.learning_rate, seed=seed,
@@ -244,7 +246,7 @@ def section_overhead(spec: Spec, splits, n_trials: int = 30, n_epochs: int = 10)
         storage_ms = {name: ms_per_trial(storage(), spec, n_trials, n_epochs) for name, storage in storages.items()}
 
     def set_up_student() -> StudentMLP:
-        model = StudentMLP(splits.image_shape, splits.n_classes, 2048)
+        model = StudentMLP(splits.input_shape, splits.n_classes, 2048)
         torch.optim.Adam(model.parameters(), fused=True)
         return model
 
@@ -278,7 +280,8 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
     loop (the same size bands, sampler, pruner and control arms in each); and kdtune's search as it was before
     size bands (one band), whose wall time the front study must not exceed."""
     spec = dataclasses.replace(spec, student=dataclasses.replace(spec.student, max_epochs=plan.study_max_epochs))
-    size_bands = bands.size_bands(spec.search, splits.image_shape, splits.n_classes)
+    architecture = Architecture.of(spec.student, splits.input_shape, splits.n_classes)
+    size_bands = bands.size_bands(spec.search, architecture, cached.n_parameters)
     rows = {}
     for label, pruner, band_setting in (("kdtune", spec.search.pruner, spec.search.bands),
                                         ("kdtune_unpruned", "none", spec.search.bands),
@@ -286,7 +289,7 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
         variant = dataclasses.replace(spec, name=label, storage=f"sqlite:///{folder}/{label}.db",
                                       search=dataclasses.replace(spec.search, pruner=pruner, bands=band_setting))
         the_study = study.open_study(variant, create=True)
-        variant_bands = bands.size_bands(variant.search, splits.image_shape, splits.n_classes)
+        variant_bands = bands.size_bands(variant.search, architecture, cached.n_parameters)
         bands.record(the_study, variant_bands)  # as `tune` records them
         study.enqueue_control_arms(the_study, variant.search, variant.student.loss, variant_bands)  # as `tune` does
         started = time.perf_counter()
@@ -301,7 +304,7 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
     # kdtune's study runs them first; so must its peer
     study.enqueue_control_arms(peer, spec.search, spec.student.loss, size_bands)
     started = time.perf_counter()
-    seed_teacher = seed_cnn(splits.image_shape, splits.n_classes)  # the peer's own model, kdtune's weights
+    seed_teacher = seed_cnn(splits.input_shape[1:], splits.n_classes)  # the peer's own model, kdtune's weights
     seed_teacher.load_state_dict(teacher.load_model(cached).state_dict())
     peer.optimize(common_kd_objective(spec, splits, seed_teacher), n_trials=plan.study_trials)
     rows["common_kd_peer"] = summarize_study(peer, time.perf_counter() - started)

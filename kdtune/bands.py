@@ -18,11 +18,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-import torch
-
-from kdtune import models, student
 from kdtune.spec import SearchSpec, SpecError
-from kdtune.student import StudentConfig
+from kdtune.student import Architecture
 
 # study user attribute: the bands a study was set up with, as `Band.as_record` writes them
 RECORD_KEY = "bands"
@@ -64,16 +61,15 @@ def compact(count: int) -> str:
     return str(count)
 
 
-def size_bands(search: SearchSpec, image_shape: tuple[int, int], n_classes: int) -> list[Band]:
-    """The bands of a study on images of `image_shape` with `n_classes` classes; see the module docstring."""
-    def params(width: int) -> int:
-        return student.n_parameters(StudentConfig(1.0, 1.0, width), image_shape, n_classes)
-
+def size_bands(search: SearchSpec, architecture: Architecture, teacher_parameters: int | None) -> list[Band]:
+    """The bands of a study of `architecture`'s students; see the module docstring. A teacher of unknown size
+    (one given as logits) leaves the whole width range in."""
+    params = architecture.n_parameters
     low, high = int(search.width.low), int(search.width.high)
     if search.bands == "none" or low == high:
         return [Band(0, low, high, params(low), params(high))]
-    teacher_params = _teacher_parameters(image_shape, n_classes)
-    high = max(low, _last_width(params, low, high, lambda count: count <= teacher_params))
+    if teacher_parameters is not None:
+        high = max(low, _last_width(params, low, high, lambda count: count <= teacher_parameters))
     span = (params(low), params(high))
     if search.bands == "auto":
         cuts = [cut for cut in _ladder(span[1]) if span[0] * MIN_AUTO_SPAN <= cut <= span[1] / MIN_AUTO_SPAN]
@@ -109,11 +105,6 @@ def _last_width(params: Callable[[int], int], low: int, high: int, fits: Callabl
         else:
             high = middle - 1
     return high
-
-
-def _teacher_parameters(image_shape: tuple[int, int], n_classes: int) -> int:
-    with torch.device("meta"):  # counted for free, the global RNG left alone
-        return models.n_parameters(models.TeacherCNN(image_shape, n_classes))
 
 
 def band_of_width(bands: list[Band], width: int) -> Band | None:

@@ -31,6 +31,7 @@ from kdtune import (
     study_setup,
     target,
     teacher,
+    teacher_sources,
     workers,
 )
 from kdtune.budget import Budget
@@ -42,15 +43,22 @@ EXIT_INTERRUPTED = 130
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    """Train the teacher CNN with early stopping on validation accuracy and cache it with its logits.
+    """Train the teacher with early stopping on validation accuracy (or take the one the spec gives: weights or
+    logits) and cache it with its logits.
 
     A cached teacher for the same data, teacher config and seed is reused at once; --force retrains it.
+    --logits-out FILE.npz writes its logits as `[teacher] logits` reads them, to share or to check that path.
     """
     spec = _spec(args)
     splits = data.prepare(spec.data, spec.seed)
     cached = teacher.load_or_train(spec, splits, _compute(spec), force=args.force)
-    print(f"Teacher {cached.cache_id}: validation accuracy {cached.val_accuracy:.4f} "
-          f"({cached.meta['n_epochs']} epochs, {cached.meta['seconds']:.0f} s to train), cached in {cached.folder}.")
+    trained = (f"{cached.meta['n_epochs']} epochs, {cached.meta['seconds']:.0f} s to train" if cached.meta["n_epochs"]
+               else "not trained here: " + ("given as logits" if cached.n_parameters is None else "given as weights"))
+    print(f"Teacher {cached.cache_id}: validation accuracy {cached.val_accuracy:.4f} ({trained}), cached in "
+          f"{cached.folder}.")
+    if args.logits_out:
+        teacher_sources.write_logits(cached.logits, splits, args.logits_out)
+        print(f"Written: {args.logits_out} (use it as [teacher] logits = \"{args.logits_out}\").")
     return 0
 
 
@@ -194,8 +202,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     labels; --out FILE.csv writes every image's class and class probabilities.
     """
     found = predict.predict(args.model, args.images, args.threads)
+    names = found["class_names"]
     for index, (label, probs) in enumerate(zip(found["predicted"][:args.show], found["probabilities"])):
-        print(f"image {index}: class {label} (probability {probs[label]:.3f})")
+        print(f"image {index}: class {label}{f' ({names[label]})' if names else ''} (probability {probs[label]:.3f})")
     if found["n_images"] > args.show:
         print(f"... and {found['n_images'] - args.show:,} more images")
     if "accuracy" in found:
@@ -271,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         commands.choices[name].add_argument("--threads", type=_positive(int), help="torch threads (default: one per "
                                             "CPU this process may use, counting a container's CPU quota)")
     commands.choices["teacher"].add_argument("--force", action="store_true", help="retrain even if cached")
+    commands.choices["teacher"].add_argument("--logits-out", type=Path, metavar="FILE.npz",
+                                             help="also write the teacher's logits as [teacher] logits reads them")
     tune = commands.choices["tune"]
     tune.add_argument("--trials", type=_positive(int), default=100, help="finished trials to reach (default 100)")
     tune.add_argument("--timeout", type=_positive(float), help="stop starting new trials after this many seconds")

@@ -8,7 +8,7 @@ autocast is a training choice that on CPUs without native bf16 would time PyTorc
 
 The medians are only as quiet as the machine. Another process on the same cores (a second `--jobs` worker
 training, a CI job) slows the calls it overlaps, and a median of 20 hides that only when the overlap is short.
-A measurement is cached per (family, width, input, classes, torch threads, CPU model and flags, torch version)
+A measurement is cached per (family, depth, width, input, classes, torch threads, CPU model and flags, torch version)
 in `studies/.cost-cache/`, so a noisy one stays until that file is deleted.
 
 ONNX Runtime, where a student ships (kdtune.runtime), is timed by the same protocol on the exported graph when
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdtune import hardware, runtime, student
-from kdtune.student import StudentConfig
+from kdtune import hardware, runtime
+from kdtune.student import Architecture
 from kdtune.timing import BATCH_SIZES, N_TIMED_CALLS, N_WARMUP_CALLS, time_calls
 
 CACHE_ROOT = Path("studies/.cost-cache")
@@ -43,10 +43,10 @@ LATENCY_SUFFIX = {"pytorch": "", "onnxruntime": "_onnxruntime"}
 COUNTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def multiply_adds(model: nn.Module, image_shape: tuple[int, int]) -> int:
-    """Multiply-adds of one image (1 x H x W) through `model`, counted on its forward pass: in_features per
-    output of a Linear layer, (in_channels / groups) x kernel size per output of a convolution. Biases,
-    activations and pooling are not multiply-adds. Build the model on the meta device to count for free."""
+def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one input (`input_shape`: C x H x W or D) through `model`, counted on its forward pass:
+    in_features per output of a Linear layer, (in_channels / groups) x kernel size per output of a convolution.
+    Biases, activations and pooling are not multiply-adds. Build the model on the meta device to count for free."""
     unknown = [type(m).__name__ for m in model.modules() if not isinstance(m, COUNTED_LAYERS)
                and any(True for _ in m.parameters(recurse=False))]
     if unknown:
@@ -64,43 +64,42 @@ def multiply_adds(model: nn.Module, image_shape: tuple[int, int]) -> int:
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
-            model(torch.zeros(1, 1, *image_shape, device=device))
+            model(torch.zeros(1, *input_shape, device=device))
     finally:
         for hook in hooks:
             hook.remove()
     return total
 
 
-def latency(model: nn.Module, image_shape: tuple[int, int], *, batch_sizes: tuple[int, ...] = BATCH_SIZES,
+def latency(model: nn.Module, input_shape: tuple[int, ...], *, batch_sizes: tuple[int, ...] = BATCH_SIZES,
             n_warmup_calls: int = N_WARMUP_CALLS, n_calls: int = N_TIMED_CALLS) -> dict[int, dict]:
     """{batch size: {"median_ms", "p95_ms", "n_calls"}} of `model` on the CPU, over `n_calls` timed calls that
     follow `n_warmup_calls` untimed ones, with the torch threads set now."""
     model = model.to("cpu").eval()
     with torch.inference_mode():
-        return time_calls(model, lambda batch: torch.rand(batch, 1, *image_shape,
+        return time_calls(model, lambda batch: torch.rand(batch, *input_shape,
                                                           generator=torch.Generator().manual_seed(0)),
                           batch_sizes=batch_sizes, n_warmup_calls=n_warmup_calls, n_calls=n_calls)
 
 
-def measure(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str,
-            runtime_name: str = "pytorch") -> dict:
-    """Multiply-adds and latency of the student `config` describes, with random weights (a dense model's
+def measure(architecture: Architecture, width: int, runtime_name: str = "pytorch") -> dict:
+    """Multiply-adds and latency of the student of this architecture and width, with random weights (a dense model's
     time does not depend on their values), in eager PyTorch or, exported as it ships, in ONNX Runtime; the
     global RNG, which seeds the next student, is left alone."""
     with torch.random.fork_rng(devices=[]):
-        model = student.build(config, image_shape, n_classes, family).eval()  # only ever runs inference
+        model = architecture.build(width).eval()  # only ever runs inference
+    shape = architecture.input_shape
     if runtime_name == "pytorch":
-        timed = latency(model, image_shape)
+        timed = latency(model, shape)
     else:
         with tempfile.TemporaryDirectory() as folder:
-            runtime.to_onnx(model, image_shape, Path(folder) / "student.onnx")
-            timed = runtime.latency(runtime.session(Path(folder) / "student.onnx"), image_shape)
-    return {"multiply_adds": multiply_adds(model, image_shape),
+            runtime.to_onnx(model, shape, Path(folder) / "student.onnx")
+            timed = runtime.latency(runtime.session(Path(folder) / "student.onnx"), shape)
+    return {"multiply_adds": multiply_adds(model, shape),
             "latency": {str(batch): found for batch, found in timed.items()}}
 
 
-def of_student(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str = "mlp",
-               onnxruntime: bool = False) -> dict:
+def of_student(architecture: Architecture, width: int, onnxruntime: bool = False) -> dict:
     """What a trial records of its student's cost: `multiply_adds` per image, the median latency at each
     batch size (`latency_ms_batch1`, `latency_ms_batch256`), the torch threads and the CPU it was timed on;
     with `onnxruntime`, also the latency of the student exported as it ships, in ONNX Runtime
@@ -108,11 +107,11 @@ def of_student(config: StudentConfig, image_shape: tuple[int, int], n_classes: i
     machine, then read from the cache."""
     found = {}
     for runtime_name in ("pytorch", "onnxruntime")[:1 + onnxruntime]:
-        key = cache_key(config.width, image_shape, n_classes, family, runtime_name)
+        key = cache_key(architecture, width, runtime_name)
         path = CACHE_ROOT / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
         measured = read_cached(path, key)
         if measured is None:
-            measured = measure(config, image_shape, n_classes, family, runtime_name)
+            measured = measure(architecture, width, runtime_name)
             write_cached(path, {"key": key, **measured, "cpu_flags": hardware.reported_cpu_flags(),
                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         found.update({f"latency_ms_batch{batch}{LATENCY_SUFFIX[runtime_name]}":
@@ -121,13 +120,11 @@ def of_student(config: StudentConfig, image_shape: tuple[int, int], n_classes: i
     return {**found, "latency_threads": torch.get_num_threads(), "latency_cpu": hardware.cpu_model()}
 
 
-def cache_key(width: int, image_shape: tuple[int, int], n_classes: int, family: str,
-              runtime_name: str = "pytorch") -> dict:
+def cache_key(architecture: Architecture, width: int, runtime_name: str = "pytorch") -> dict:
     """Everything a measurement depends on: the student, the machine (a VM's model name is often only a
     family, so its feature flags too), torch's threads and version, the runtime and how it was timed."""
     flags = " ".join(sorted(hardware.cpu_flags()))
-    key = {"family": family, "width": width, "image_shape": list(image_shape), "n_classes": n_classes,
-           "threads": torch.get_num_threads(), "cpu": hardware.cpu_model(),
+    key = {**architecture.as_record(), "width": width, "threads": torch.get_num_threads(), "cpu": hardware.cpu_model(),
            "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "torch": torch.__version__,
            "batch_sizes": list(BATCH_SIZES), "n_warmup_calls": N_WARMUP_CALLS, "n_calls": N_TIMED_CALLS}
     # a PyTorch measurement keeps the key it had before ONNX Runtime was timed: caches stay valid

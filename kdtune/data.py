@@ -1,8 +1,12 @@
 """The dataset a spec names, relabelled, validated and oriented; the train/val split and its fingerprint.
 
-`load` returns a `Dataset` of uint8 images (N, H, W) and int64 labels 0..C-1 (the file formats are read in
-`kdtune.readers`). The validation split is carved from the training images (stratified, seeded) and is what
-the teacher's early stopping and the whole Optuna search look at; the test images are only read by `report`.
+`load` returns a `Dataset` of uint8 images, (N, H, W) grey or (N, H, W, C) colour, or of float32 feature vectors
+(N, D), with int64 labels 0..C-1 (the file formats are read in `kdtune.readers`). The validation split is carved
+from the training images (stratified, seeded) and is what the teacher's early stopping and the whole Optuna
+search look at; the test images are only read by `report`.
+
+Models take `model_inputs`: images as float32 (N, C, H, W) in [0, 1], features as they are. A model's
+`input_shape` is therefore (C, H, W) or (D,); `raw_shape` is one sample as the user holds it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from kdtune.spec import DataSpec
 
 @dataclass(frozen=True)
 class Splits:
-    """Float tensors (N, 1, H, W) in [0, 1] and int64 labels; `fingerprint` names the data and the split."""
+    """Model inputs (`model_inputs`) and int64 labels; `fingerprint` names the data and the split."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -31,10 +35,15 @@ class Splits:
     y_test: torch.Tensor
     n_classes: int
     fingerprint: str
+    class_names: tuple[str, ...] | None = None
+    # the training file's rows that became x_train and x_val: what a teacher's logits file is aligned with
+    train_rows: np.ndarray | None = None
+    val_rows: np.ndarray | None = None
 
     @property
-    def image_shape(self) -> tuple[int, int]:
-        return tuple(self.x_train.shape[-2:])
+    def input_shape(self) -> tuple[int, ...]:
+        """One model input: (C, H, W) for images, (D,) for feature vectors."""
+        return tuple(self.x_train.shape[1:])
 
 
 def load(spec: DataSpec) -> Dataset:
@@ -43,27 +52,31 @@ def load(spec: DataSpec) -> Dataset:
     where = spec.path or spec.format
     y_train, y_test = (_whole_labels(y, where, name) - spec.label_offset
                        for y, name in ((raw.y_train, "y_train"), (raw.y_test, "y_test")))
-    validate(Dataset(raw.x_train, y_train, raw.x_test, y_test), spec)
-    # after validation, which has checked that the images are (N, H, W)
-    x_train, x_test = (np.ascontiguousarray(x.transpose(0, 2, 1)) if spec.transpose else x
-                       for x in (raw.x_train, raw.x_test))
-    return Dataset(x_train, y_train, x_test, y_test)
+    if spec.format == "features":
+        x_train, x_test = (_features(x, where, name) for x, name in ((raw.x_train, "x_train"), (raw.x_test, "x_test")))
+    else:
+        x_train, x_test = (_channels_last(x, spec.layout, where, name)
+                           for x, name in ((raw.x_train, "x_train"), (raw.x_test, "x_test")))
+    validate(Dataset(x_train, y_train, x_test, y_test, raw.class_names), spec)
+    if spec.transpose:  # after validation, which has checked that these are images, (N, H, W[, C])
+        x_train, x_test = (np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in (x_train, x_test))
+    return Dataset(x_train, y_train, x_test, y_test, raw.class_names)
 
 
 def validate(dataset: Dataset, spec: DataSpec) -> None:
     where = spec.path or spec.format
     for name in ("x_train", "x_test"):
         x = getattr(dataset, name)
-        if x.ndim != 3 or x.shape[0] == 0:
-            raise DataError(f"{where}: {name} must be a non-empty (N, H, W) image array, but got shape {x.shape}.")
-        if x.dtype != np.uint8:
-            raise DataError(f"{where}: {name} must be uint8 pixels 0..255, but got dtype {x.dtype}.")
+        if len(x) == 0:
+            raise DataError(f"{where}: {name} holds no {'vectors' if spec.format == 'features' else 'images'}.")
+        if spec.format != "features" and x.dtype != np.uint8:
+            raise DataError(f"{where}: {name} must be uint8 pixels 0..255, but got dtype {x.dtype}; feature vectors "
+                            "are data.format = \"features\".")
     if dataset.x_train.shape[1:] != dataset.x_test.shape[1:]:
-        raise DataError(f"{where}: train images are {dataset.x_train.shape[1:]} but test images are "
+        raise DataError(f"{where}: train samples are {dataset.x_train.shape[1:]} but test samples are "
                         f"{dataset.x_test.shape[1:]}.")
-    height, width = dataset.x_train.shape[1:]
-    if min(height, width) < TEACHER_MIN_SIDE:
-        side = f"{TEACHER_MIN_SIDE}x{TEACHER_MIN_SIDE}"
+    if spec.format != "features" and min(dataset.x_train.shape[1:3]) < TEACHER_MIN_SIDE:
+        side, (height, width) = f"{TEACHER_MIN_SIDE}x{TEACHER_MIN_SIDE}", dataset.x_train.shape[1:3]
         raise DataError(f"{where}: images are {height}x{width} pixels, but the teacher CNN needs at least {side}; "
                         f"pad or resize the images to at least {side}.")
     for x_name, y_name in (("x_train", "y_train"), ("x_test", "y_test")):
@@ -90,6 +103,8 @@ def validate(dataset: Dataset, spec: DataSpec) -> None:
                         "training and one for the validation split.")
     if dataset.y_test.max() >= dataset.n_classes:
         raise DataError(f"{where}: test label {dataset.y_test.max()} never occurs in the training labels.")
+    if dataset.class_names is not None and len(dataset.class_names) != dataset.n_classes:
+        raise DataError(f"{where}: {len(dataset.class_names)} class names for {dataset.n_classes} classes.")
 
 
 # ------------------------------------------------------------------------------------- split, tensors
@@ -114,23 +129,44 @@ def fingerprint(dataset: Dataset, train_idx: np.ndarray, val_idx: np.ndarray) ->
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(array.tobytes())
+    if dataset.class_names is not None:  # only then: data without names keeps the fingerprint it always had
+        digest.update("\n".join(dataset.class_names).encode())
     return digest.hexdigest()
 
 
-def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(samples: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     # torch.tensor copies: the IDX reader's arrays are read-only views of the file, which from_numpy would share
-    return model_inputs(torch.tensor(images)), torch.tensor(labels)
+    return model_inputs(torch.tensor(samples)).contiguous(), torch.tensor(labels)
 
 
-def model_inputs(pixels: torch.Tensor) -> torch.Tensor:
-    """What every model here takes: uint8 pixels (N, H, W) as float32 in [0, 1], shaped (N, 1, H, W). An
-    exported student carries this step in its graph (kdtune.runtime), so it takes the uint8 pixels as they are."""
-    return pixels.to(torch.float32).div(255.0).unsqueeze(1)
+def model_inputs(raw: torch.Tensor) -> torch.Tensor:
+    """What every model here takes: uint8 pixels (N, H, W) or (N, H, W, C) as float32 in [0, 1], shaped
+    (N, C, H, W); float feature vectors (N, D) as float32. An exported student carries this step in its graph
+    (kdtune.runtime), so it takes the samples as the user holds them."""
+    if raw.dtype != torch.uint8:
+        return raw.to(torch.float32)
+    scaled = raw.to(torch.float32).div(255.0)
+    return scaled.unsqueeze(1) if scaled.ndim == 3 else scaled.permute(0, 3, 1, 2)
 
 
-def pixels(inputs: torch.Tensor) -> torch.Tensor:
-    """The uint8 pixels (N, H, W) back from `model_inputs`: exact, each input being a whole number over 255."""
-    return inputs.squeeze(1).mul(255.0).round().to(torch.uint8)
+def raw_samples(inputs: torch.Tensor) -> torch.Tensor:
+    """The samples back from `model_inputs`: exact, each pixel input being a whole number over 255."""
+    if inputs.ndim == 2:
+        return inputs
+    pixels = inputs.mul(255.0).round().to(torch.uint8)
+    return pixels.squeeze(1) if pixels.shape[1] == 1 else pixels.permute(0, 2, 3, 1)
+
+
+def raw_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One sample as the user holds it, for a model taking `input_shape`: (H, W), (H, W, C) or (D,)."""
+    if len(input_shape) == 1:
+        return tuple(input_shape)
+    channels, height, width = input_shape
+    return (height, width) if channels == 1 else (height, width, channels)
+
+
+def raw_dtype(input_shape: tuple[int, ...]) -> np.dtype:
+    return np.dtype(np.uint8 if len(input_shape) == 3 else np.float32)
 
 
 def prepare(spec: DataSpec, seed: int) -> Splits:
@@ -140,10 +176,45 @@ def prepare(spec: DataSpec, seed: int) -> Splits:
     x_val, y_val = to_tensors(dataset.x_train[val_idx], dataset.y_train[val_idx])
     x_test, y_test = to_tensors(dataset.x_test, dataset.y_test)
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, dataset.n_classes,
-                  fingerprint(dataset, train_idx, val_idx))
+                  fingerprint(dataset, train_idx, val_idx), dataset.class_names, train_idx, val_idx)
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+def _channels_last(images: np.ndarray, layout: str, where: str, name: str) -> np.ndarray:
+    """Images as (N, H, W) grey or (N, H, W, 3) colour, from (N, H, W), (N, H, W, C) or (N, C, H, W)."""
+    shape = images.shape
+    if images.ndim == 3:
+        return images
+    if images.ndim != 4:
+        raise DataError(f"{where}: {name} must be images (N, H, W), (N, H, W, C) or (N, C, H, W), but got shape "
+                        f"{shape}.")
+    if layout == "auto":
+        last, first = shape[3] in (1, 3), shape[1] in (1, 3)
+        if last == first:
+            raise DataError(f"{where}: {name} has shape {shape}: " + (
+                "which axis holds the channels is ambiguous; set data.layout = \"nhwc\" or \"nchw\"." if last else
+                "images need 1 or 3 channels, on the last axis (N, H, W, C) or the second (N, C, H, W)."))
+        layout = "nhwc" if last else "nchw"
+    if layout == "nchw":
+        images = np.moveaxis(images, 1, 3)
+    if images.shape[3] not in (1, 3):
+        raise DataError(f"{where}: {name} has {images.shape[3]} channels with data.layout = {layout!r}, but images "
+                        "need 1 (grey) or 3 (colour).")
+    return images[..., 0] if images.shape[3] == 1 else images
+
+
+def _features(vectors: np.ndarray, where: str, name: str) -> np.ndarray:
+    """Feature vectors as float32 (N, D), every value finite."""
+    if vectors.ndim != 2 or vectors.dtype.kind not in "fiu":
+        raise DataError(f"{where}: {name} must be feature vectors, a numeric (N, D) array, but got shape "
+                        f"{vectors.shape} and dtype {vectors.dtype}.")
+    vectors = vectors.astype(np.float32)
+    if not np.isfinite(vectors).all():
+        row = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+        raise DataError(f"{where}: {name} row {row} holds NaN or infinity; fix or drop that sample.")
+    return vectors
+
 
 def _whole_labels(labels: np.ndarray, where: str, name: str) -> np.ndarray:
     """int64 labels; float labels are fine when whole (3.0 from a CSV or .mat), but never truncated."""

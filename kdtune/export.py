@@ -84,8 +84,8 @@ def load_student(spec: Spec, found: dict, chosen: Chosen, splits: Splits) -> tor
                         "(its fingerprint changed); run `kdtune report` on this data first.")
     path = report.runs_folder(spec) / chosen.band["rows"]["tuned"]["run_files"][chosen.seed_index]
     try:
-        model, _ = saved_runs.load(path, lambda: student.build(chosen.config, splits.image_shape, splits.n_classes),
-                                   torch.device("cpu"))
+        architecture = student.Architecture.of(spec.student, splits.input_shape, splits.n_classes)
+        model, _ = saved_runs.load(path, lambda: architecture.build(chosen.config.width), torch.device("cpu"))
     except FileNotFoundError:
         raise SpecError(f"the report's student {path} is missing; run `kdtune report` again to retrain it.") from None
     except saved_runs.READ_ERRORS as error:
@@ -94,12 +94,12 @@ def load_student(spec: Spec, found: dict, chosen: Chosen, splits: Splits) -> tor
     return model.eval()
 
 
-def parity(model: torch.nn.Module, onnx_session, images: torch.Tensor) -> dict:
-    """ONNX Runtime's logits against PyTorch's on the same uint8 images (N, H, W)."""
+def parity(model: torch.nn.Module, onnx_session, samples: torch.Tensor) -> dict:
+    """ONNX Runtime's logits against PyTorch's on the same samples, as the user holds them (`data.raw_samples`)."""
     with torch.inference_mode():
-        expected = runtime.FromPixels(model).eval()(images).numpy()
-    found = runtime.logits(onnx_session, images.numpy())
-    return {"n_images": len(images), "max_abs_logit_difference": float(np.abs(found - expected).max()),
+        expected = runtime.FromRaw(model).eval()(samples).numpy()
+    found = runtime.logits(onnx_session, samples.numpy())
+    return {"n_images": len(samples), "max_abs_logit_difference": float(np.abs(found - expected).max()),
             "same_predictions": float((found.argmax(1) == expected.argmax(1)).mean())}
 
 
@@ -136,14 +136,15 @@ def export(spec: Spec, found: dict, chosen: Chosen, splits: Splits, folder: Path
     """Write the chosen student to `folder` (replacing an earlier export there) and return its model card."""
     runtime.require("kdtune export")
     folder = check_destination(folder)
+    architecture = student.Architecture.of(spec.student, splits.input_shape, splits.n_classes)
     model = load_student(spec, found, chosen, splits)
     scratch = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     try:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        runtime.to_onnx(model, splits.image_shape, scratch / ONNX)
+        runtime.to_onnx(model, splits.input_shape, scratch / ONNX)
         onnx_session = runtime.session(scratch / ONNX)
-        checked = parity(model, onnx_session, data.pixels(splits.x_test))
+        checked = parity(model, onnx_session, data.raw_samples(splits.x_test))
         # written so that a NaN fails too
         if not (checked["max_abs_logit_difference"] <= MAX_LOGIT_DIFFERENCE
                 and checked["same_predictions"] >= MIN_SAME_PREDICTIONS):
@@ -151,14 +152,14 @@ def export(spec: Spec, found: dict, chosen: Chosen, splits: Splits, folder: Path
                             f"(largest logit difference {checked['max_abs_logit_difference']:.2g}, same prediction "
                             f"on {100 * checked['same_predictions']:.2f}%): nothing was written; report it with "
                             "the output of --debug.")
-        latency = {"pytorch": cost.latency(model, splits.image_shape),
-                   "onnxruntime": runtime.latency(onnx_session, splits.image_shape)}
+        latency = {"pytorch": cost.latency(model, splits.input_shape),
+                   "onnxruntime": runtime.latency(onnx_session, splits.input_shape)}
         torch.save(model.state_dict(), scratch / WEIGHTS)
-        rebuild = {"family": "mlp", "config": chosen.config.as_params(), "image_shape": list(splits.image_shape),
-                   "n_classes": splits.n_classes, "input": model_card.INPUT}
+        rebuild = {"architecture": architecture.as_record(), "config": chosen.config.as_params(),
+                   "class_names": splits.class_names, "input": model_card.describe_input(splits.input_shape)}
         (scratch / CONFIG).write_text(json.dumps(rebuild, indent=2))
         card = model_card.card(found, chosen, checked, latency, rebuild,
-                               cost.multiply_adds(model, splits.image_shape))
+                               cost.multiply_adds(model, splits.input_shape))
         (scratch / model_card.JSON).write_text(json.dumps(card, indent=2))
         (scratch / model_card.MARKDOWN).write_text(model_card.to_markdown(card))
         replace_folder(scratch, folder)
@@ -171,10 +172,17 @@ def rebuild(folder: Path) -> torch.nn.Module:
     """The exported student as a PyTorch module again, from the folder `export` wrote: the documented way back
     from the files (only the weights are read with torch.load, with weights_only)."""
     described = json.loads((folder / CONFIG).read_text())
-    model = student.build(StudentConfig.from_params(described["config"]), tuple(described["image_shape"]),
-                          described["n_classes"], described["family"])
+    model = architecture_of(described).build(StudentConfig.from_params(described["config"]).width)
     model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def architecture_of(described: dict) -> student.Architecture:
+    """The students' architecture a `student.json` records; one written before colour images and student
+    families records a one-layer MLP on grey (H, W) images."""
+    if "architecture" in described:
+        return student.Architecture.from_record(described["architecture"])
+    return student.Architecture("mlp", 1, (1, *described["image_shape"]), described["n_classes"])
 
 
 def summary(card: dict, folder: Path, published: dict[str, str]) -> str:

@@ -8,14 +8,32 @@ import time
 
 import torch
 
-from kdtune import hardware, report, runtime, timing
+from kdtune import data, hardware, report, runtime, timing, user_code
 
 JSON, MARKDOWN = "model_card.json", "MODEL_CARD.md"
-# What the exported graph takes: kdtune's preprocessing (kdtune.data.model_inputs) is inside it
-INPUT = {"name": runtime.INPUT_NAME, "dtype": "uint8", "layout": "(N, H, W): N images of H x W pixels, any N",
-         "scaling": "none: the graph divides by 255 itself, as kdtune did in training",
-         "orientation": "as kdtune read the training images (transposed when the spec's [data] transpose = true)",
-         "output": f"{runtime.OUTPUT_NAME} (N, classes): unnormalised; softmax gives probabilities"}
+
+
+def describe_input(input_shape: tuple[int, ...]) -> dict:
+    """What the exported graph takes: kdtune's preprocessing (kdtune.data.model_inputs) is inside it."""
+    shape = data.raw_shape(input_shape)
+    images = len(input_shape) == 3
+    layout = {2: "(N, H, W): N grey images of H x W pixels", 3: "(N, H, W, 3): N colour (RGB) images of H x W pixels",
+              1: "(N, D): N feature vectors of length D"}[len(shape)]
+    return {"name": runtime.INPUT_NAME, "dtype": str(data.raw_dtype(input_shape)), "shape": list(shape),
+            "layout": f"{layout}, any N",
+            "scaling": "none: the graph divides by 255 itself, as kdtune did in training" if images else
+            "none: the vectors as kdtune read them",
+            "orientation": "as kdtune read the training images (transposed when the spec's [data] transpose = true)"
+            if images else "the features in the order of the training file's columns",
+            "output": f"{runtime.OUTPUT_NAME} (N, classes): unnormalised; softmax gives probabilities"}
+
+
+def describe_student(architecture: dict) -> str:
+    family, depth = architecture["family"], architecture["depth"]
+    if user_code.is_reference(family):
+        return f"A student of your own family ({family})"
+    return "A small CNN student" if family == "cnn" else \
+        f"A {'one' if depth == 1 else depth}-hidden-layer MLP student"
 
 
 def card(found: dict, chosen, checked: dict, latency: dict, rebuild: dict, multiply_adds: int) -> dict:
@@ -32,9 +50,10 @@ def card(found: dict, chosen, checked: dict, latency: dict, rebuild: dict, multi
     return {
         "study": found["study"], "trial": band["winner_trial"], "size_band": band["band_label"],
         "overall_winner": band["winner_trial"] == found["winner_trial"], "seed": found["seeds"][seed_index],
-        "seeds": found["seeds"], "configuration": rebuild["config"], "family": rebuild["family"],
+        "seeds": found["seeds"], "configuration": rebuild["config"], "architecture": rebuild["architecture"],
         "n_parameters": tuned["n_parameters"], "multiply_adds": multiply_adds,
-        "image_shape": rebuild["image_shape"], "n_classes": rebuild["n_classes"], "input": rebuild["input"],
+        "n_classes": rebuild["architecture"]["n_classes"], "class_names": rebuild["class_names"],
+        "input": rebuild["input"],
         "test_accuracy": {"this_model": tuned["test_accuracy"][seed_index],
                           "this_model_val_accuracy": tuned["val_accuracy"][seed_index],
                           "tuned": accuracy(tuned), "no_distillation": accuracy(twin),
@@ -69,9 +88,10 @@ def to_markdown(c: dict) -> str:
     machine = c["latency_machine"]
     lines = [
         f"# Model card: study {c['study']}, trial {c['trial']}", "",
-        f"A one-hidden-layer MLP student (width {config['width']}, {c['n_parameters']:,} parameters, "
-        f"{c['multiply_adds']:,} multiply-adds per image) distilled by kdtune from a CNN teacher of "
-        f"{c['teacher']['n_parameters']:,} parameters; "
+        f"{describe_student(c['architecture'])} (width {config['width']}, {c['n_parameters']:,} parameters, "
+        f"{c['multiply_adds']:,} multiply-adds per input) distilled by kdtune from "
+        + (f"a teacher of {c['teacher']['n_parameters']:,} parameters; " if c["teacher"]["n_parameters"] else
+           "a teacher given as logits; ")
         + ("the report's overall winner" if c["overall_winner"] else f"the winner of size band {c['size_band']}")
         + f", seed {c['seed']} (the best of seeds {c['seeds']} on validation).", "",
         "## Configuration", "",
@@ -79,15 +99,17 @@ def to_markdown(c: dict) -> str:
         f"width {config['width']}, loss `{config['loss']}`. Rebuild: `kdtune.export.rebuild(folder)`, or "
         "`student.json` and `student.pt` (a `state_dict`; `torch.load(weights_only=True)` reads it).", "",
         "## Input", "",
-        f"`{c['input']['name']}`: {c['input']['dtype']}, {c['input']['layout']}, {c['image_shape'][0]} x "
-        f"{c['image_shape'][1]} pixels, {c['n_classes']} classes. Scaling: {c['input']['scaling']}. Orientation: "
-        f"{c['input']['orientation']}. Output: {c['input']['output']}.", "",
+        f"`{c['input']['name']}`: {c['input']['dtype']}, {c['input']['layout']}, each of shape "
+        f"{tuple(c['input']['shape'])}; {c['n_classes']} classes"
+        + (f" ({', '.join(c['class_names'])})" if c["class_names"] else "")
+        + f". Scaling: {c['input']['scaling']}. Orientation: {c['input']['orientation']}. Output: "
+        f"{c['input']['output']}.", "",
         "## Accuracy on the test set (from the report)", "",
         "| model | test accuracy |", "|---|---|",
         f"| this model (seed {c['seed']}) | {100 * acc['this_model']:.2f}% |",
         f"| tuned, over {len(c['seeds'])} seeds | {interval(acc['tuned'])} |",
         f"| same student without distillation | {interval(acc['no_distillation'])} |",
-        f"| teacher (CNN) | {100 * acc['teacher']:.2f}% |", "",
+        f"| teacher | {100 * acc['teacher']:.2f}% |", "",
         f"Distillation gain, paired over seeds: {100 * gain['mean']:+.2f} points (95% CI "
         f"{100 * gain['ci95_low']:+.2f} to {100 * gain['ci95_high']:+.2f}): {c['finding']}.", "",
         f"**The report's verdict.** {c['verdict']}", "",
@@ -103,8 +125,8 @@ def to_markdown(c: dict) -> str:
     lines += [
         "", f"{machine['n_calls']} timed calls after {machine['n_warmup_calls']} untimed, on {machine['cpu']} "
         f"({', '.join(machine['cpu_flags']) or 'no reported flags'}) with {machine['threads']} thread(s) in each "
-        "runtime. PyTorch is timed on the student's float input; ONNX Runtime on uint8 pixels, its scaling "
-        "included.", "",
+        "runtime. PyTorch is timed on the student's float input; ONNX Runtime on the input as it ships, its "
+        "scaling included.", "",
         "## Provenance", "",
         f"Parity on {parity['n_images']:,} test images: largest logit difference "
         f"{parity['max_abs_logit_difference']:.2g}, same prediction on {100 * parity['same_predictions']:.2f}%. "

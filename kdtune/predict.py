@@ -1,8 +1,9 @@
 """`kdtune predict`: an exported student on new images, through ONNX Runtime, the runtime it ships in.
 
 Images come as an .npz (`images`, optionally `labels`; or kdtune's own `x_test`/`y_test`), an .npy of images,
-or one image file (PNG, JPEG, ... read with Pillow as grayscale). They must be uint8 pixels of the size the
-student was trained on, oriented as kdtune read its training images.
+or one image file (PNG, JPEG, ... read with Pillow, as grey or colour as the student was trained). They must be
+uint8 pixels of the size the student was trained on, oriented as kdtune read its training images. A student of
+feature vectors takes float vectors (N, D) from an .npz or .npy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtune import export, runtime
+from kdtune import data, export, runtime
 from kdtune.readers import DataError
 from kdtune.spec import SpecError
 
@@ -22,8 +23,8 @@ from kdtune.spec import SpecError
 NPZ_KEYS = (("images", "labels"), ("x_test", "y_test"))
 
 
-def read_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images (N, H, W) and their labels where the file has them."""
+def read_images(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Samples and their labels where the file has them; an image file is read as RGB with `colour`."""
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file; give an .npz, an .npy or an image file.")
     if path.suffix == ".npz":
@@ -39,7 +40,7 @@ def read_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise SpecError(f"reading the image file {path} needs Pillow: {runtime.INSTALL_HINT}") from None
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("L"))[None], None
+            return np.asarray(image.convert("RGB" if colour else "L"))[None], None
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"{path} is not an image Pillow can read ({error}); give a PNG or JPEG, or an .npz.") from error
 
@@ -56,16 +57,20 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                     "numpy.savez(path, images=..., labels=...).")
 
 
-def check_images(images: np.ndarray, image_shape: tuple[int, int], where: Path) -> np.ndarray:
-    """uint8 images (N, H, W) of the student's size; one image (H, W) becomes a batch of one."""
-    if images.ndim == 2:
-        images = images[None]
-    if images.dtype != np.uint8:
-        raise DataError(f"{where}: images must be uint8 pixels 0..255, as in training, but are {images.dtype}.")
-    if images.ndim != 3 or tuple(images.shape[1:]) != tuple(image_shape) or len(images) == 0:
-        raise DataError(f"{where}: images must be (N, {image_shape[0]}, {image_shape[1]}) with N >= 1 for this "
-                        f"student, but are {images.shape}.")
-    return images
+def check_samples(samples: np.ndarray, input_shape: tuple[int, ...], where: Path) -> np.ndarray:
+    """A batch of samples as the student takes them (`data.raw_shape`, `data.raw_dtype`); one sample becomes a
+    batch of one. Feature vectors of any float or integer dtype are taken as float32."""
+    shape, dtype = data.raw_shape(input_shape), data.raw_dtype(input_shape)
+    if samples.ndim == len(shape):
+        samples = samples[None]
+    if dtype == np.uint8 and samples.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 pixels 0..255, as in training, but are {samples.dtype}.")
+    if dtype != np.uint8 and samples.dtype.kind not in "fiu":
+        raise DataError(f"{where}: feature vectors must be numbers, but are {samples.dtype}.")
+    if tuple(samples.shape[1:]) != shape or len(samples) == 0:
+        raise DataError(f"{where}: samples must be (N, {', '.join(map(str, shape))}) with N >= 1 for this "
+                        f"student, but are {samples.shape}.")
+    return samples.astype(dtype, copy=False)
 
 
 def predict(folder: Path, path: Path, threads: int | None = None) -> dict:
@@ -73,20 +78,22 @@ def predict(folder: Path, path: Path, threads: int | None = None) -> dict:
     `folder`; with labels in the file, the accuracy too."""
     runtime.require("kdtune predict")
     try:
-        image_shape = tuple(json.loads((folder / export.CONFIG).read_text())["image_shape"])
+        described = json.loads((folder / export.CONFIG).read_text())
+        input_shape = export.architecture_of(described).input_shape
     except FileNotFoundError:
         raise SpecError(f"{folder} holds no exported student ({export.CONFIG} is missing); run `kdtune export` "
                         "and pass its folder to --model.") from None
     except (ValueError, KeyError, TypeError) as error:
         raise SpecError(f"{folder / export.CONFIG} is damaged ({type(error).__name__}); run `kdtune export` "
                         "again.") from error
-    images, labels = read_images(path)
-    images = check_images(images, image_shape, path)
+    images, labels = read_images(path, colour=len(input_shape) == 3 and input_shape[0] == 3)
+    images = check_samples(images, input_shape, path)
     logits = runtime.logits(runtime.session(folder / export.ONNX, threads), images)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # softmax, without overflow
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     predicted = probabilities.argmax(axis=1)
-    found = {"n_images": len(images), "predicted": predicted.tolist(), "probabilities": probabilities.tolist()}
+    found = {"n_images": len(images), "predicted": predicted.tolist(), "probabilities": probabilities.tolist(),
+             "class_names": described.get("class_names")}
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != len(images):
@@ -100,6 +107,8 @@ def write_csv(found: dict, path: Path) -> None:
     n_classes = len(found["probabilities"][0])
     with path.open("w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(["image", "predicted", *(f"p{c}" for c in range(n_classes))])
+        names = found["class_names"]
+        writer.writerow(["image", "predicted", *(["class_name"] if names else []),
+                         *(f"p{c}" for c in range(n_classes))])
         for index, (label, probs) in enumerate(zip(found["predicted"], found["probabilities"])):
-            writer.writerow([index, label, *(f"{p:.6f}" for p in probs)])
+            writer.writerow([index, label, *([names[label]] if names else []), *(f"{p:.6f}" for p in probs)])

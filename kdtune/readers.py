@@ -28,10 +28,13 @@ class DataError(SpecError):
 
 @dataclass(frozen=True)
 class Dataset:
-    x_train: np.ndarray  # (N, H, W) uint8
+    """Images as uint8 pixels, (N, H, W) grey or (N, H, W, C) colour, or float32 feature vectors (N, D)."""
+
+    x_train: np.ndarray
     y_train: np.ndarray  # (N,) int64 in 0..C-1
     x_test: np.ndarray
     y_test: np.ndarray
+    class_names: tuple[str, ...] | None = None  # label c's name, where the files name the classes
 
     @property
     def n_classes(self) -> int:
@@ -124,10 +127,20 @@ def read_emnist_csv(folder: Path) -> Dataset:
     return Dataset(arrays[0], arrays[1], arrays[2], arrays[3])
 
 
+def read_image_folder(folder: Path) -> Dataset:
+    """train/<class>/*.png|jpg and test/<class>/...: see kdtune.image_folder (imported here, not at the top: it
+    builds on this module)."""
+    from kdtune.image_folder import read_folder
+
+    return read_folder(folder)
+
+
 READERS = {  # keyed by spec.DATA_FORMATS
     "embedded": read_embedded,
     "npz": read_npz,
+    "features": read_npz,  # the same archive, holding (N, D) vectors: `data.load` checks them as such
     "idx": read_idx,
+    "folder": read_image_folder,
     "emnist-mat": read_emnist_mat,
     "emnist-csv": read_emnist_csv,
 }

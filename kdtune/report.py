@@ -42,12 +42,9 @@ def runs_folder(spec: Spec) -> Path:
     return spec.output_dir / "report-runs"
 
 
-def arms(winner: StudentConfig) -> dict[str, StudentConfig]:
-    return {
-        "tuned": winner,
-        "no_distillation": dataclasses.replace(winner, label_weight=1.0, loss="hinton"),
-        "reference": REFERENCE,
-    }
+def twin_of(winner: StudentConfig) -> StudentConfig:
+    """The same student trained without distillation: the counterfactual of a gain."""
+    return dataclasses.replace(winner, label_weight=1.0, loss="hinton")
 
 
 def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -82,10 +79,14 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     the test set, and the overall winner (the best band winner) against the reference too. With a `budget`,
     only trials within it take part."""
     data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
+    architecture = student.Architecture.of(spec.student, data.input_shape, data.n_classes)
     seeds = [spec.seed + 1 + i for i in range(spec.report.n_seeds)]
     started = time.perf_counter()
 
-    context = {"student": dataclasses.asdict(spec.student), "transfer": dataclasses.asdict(spec.transfer),
+    # the student's family and depth enter only away from their defaults: runs saved before they existed still fit
+    students = {key: value for key, value in dataclasses.asdict(spec.student).items()
+                if (key, value) not in (("family", "mlp"), ("depth", 1))}
+    context = {"student": students, "transfer": dataclasses.asdict(spec.transfer),
                "data": splits.fingerprint, "teacher": teacher.cache_id, "precision": compute.precision}
 
     # A configuration can be both a candidate and an arm (the twin of a winner that does not distil, the
@@ -95,8 +96,8 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     def run_for(config: StudentConfig, seed: int) -> tuple[saved_runs.Run, bool]:
         return saved_runs.trained(
             runs_folder(spec), context, config.as_params(), seed, compute.device,
-            build=lambda: student.build(config, data.image_shape, data.n_classes),
-            train=lambda: student.train(config, spec.student, data, seed, compute))
+            build=lambda: architecture.build(config.width),
+            train=lambda: student.train(config, architecture, spec.student, data, seed, compute))
 
     def train_over_seeds(name: str, config: StudentConfig) -> list[saved_runs.Run]:
         fetched = [run_for(config, seed) for seed in seeds]
@@ -120,7 +121,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
                 "run_files": [saved_runs.path_of(runs_folder(spec), context, config.as_params(), seed).name
                               for seed in seeds],
                 "val_curves": [r.val_curve for _, r in runs],
-                "n_parameters": student.n_parameters(config, data.image_shape, data.n_classes)}
+                "n_parameters": architecture.n_parameters(config.width)}
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
@@ -138,10 +139,10 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
             vals = [r.val_accuracy for _, r in candidate_runs[number]]
             band_candidates.append({"trial": number, "band": band.index, "config": config.as_params(),
                                     "val_mean": statistics.fmean(vals), "val_std": statistics.stdev(vals),
-                                    "n_parameters": student.n_parameters(config, data.image_shape, data.n_classes)})
+                                    "n_parameters": architecture.n_parameters(config.width)})
         winner = pick_winner(band_candidates)
         winner_config = dict(top)[winner["trial"]]
-        twin = arms(winner_config)["no_distillation"]
+        twin = twin_of(winner_config)
         rows = {"tuned": test_row("tuned", winner_config, candidate_runs[winner["trial"]]),
                 "no_distillation": test_row(f"{band.label}: no distillation", twin)}
         differences = [a - b for a, b in zip(rows["tuned"]["test_accuracy"], rows["no_distillation"]["test_accuracy"])]
@@ -151,21 +152,23 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
             "band": band.index, "band_label": band.label, "min_params": band.min_params,
             "max_params": band.max_params, "winner_trial": winner["trial"], "winner_val_mean": winner["val_mean"],
             "rows": rows, "gain": {"mean": gain, "ci95_low": low, "ci95_high": high, "paired_differences": differences},
-            "latency": cost.of_student(winner_config, data.image_shape, data.n_classes,
-                                       onnxruntime=not runtime.missing_packages()),
+            "latency": cost.of_student(architecture, winner_config.width, onnxruntime=not runtime.missing_packages()),
             "finding": finding(gain, low, high, winner_config.distils)})
 
     # 3. the overall winner, the best band winner on validation, also against the seed project's configuration
     overall = best_band(bands_found)
-    rows = {**overall["rows"], "reference": test_row("reference", REFERENCE)}
-    record_test_read(study, {"reference": rows["reference"], **{
-        f"{b['band_label']}: {arm}": row for b in bands_found for arm, row in b["rows"].items()}})
+    rows, read = dict(overall["rows"]), {f"{b['band_label']}: {arm}": row for b in bands_found
+                                         for arm, row in b["rows"].items()}
+    if student.runs_reference(spec.student):  # the seed project's configuration is an MLP of one layer
+        rows["reference"] = read["reference"] = test_row("reference", REFERENCE)
+    record_test_read(study, read)
     winner_config = StudentConfig.from_params(rows["tuned"]["config"])
     return {
         "study": study.study_name, "seeds": seeds, "candidates": candidates, "winner_trial": overall["winner_trial"],
         "budget": str(budget),
         "teacher": {"cache_id": teacher.cache_id, "n_parameters": teacher.meta["n_parameters"],
                     "val_accuracy": teacher.val_accuracy, "test_accuracy": teacher_test},
+        "class_names": splits.class_names,
         "students": {"n_labelled": int((data.y_train != UNLABELLED).sum()),
                      "n_unlabelled": int((data.y_train == UNLABELLED).sum())},
         "rows": rows, "gain": overall["gain"], "front": bands_found,
@@ -288,7 +291,7 @@ def to_markdown(report: dict) -> str:
         f"Students learn from {report['students']['n_labelled']:,} labelled training images"
         + (f" and {report['students']['n_unlabelled']:,} whose labels are withheld (teacher soft targets only)"
            if report["students"]["n_unlabelled"] else "") + "; students without distillation from the labelled "
-        "ones only.", "",
+        "ones only." + (f" Classes: {', '.join(report['class_names'])}." if report.get("class_names") else ""), "",
         f"## Winners on validation (the top configurations of each size band x seeds {report['seeds']}"
         + (f"; budget: {report['budget']}" if report.get("budget", "no budget") != "no budget" else "") + ")", "",
         "| size band | trial | temperature | lambda | width | loss | parameters | val accuracy |",
@@ -315,7 +318,7 @@ def test_section(report: dict) -> str:
     lines += [
         "## The overall winner on the test set, with the seed project's configuration", "",
         "| model | temperature | lambda | width | loss | parameters | test accuracy |", "|---|---|---|---|---|---|---|",
-        f"| teacher (CNN) | | | | | {teacher['n_parameters']:,} | {100 * teacher['test_accuracy']:.2f}% |",
+        f"| teacher | | | | | {_teacher_size(teacher)} | {100 * teacher['test_accuracy']:.2f}% |",
     ]
     for name, row in report["rows"].items():
         lines.append(f"| {name.replace('_', ' ')} | {_config_cells(row['config'])} | {row['n_parameters']:,} | "
@@ -331,7 +334,7 @@ def front_section(report: dict) -> str:
         "## The size front on the test set (read only here: each band's winner and its twin)", "",
         "| size band | winner | T | lambda | width | parameters | latency ms (batch 1 / 256) | tuned | "
         "no distillation | gain, points (95% CI) | finding |", "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| teacher (CNN) | | | | | {teacher['n_parameters']:,} | | {100 * teacher['test_accuracy']:.2f}% | | | |",
+        f"| teacher | | | | | {_teacher_size(teacher)} | | {100 * teacher['test_accuracy']:.2f}% | | | |",
     ]
     for b in report["front"]:
         tuned, twin, gain, latency = b["rows"]["tuned"], b["rows"]["no_distillation"], b["gain"], b["latency"]
@@ -388,3 +391,7 @@ def read(spec: Spec) -> dict:
         raise SpecError(f"no report at {path}: run `kdtune report` first.") from None
     except json.JSONDecodeError as error:
         raise SpecError(f"{path} is not valid JSON ({error.msg}); rerun `kdtune report`.") from error
+
+
+def _teacher_size(teacher: dict) -> str:
+    return "unknown (given as logits)" if teacher["n_parameters"] is None else f"{teacher['n_parameters']:,}"

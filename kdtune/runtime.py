@@ -1,8 +1,10 @@
-"""The student as it ships: an ONNX graph that takes uint8 pixels, run by ONNX Runtime, and its latency there.
+"""The student as it ships: an ONNX graph that takes the samples as the user holds them, run by ONNX Runtime, and
+its latency there.
 
 PyTorch's path to ONNX is `torch.export` then `torch.onnx.export(..., dynamo=True)` (TorchScript is deprecated).
-The graph starts with kdtune's own preprocessing (`data.model_inputs`: uint8 -> float32 / 255, a channel axis),
-so a user feeds the images as they are, (N, H, W) uint8, with any N. For models this small, framework overhead
+The graph starts with kdtune's own preprocessing (`data.model_inputs`: uint8 -> float32 / 255, the channel axis
+first), so a user feeds the images as they are, uint8 (N, H, W) or (N, H, W, 3), or float32 feature vectors
+(N, D), with any N. For models this small, framework overhead
 decides latency: measured in the runtime that ships, not modelled from PyTorch's.
 
 Needs kdtune[export] (onnx, onnxscript, onnxruntime); everything else in kdtune works without it.
@@ -38,8 +40,8 @@ def require(what: str) -> None:
         raise SpecError(f"{what} needs {', '.join(lacking)}: {INSTALL_HINT}")
 
 
-class FromPixels(nn.Module):
-    """A student behind kdtune's preprocessing: uint8 pixels (N, H, W) in, logits (N, classes) out."""
+class FromRaw(nn.Module):
+    """A student behind kdtune's preprocessing: samples as the user holds them in, logits (N, classes) out."""
 
     def __init__(self, student: nn.Module):
         super().__init__()
@@ -49,10 +51,11 @@ class FromPixels(nn.Module):
         return self.student(data.model_inputs(images))
 
 
-def to_onnx(student: nn.Module, image_shape: tuple[int, int], path: Path) -> None:
-    """Write `student` (on the CPU, fp32) as an ONNX graph with a dynamic batch axis to `path`."""
-    model = FromPixels(student).to("cpu").eval()
-    example = torch.zeros(2, *image_shape, dtype=torch.uint8)
+def to_onnx(student: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
+    """Write `student` (on the CPU, fp32), which takes `input_shape`, as an ONNX graph with a dynamic batch
+    axis to `path`."""
+    model = FromRaw(student).to("cpu").eval()
+    example = torch.from_numpy(np.zeros((2, *data.raw_shape(input_shape)), dtype=data.raw_dtype(input_shape)))
     # the exporter logs and warns about torchvision operators it skips and its own internals: not the user's
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
@@ -84,14 +87,20 @@ def session(path: Path, threads: int | None = None):
                         "export it again with `kdtune export`.") from error
 
 
-def logits(model_session, images: np.ndarray) -> np.ndarray:
-    """Logits (N, classes) for uint8 images (N, H, W)."""
-    return model_session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})[0]
+def logits(model_session, samples: np.ndarray) -> np.ndarray:
+    """Logits (N, classes) for samples as the graph takes them (see `data.raw_shape` and `data.raw_dtype`)."""
+    return model_session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(samples)})[0]
 
 
-def latency(model_session, image_shape: tuple[int, int]) -> dict[int, dict]:
+def latency(model_session, input_shape: tuple[int, ...]) -> dict[int, dict]:
     """{batch size: {"median_ms", "p95_ms", "n_calls"}} of the session, by kdtune's timing protocol
-    (kdtune.timing), on uint8 images."""
+    (kdtune.timing), on random samples as the graph takes them."""
     rng = np.random.default_rng(0)
-    return time_calls(lambda images: logits(model_session, images),
-                           lambda batch: rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8))
+    shape, dtype = data.raw_shape(input_shape), data.raw_dtype(input_shape)
+
+    def samples(batch: int) -> np.ndarray:
+        if dtype == np.uint8:
+            return rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
+        return rng.standard_normal((batch, *shape), dtype=np.float32)
+
+    return time_calls(lambda batch: logits(model_session, batch), samples)

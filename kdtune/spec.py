@@ -37,13 +37,18 @@ class Range:
 # EMNIST stores each image column-major (transposed) in its .mat file and the Kaggle CSVs copy that; its IDX
 # files are transposed too, but nothing in an IDX file tells them from MNIST's, so `idx` defaults to upright.
 TRANSPOSED_FORMATS = ("emnist-mat", "emnist-csv")
-DATA_FORMATS = ("embedded", "npz", "idx", *TRANSPOSED_FORMATS)
+DATA_FORMATS = ("embedded", "npz", "idx", "folder", "features", *TRANSPOSED_FORMATS)
+LAYOUTS = ("auto", "nhwc", "nchw")
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    format: str = "embedded"  # embedded | npz | idx | emnist-mat | emnist-csv
-    path: str = ""  # the file (npz, emnist-mat) or folder (idx, emnist-csv), relative to the working directory
+    format: str = "embedded"  # embedded | npz | idx | folder | features | emnist-mat | emnist-csv
+    # the file (npz, features, emnist-mat) or folder (idx, folder, emnist-csv), relative to the working directory
+    path: str = ""
+    # where an npz's colour images keep their channels: "nhwc" (N, H, W, C), "nchw" (N, C, H, W), or "auto": the
+    # axis of length 1 or 3, refused when both are
+    layout: str = "auto"
     # Transpose every image. Unset (None; TOML cannot write it) means the format's default, true for
     # TRANSPOSED_FORMATS; it is resolved on construction, so a study records the bool it used.
     transpose: bool | None = None
@@ -72,6 +77,13 @@ class TeacherSpec(TrainSpec):
     # With "cosine", early stopping cuts the decay short: set patience_epochs = max_epochs to train it through.
     lr_schedule: str = "constant"  # constant | cosine (per epoch, from learning_rate to ~0 after max_epochs)
     augment: str = "none"  # none | shift (each training image moved up to 2 pixels each way; never flipped)
+    # Where the teacher comes from (kdtune.teacher_sources): the built-in CNN, or "package.module:factory" called
+    # with (input_shape, n_classes), trained here with the schedule above; `weights` (a state_dict file): that
+    # model only evaluated, never trained; `logits` (an npz of `train` and `test` logits, aligned with the data's
+    # files): no model at all.
+    model: str = "builtin"
+    weights: str = ""
+    logits: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,10 @@ class StudentSpec(TrainSpec):
     # 256, not 128: measured 1.3x faster at width 1438 on 2 CPU cores, validation accuracy within seed noise.
     batch_size: int = 256
     loss: str = "hinton"  # hinton | reference (see kdtune/losses.py)
+    # mlp | cnn (a small CNN whose channels scale with the width) | "package.module:factory", called with
+    # (width, input_shape, n_classes) and returning an nn.Module (see kdtune.student)
+    family: str = "mlp"
+    depth: int = 1  # hidden layers of the mlp family, 1 to 3
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,7 @@ class Spec:
 
 # TOML names that differ from the Python field names (`lambda` is a Python keyword).
 TOML_KEYS = {"label_weight": "lambda"}
+STUDENT_FAMILIES = ("mlp", "cnn")  # kdtune.student.FAMILIES
 PRUNERS = ("median", "successive-halving", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
 LR_SCHEDULES = ("constant", "cosine")
@@ -201,6 +218,9 @@ def validate(spec: Spec) -> None:
     check(0.0 < spec.data.val_fraction < 0.5, f"data.val_fraction must lie in (0, 0.5), "
           f"but got {spec.data.val_fraction=}.")
     choose(dict.fromkeys(DATA_FORMATS), spec.data.format, "data.format")
+    choose(dict.fromkeys(LAYOUTS), spec.data.layout, "data.layout")
+    check(not (spec.data.format == "features" and spec.data.transpose), "data.transpose needs images, but "
+          "data.format = \"features\" holds vectors.")
     check(spec.data.format == "embedded" or spec.data.path != "", f"data.path is required for "
           f"data.format={spec.data.format!r}.")
     for section in ("teacher", "student"):
@@ -209,8 +229,17 @@ def validate(spec: Spec) -> None:
             check(getattr(part, name) >= 1, f"{section}.{name} must be at least 1, but got {getattr(part, name)}.")
         check(part.learning_rate > 0, f"{section}.learning_rate must be positive, but got {part.learning_rate}.")
     choose(dict.fromkeys(LR_SCHEDULES), spec.teacher.lr_schedule, "teacher.lr_schedule")
+    check(spec.teacher.model == "builtin" or ":" in spec.teacher.model, "teacher.model must be \"builtin\" or "
+          f"\"package.module:factory\", but got {spec.teacher.model!r}.")
+    check(not (spec.teacher.logits and (spec.teacher.weights or spec.teacher.model != "builtin")), "teacher.logits "
+          "is the whole teacher: drop teacher.model and teacher.weights, or teacher.logits.")
     choose(dict.fromkeys(AUGMENTATIONS), spec.teacher.augment, "teacher.augment")
     choose(LOSSES, spec.student.loss, "student.loss")
+    check(":" in spec.student.family or spec.student.family in STUDENT_FAMILIES, "student.family must be one of "
+          f"{list(STUDENT_FAMILIES)} or \"package.module:factory\", but got {spec.student.family!r}.")
+    check(1 <= spec.student.depth <= 3 and (spec.student.depth == 1 or spec.student.family == "mlp"),
+          f"student.depth must be 1, 2 or 3 hidden layers of the mlp family, but got depth = {spec.student.depth} "
+          f"with family = {spec.student.family!r}.")
     choose(dict.fromkeys(PRUNERS), spec.search.pruner, "search.pruner")
     search = spec.search
     for name, low_limit, high_limit in (("temperature", 1e-3, 1e3), ("label_weight", 0.0, 1.0),

@@ -13,15 +13,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kdtune import models
+from kdtune import models, user_code
 from kdtune.hardware import Compute
 from kdtune.losses import LOSSES
-from kdtune.spec import SearchSpec, StudentSpec, choose
+from kdtune.spec import SearchSpec, StudentSpec
 from kdtune.train import FitResult, fit
 from kdtune.transfer import StudentData
 
-# name -> class built as Family(image_shape, n_classes, width); a study's students are all of one family
-FAMILIES = {"mlp": models.StudentMLP}
+# name -> builder(input_shape, n_classes, width, depth); a study's students are all of one family and depth. A
+# family may also be user code, "package.module:factory", called as factory(width, input_shape, n_classes).
+FAMILIES = {
+    "mlp": models.StudentMLP,
+    "cnn": lambda input_shape, n_classes, width, depth: models.StudentCNN(input_shape, n_classes, width),
+}
 
 
 @dataclass(frozen=True)
@@ -62,19 +66,51 @@ class StudentConfig:
 REFERENCE = StudentConfig(temperature=10.0, label_weight=0.5, width=512, loss="reference")
 
 
-def build(config: StudentConfig, image_shape: tuple[int, int], n_classes: int, family: str = "mlp") -> nn.Module:
-    return choose(FAMILIES, family, "student family")(image_shape, n_classes, config.width)
+def runs_reference(schedule: StudentSpec) -> bool:
+    """Whether a study's students are of the reference's family, the seed project's one-layer MLP: only then
+    do the study and the report run the reference (as a CNN of width 512 it would be another model)."""
+    return schedule.family == "mlp" and schedule.depth == 1
 
 
-def n_parameters(config: StudentConfig, image_shape: tuple[int, int], n_classes: int) -> int:
-    """Counted on the model itself, built on the meta device: no memory, no time, and the global RNG, which
-    seeds the next student's weights, is left alone."""
-    with torch.device("meta"):
-        return models.n_parameters(build(config, image_shape, n_classes))
+@dataclass(frozen=True)
+class Architecture:
+    """What every student of a study is, whatever its width: one family at one depth, on one input shape."""
+
+    family: str
+    depth: int
+    input_shape: tuple[int, ...]  # one model input: (C, H, W) or (D,)
+    n_classes: int
+
+    @classmethod
+    def of(cls, schedule: StudentSpec, input_shape: tuple[int, ...], n_classes: int) -> Architecture:
+        return cls(schedule.family, schedule.depth, tuple(input_shape), n_classes)
+
+    def build(self, width: int) -> nn.Module:
+        if user_code.is_reference(self.family):
+            return user_code.build(self.family, "student.family", width, self.input_shape, self.n_classes)
+        return FAMILIES[self.family](self.input_shape, self.n_classes, width, self.depth)
+
+    def n_parameters(self, width: int) -> int:
+        """Counted on the model itself, built on the meta device: no memory, no time, and the global RNG, which
+        seeds the next student's weights, is left alone."""
+        with torch.device("meta"):
+            return models.n_parameters(self.build(width))
+
+    def as_record(self) -> dict:
+        """What identifies the students, for records and caches; a user family's source too."""
+        record = {"family": self.family, "depth": self.depth, "input_shape": list(self.input_shape),
+                  "n_classes": self.n_classes}
+        if user_code.is_reference(self.family):
+            record["source_sha256"] = user_code.source_sha256(self.family, "student.family")
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict) -> Architecture:
+        return cls(record["family"], record["depth"], tuple(record["input_shape"]), record["n_classes"])
 
 
-def train(config: StudentConfig, schedule: StudentSpec, data: StudentData, seed: int, compute: Compute,
-          report: Callable[[int, float], None] | None = None) -> tuple[nn.Module, FitResult]:
+def train(config: StudentConfig, architecture: Architecture, schedule: StudentSpec, data: StudentData, seed: int,
+          compute: Compute, report: Callable[[int, float], None] | None = None) -> tuple[nn.Module, FitResult]:
     """One student on tensors already on the device; without distillation, on the labelled images only.
 
     `report(epoch, val_accuracy)` may raise `train.StopTraining` (a pruner's verdict): the student then comes
@@ -83,7 +119,7 @@ def train(config: StudentConfig, schedule: StudentSpec, data: StudentData, seed:
     if not config.distils:
         data = data.labelled_only()
     torch.manual_seed(seed)
-    model = build(config, data.image_shape, data.n_classes)
+    model = architecture.build(config.width)
     loss_fn = functools.partial(LOSSES[config.loss], temperature=config.temperature, label_weight=config.label_weight)
     result = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, loss_fn=loss_fn, schedule=schedule,
                  seed=seed, teacher_logits=data.teacher_logits, report=report, autocast_dtype=compute.autocast_dtype)

@@ -57,26 +57,28 @@ def suggest(trial: optuna.Trial, search: SearchSpec, loss: str, band: Band) -> S
         "loss": loss})
 
 
-def control_arms(search: SearchSpec, loss: str, size_bands: list[Band]) -> list[tuple[StudentConfig, str]]:
-    """(config, control) of the trials every study runs first: the seed project's configuration, and the
-    student without distillation (lambda = 1, in the spec's `loss`) at the middle width of every size band; a
-    study of one band, at its smallest, middle and largest width, as before bands. Arms outside the search
-    ranges and bands are left out."""
+def control_arms(search: SearchSpec, loss: str, size_bands: list[Band],
+                 reference: bool = True) -> list[tuple[StudentConfig, str]]:
+    """(config, control) of the trials every study runs first: the seed project's configuration (with
+    `reference`: students of its family), and the student without distillation (lambda = 1, in the spec's
+    `loss`) at the middle width of every size band; a study of one band, at its smallest, middle and largest
+    width, as before bands. Arms outside the search ranges and bands are left out."""
     widths = {band.middle_width() for band in size_bands}
     if len(size_bands) == 1:
         widths |= {size_bands[0].min_width, size_bands[0].max_width}
-    arms = [(student.REFERENCE, "reference")]
+    arms = [(student.REFERENCE, "reference")] if reference else []
     arms += [(StudentConfig(search.temperature.low, 1.0, w, loss), "no_distillation") for w in sorted(widths)]
     return [(config, control) for config, control in arms
             if config.within(search) and bands.band_of_width(size_bands, config.width) is not None]
 
 
-def enqueue_control_arms(study: optuna.Study, search: SearchSpec, loss: str, size_bands: list[Band]) -> None:
+def enqueue_control_arms(study: optuna.Study, search: SearchSpec, loss: str, size_bands: list[Band],
+                         reference: bool = True) -> None:
     """Queue the control arms ahead of the sampler, each in its band, unless the spec turns them off. Arms are
     queued in order, so a set-up interrupted part-way leaves the first few: only the rest are queued."""
     if search.control_arms:
         n_queued = sum("control" in t.user_attrs for t in study.get_trials(deepcopy=False))
-        for config, control in control_arms(search, loss, size_bands)[n_queued:]:
+        for config, control in control_arms(search, loss, size_bands, reference)[n_queued:]:
             params = config.as_params()
             band = bands.band_of_width(size_bands, config.width)
             study.enqueue_trial(params, user_attrs={"control": control, "loss": params.pop("loss"),
@@ -98,13 +100,14 @@ def assign_band(trial: optuna.Trial, size_bands: list[Band]) -> Band:
     return size_bands[trial.user_attrs[bands.TRIAL_KEY]]
 
 
-def study_bands(study: optuna.Study, spec: Spec, image_shape: tuple[int, int], n_classes: int) -> list[Band]:
+def study_bands(study: optuna.Study, spec: Spec, architecture: student.Architecture,
+                teacher: CachedTeacher) -> list[Band]:
     """The bands the study recorded at its set-up, or, before that, the spec's. A study made before bands
     records its one band as it resumes, so that every command labels its trials alike."""
     recorded = bands.recorded(study)
     if recorded is not None:
         return recorded
-    size_bands = bands.size_bands(spec.search, image_shape, n_classes)
+    size_bands = bands.size_bands(spec.search, architecture, teacher.n_parameters)
     if "spec" in study.user_attrs:  # set up before bands existed
         with uninterrupted():
             bands.record(study, size_bands)
@@ -114,26 +117,28 @@ def study_bands(study: optuna.Study, spec: Spec, image_shape: tuple[int, int], n
 def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
                    compute: Compute) -> Callable[[optuna.Trial], float]:
     data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
+    architecture = student.Architecture.of(spec.student, data.input_shape, data.n_classes)
     teacher_val_logits = teacher.logits["val"].to(compute.device)
 
     size_bands: list[Band] = []  # read from the study at its first trial
 
     def objective(trial: optuna.Trial) -> float:
         if not size_bands:
-            size_bands.extend(study_bands(trial.study, spec, data.image_shape, data.n_classes))
+            size_bands.extend(study_bands(trial.study, spec, architecture, teacher))
         band = assign_band(trial, size_bands)
         with uninterrupted():  # every write to the storage: a stop signal waits for it (see interrupts)
             config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss), band)
-        n_parameters = student.n_parameters(config, data.image_shape, data.n_classes)
+        n_parameters = architecture.n_parameters(config.width)
         # before training: pruned trials too
-        costs = cost.of_student(config, data.image_shape, data.n_classes, onnxruntime=spec.onnxruntime_latency)
+        costs = cost.of_student(architecture, config.width, onnxruntime=spec.onnxruntime_latency)
         with uninterrupted():
             # `worker`: `status` shows where a running trial runs
             for name, value in {"loss": config.loss, "worker": WORKER_ID, "n_parameters": n_parameters,
                                 **costs}.items():
                 trial.set_user_attr(name, value)
         try:
-            model, result = student.train(config, spec.student, data, spec.seed, compute, report=pruning(trial))
+            model, result = student.train(config, architecture, spec.student, data, spec.seed, compute,
+                                          report=pruning(trial))
             if result.stopped_early:
                 raise optuna.TrialPruned(result.stopped_early)
             health.check_learnt(result.val_accuracy, data.n_classes)
@@ -308,7 +313,8 @@ def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeach
     """
     if "spec" in study.user_attrs:
         return
-    bands.record(study, study_bands(study, spec, splits.image_shape, splits.n_classes))
+    architecture = student.Architecture.of(spec.student, splits.input_shape, splits.n_classes)
+    bands.record(study, study_bands(study, spec, architecture, teacher))
     for key, value in {"precision": compute.precision,
                        "teacher_cache_id": teacher.cache_id,
                        "teacher_val_accuracy": teacher.val_accuracy, "data_fingerprint": splits.fingerprint,

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import optuna
 
-from kdtune import artifacts, study, teacher
+from kdtune import artifacts, student, study, teacher
 from kdtune.data import Splits
 from kdtune.hardware import Compute
 from kdtune.spec import Spec, SpecError
@@ -78,13 +78,15 @@ def check_same_data(the_study: optuna.Study, spec: Spec, splits: Splits) -> None
 def _set_up_here(the_study: optuna.Study, spec: Spec, splits: Splits, compute: Compute,
                  echo: Callable[[str], None]) -> CachedTeacher:
     with _beating(the_study, spec.workers.heartbeat_seconds):
-        size_bands = study.study_bands(the_study, spec, splits.image_shape, splits.n_classes)
-        # the arms a creator that died did not queue
-        study.enqueue_control_arms(the_study, spec.search, spec.student.loss, size_bands)
         if artifacts.RECORD_KEY not in the_study.user_attrs \
                 and not teacher.cache_folder(spec, splits.fingerprint, compute).exists():
             echo("No cached teacher for this data, teacher config and seed: training it first.")
         cached = artifacts.teacher_for_study(the_study, spec, splits, compute, echo=echo)
+        # the bands need the teacher's size; the arms a creator that died did not queue
+        architecture = student.Architecture.of(spec.student, splits.input_shape, splits.n_classes)
+        size_bands = study.study_bands(the_study, spec, architecture, cached)
+        study.enqueue_control_arms(the_study, spec.search, spec.student.loss, size_bands,
+                                   student.runs_reference(spec.student))
         study.record(the_study, spec, splits, cached, compute)
     return cached
 

@@ -1,8 +1,9 @@
-"""Train the teacher once and cache it: weights, float32 logits for train/val/test, and meta.json.
+"""Train (or take) the teacher once and cache it: weights, float32 logits for train/val/test, and meta.json.
 
-A cache folder is keyed by (data fingerprint, teacher config, seed), so any spec that sees the same data
-the same way shares it. Every file's sha256 is in meta.json; a cache that does not match is reported
-and retrained, never used.
+A cache folder is keyed by (data fingerprint, teacher config and source, seed), so any spec that sees the same
+data the same way shares it. Every file's sha256 is in meta.json; a cache that does not match is reported
+and rebuilt, never used. A teacher given as weights is only evaluated; one given as logits has no network, so
+its cache holds no weights (see `kdtune.teacher_sources`).
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kdtune import teacher_sources
 from kdtune.data import Splits
 from kdtune.hardware import Compute
-from kdtune.models import TeacherCNN, n_parameters
+from kdtune.models import n_parameters
 from kdtune.provenance import sha256_file, versions
-from kdtune.spec import Spec, TeacherSpec
-from kdtune.train import fit, predict
+from kdtune.spec import Spec, SpecError, TeacherSpec
+from kdtune.train import FitResult, accuracy_of_logits, fit, predict
 
 CACHE_ROOT = Path("studies/.teacher-cache")
 PARTS = ("train", "val", "test")
 WEIGHTS_FILE = "weights.pt"
-LATER_TEACHER_KEYS = ("lr_schedule", "augment")
+LATER_TEACHER_KEYS = ("lr_schedule", "augment", "model", "weights", "logits")
 
 
 class CorruptCache(Exception):
@@ -50,14 +52,21 @@ class CachedTeacher:
     def val_accuracy(self) -> float:
         return self.meta["val_accuracy"]
 
+    @property
+    def n_parameters(self) -> int | None:
+        """None for a teacher given as logits: its size is unknown."""
+        return self.meta["n_parameters"]
+
 
 def cache_id(spec: Spec, data_fingerprint: str, compute: Compute) -> str:
     """`compute`: the spec's device and precision, resolved for this machine."""
     # Keys added to [teacher] after teachers were cached enter the key only away from their defaults, which train
     # as before: so every teacher cached before them keeps its id.
+    # The weights' and logits' files enter by their contents (teacher_sources.identity), not by where they are.
     teacher = {name: value for name, value in dataclasses.asdict(spec.teacher).items()
-               if not (name in LATER_TEACHER_KEYS and value == getattr(TeacherSpec, name))}
-    key = {"data": data_fingerprint, "teacher": teacher, "seed": spec.seed, "architecture": TeacherCNN.__name__}
+               if not (name in LATER_TEACHER_KEYS and value == getattr(TeacherSpec, name))
+               and name not in ("weights", "logits")}
+    key = {"data": data_fingerprint, "teacher": teacher, "seed": spec.seed, **teacher_sources.identity(spec.teacher)}
     if compute.autocast_dtype is not None:  # only then: every fp32 teacher cached before precision existed stays valid
         key["precision"] = compute.precision
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -95,20 +104,64 @@ def load(folder: Path) -> CachedTeacher:
     return CachedTeacher(folder.name, folder, logits, meta)
 
 
-def load_model(cached: CachedTeacher) -> TeacherCNN:
+def load_model(cached: CachedTeacher) -> torch.nn.Module:
     """The cached teacher network (weights read with weights_only=True: no pickled code runs)."""
-    model = TeacherCNN(tuple(cached.meta["image_shape"]), cached.meta["n_classes"])
-    model.load_state_dict(torch.load(cached.folder / WEIGHTS_FILE, weights_only=True, map_location="cpu"))
-    return model
+    if WEIGHTS_FILE not in cached.meta["sha256"]:
+        raise SpecError(f"teacher {cached.cache_id} was given as logits: there is no network to load.")
+    # caches written before colour images record the (H, W) of grey images
+    input_shape = cached.meta.get("input_shape") or [1, *cached.meta["image_shape"]]
+    source = TeacherSpec(**cached.meta["teacher"])
+    model = teacher_sources.network(source, tuple(input_shape), cached.meta["n_classes"])
+    return teacher_sources.load_weights(model, cached.folder / WEIGHTS_FILE, key="the cached teacher")
 
 
 def train(spec: Spec, splits: Splits, folder: Path, compute: Compute, *,
           echo: Callable[[str], None] = print) -> CachedTeacher:
+    """Train the teacher, or evaluate the one the spec gives (weights or logits), and cache it in `folder`."""
+    source = spec.teacher
+    if source.logits:
+        echo(f"Reading the teacher's logits from {source.logits}; they are cached in {folder}.")
+        model, logits = None, teacher_sources.read_logits(source.logits, splits)
+        result = FitResult(accuracy_of_logits(logits["val"], splits.y_val), 0, 0.0)
+    else:
+        torch.manual_seed(spec.seed)
+        model = teacher_sources.network(source, splits.input_shape, splits.n_classes)
+        model, result = (_evaluated(model, splits, source.weights, compute, echo) if source.weights else
+                         _trained(model, spec, splits, compute, echo, folder))
+        logits = {part: predict(model, getattr(splits, f"x_{part}").to(compute.device), compute.autocast_dtype).cpu()
+                  for part in PARTS}
+
+    # write everything to a scratch folder, then rename: a crash never leaves a half-written cache
+    scratch = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    scratch.mkdir(parents=True, exist_ok=True)
+    files = [f"logits_{part}.npy" for part in PARTS]
+    if model is not None:
+        torch.save(model.state_dict(), scratch / WEIGHTS_FILE)
+        files.insert(0, WEIGHTS_FILE)
+    for part, values in logits.items():
+        np.save(scratch / f"logits_{part}.npy", values.numpy())
+    meta = {
+        "val_accuracy": result.val_accuracy, "n_epochs": result.n_epochs, "seconds": round(result.seconds, 2),
+        "val_curve": result.val_curve, "n_parameters": None if model is None else n_parameters(model),
+        "input_shape": list(splits.input_shape),
+        "n_classes": splits.n_classes, "data_fingerprint": splits.fingerprint, "seed": spec.seed,
+        "teacher": dataclasses.asdict(spec.teacher), "device": str(compute.device), "precision": compute.precision,
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sha256": {f: sha256_file(scratch / f) for f in files},
+    }
+    (scratch / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    scratch.rename(folder)
+    echo(f"Teacher: validation accuracy {result.val_accuracy:.4f}" + (
+        f" after {result.n_epochs} epochs ({result.seconds:.0f} s)." if result.n_epochs else " (not trained here)."))
+    return CachedTeacher(folder.name, folder, logits, meta)
+
+
+def _trained(model: torch.nn.Module, spec: Spec, splits: Splits, compute: Compute, echo: Callable[[str], None],
+             folder: Path) -> tuple[torch.nn.Module, FitResult]:
     device = compute.device
-    echo(f"Training the teacher on {len(splits.x_train)} images ({device}, {compute.precision}); it is cached in "
+    echo(f"Training the teacher on {len(splits.x_train)} samples ({device}, {compute.precision}); it is cached in "
          f"{folder}.")
-    torch.manual_seed(spec.seed)
-    model = TeacherCNN(splits.image_shape, splits.n_classes)
     x_train, y_train = splits.x_train.to(device), splits.y_train.to(device)
     x_val, y_val = splits.x_val.to(device), splits.y_val.to(device)
     with tqdm(total=spec.teacher.max_epochs, desc="teacher", unit="epoch") as bar:
@@ -120,27 +173,12 @@ def train(spec: Spec, splits: Splits, folder: Path, compute: Compute, *,
                      loss_fn=lambda logits, _, labels: F.cross_entropy(logits, labels), report=show,
                      autocast_dtype=compute.autocast_dtype, lr_schedule=spec.teacher.lr_schedule,
                      augment=spec.teacher.augment)
-    logits = {part: predict(model, getattr(splits, f"x_{part}").to(device), compute.autocast_dtype).cpu()
-              for part in PARTS}
+    return model, result
 
-    # write everything to a scratch folder, then rename: a crash never leaves a half-written cache
-    scratch = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    scratch.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), scratch / WEIGHTS_FILE)
-    for part, values in logits.items():
-        np.save(scratch / f"logits_{part}.npy", values.numpy())
-    files = [WEIGHTS_FILE] + [f"logits_{part}.npy" for part in PARTS]
-    meta = {
-        "val_accuracy": result.val_accuracy, "n_epochs": result.n_epochs, "seconds": round(result.seconds, 2),
-        "val_curve": result.val_curve, "n_parameters": n_parameters(model), "image_shape": list(splits.image_shape),
-        "n_classes": splits.n_classes, "data_fingerprint": splits.fingerprint, "seed": spec.seed,
-        "teacher": dataclasses.asdict(spec.teacher), "device": str(device), "precision": compute.precision,
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sha256": {f: sha256_file(scratch / f) for f in files},
-    }
-    (scratch / "meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    scratch.rename(folder)
-    echo(f"Teacher: validation accuracy {result.val_accuracy:.4f} after {result.n_epochs} epochs "
-         f"({result.seconds:.0f} s).")
-    return CachedTeacher(folder.name, folder, logits, meta)
+
+def _evaluated(model: torch.nn.Module, splits: Splits, weights: str, compute: Compute,
+               echo: Callable[[str], None]) -> tuple[torch.nn.Module, FitResult]:
+    echo(f"Evaluating the teacher with the weights in {weights} (not trained here).")
+    model = teacher_sources.load_weights(model, weights).to(compute.device)
+    val_logits = predict(model, splits.x_val.to(compute.device), compute.autocast_dtype).cpu()
+    return model, FitResult(accuracy_of_logits(val_logits, splits.y_val), 0, 0.0)

@@ -28,7 +28,7 @@ class StudentData:
     teacher_logits: torch.Tensor  # aligned with x_train
     x_val: torch.Tensor
     y_val: torch.Tensor
-    image_shape: tuple[int, int]
+    input_shape: tuple[int, ...]
     n_classes: int
 
     @classmethod
@@ -39,14 +39,14 @@ class StudentData:
         labels[torch.from_numpy(unlabelled)] = UNLABELLED
         keep = torch.arange(len(labels)) if transfer.unlabelled else torch.from_numpy(labelled)
         return cls(splits.x_train[keep].to(device), labels[keep].to(device), teacher_train_logits[keep].to(device),
-                   splits.x_val.to(device), splits.y_val.to(device), splits.image_shape, splits.n_classes)
+                   splits.x_val.to(device), splits.y_val.to(device), splits.input_shape, splits.n_classes)
 
     def labelled_only(self) -> StudentData:
         labelled = self.y_train != UNLABELLED
         if bool(labelled.all()):
             return self
         return StudentData(self.x_train[labelled], self.y_train[labelled], self.teacher_logits[labelled],
-                           self.x_val, self.y_val, self.image_shape, self.n_classes)
+                           self.x_val, self.y_val, self.input_shape, self.n_classes)
 
 
 def labelled_indices(labels: np.ndarray, labelled: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,20 +9,23 @@ from dataclasses import replace
 import optuna
 import pytest
 
-from kdtune import bands, student, study
+from kdtune import bands, study
+from kdtune.models import TeacherCNN, n_parameters
 from kdtune.per_band import PerBandPruner, PerBandSampler
 from kdtune.spec import Range, SearchSpec, SpecError, load_spec, to_toml_dict
-from kdtune.student import StudentConfig
+from kdtune.student import Architecture
 
-FASHION = ((28, 28), 10)
+FASHION = Architecture("mlp", 1, (1, 28, 28), 10)
+FASHION_TEACHER = n_parameters(TeacherCNN((1, 28, 28), 10))
+DIGITS = Architecture("mlp", 1, (1, 8, 8), 10)
 
 
-def params(width: int, image_shape=(28, 28), n_classes=10) -> int:
-    return student.n_parameters(StudentConfig(1.0, 1.0, width), image_shape, n_classes)
+def params(width: int) -> int:
+    return FASHION.n_parameters(width)
 
 
 def test_the_default_ladder_cuts_the_default_widths_into_five_contiguous_bands():
-    cut = bands.size_bands(SearchSpec(), *FASHION)
+    cut = bands.size_bands(SearchSpec(), FASHION, FASHION_TEACHER)
     assert [(b.min_width, b.max_width) for b in cut] == [(16, 37), (38, 125), (126, 377), (378, 1257), (1258, 2048)]
     for band, upper_cut in zip(cut, (30_000, 100_000, 300_000, 1_000_000)):
         assert band.max_params == params(band.max_width) < upper_cut <= params(band.max_width + 1)
@@ -32,23 +35,38 @@ def test_the_default_ladder_cuts_the_default_widths_into_five_contiguous_bands()
 
 def test_students_larger_than_the_teacher_are_left_out():
     """The teacher has 3.36 M parameters at 28x28 with 10 classes: widths above ~4,230 would be larger."""
-    cut = bands.size_bands(SearchSpec(width=Range(16, 8192)), *FASHION)
-    assert params(cut[-1].max_width) <= bands._teacher_parameters(*FASHION) < params(cut[-1].max_width + 1)
-    one = bands.size_bands(SearchSpec(width=Range(16, 8192), bands="none"), *FASHION)
+    cut = bands.size_bands(SearchSpec(width=Range(16, 8192)), FASHION, FASHION_TEACHER)
+    assert params(cut[-1].max_width) <= FASHION_TEACHER < params(cut[-1].max_width + 1)
+    one = bands.size_bands(SearchSpec(width=Range(16, 8192), bands="none"), FASHION, FASHION_TEACHER)
     assert [(b.min_width, b.max_width) for b in one] == [(16, 8192)]  # as before bands: the whole range
 
 
+def test_a_teacher_of_unknown_size_leaves_the_whole_width_range_in():
+    """A teacher given as logits has no parameter count: the ladder runs up to the widest student."""
+    cut = bands.size_bands(SearchSpec(width=Range(16, 8192)), FASHION, None)
+    assert cut[-1].max_width == 8192 and cut[-1].max_params == params(8192)
+
+
+def test_bands_are_cut_on_the_parameter_counts_of_the_study_s_own_family():
+    """A 2-layer MLP or a CNN has other counts at the same width: the bands follow the family's counts."""
+    for architecture in (Architecture("mlp", 2, (1, 28, 28), 10), Architecture("cnn", 1, (3, 32, 32), 10)):
+        cut = bands.size_bands(SearchSpec(width=Range(4, 512)), architecture, None)
+        assert all(b.min_params == architecture.n_parameters(b.min_width) and
+                   b.max_params == architecture.n_parameters(b.max_width) for b in cut)
+        assert [b.max_params < 30_000 for b in cut[:1]] == [True] and len(cut) >= 3
+
+
 def test_small_images_get_bands_below_ten_thousand_parameters():
-    cut = bands.size_bands(SearchSpec(), (8, 8), 10)
+    cut = bands.size_bands(SearchSpec(), DIGITS, n_parameters(TeacherCNN((1, 8, 8), 10)))
     assert [b.max_params < 3_000 for b in cut][:1] == [True] and len(cut) == 5
 
 
 def test_cuts_given_in_the_spec_are_used_and_checked():
-    cut = bands.size_bands(SearchSpec(bands=[50_000, 200_000]), *FASHION)
+    cut = bands.size_bands(SearchSpec(bands=[50_000, 200_000]), FASHION, FASHION_TEACHER)
     assert [(b.max_params < 50_000, b.min_params >= 50_000) for b in cut[:2]] == [(True, False), (False, True)]
     assert len(cut) == 3
     with pytest.raises(SpecError, match="cuts at 5,000,000 parameters, outside"):
-        bands.size_bands(SearchSpec(bands=[50_000, 5_000_000]), *FASHION)
+        bands.size_bands(SearchSpec(bands=[50_000, 5_000_000]), FASHION, FASHION_TEACHER)
 
 
 @pytest.mark.parametrize("value, message", [
@@ -68,7 +86,7 @@ def test_hyperband_is_refused_with_several_bands(tiny_spec):
 def test_every_band_gets_an_equal_share_and_its_widths(tiny_spec):
     """Trials go to the band with the fewest trials; a queued trial keeps the band it was queued in."""
     spec = load_spec(tiny_spec(width="[8, 64]"))
-    size_bands = bands.size_bands(spec.search, *FASHION)
+    size_bands = bands.size_bands(spec.search, FASHION, FASHION_TEACHER)
     assert len(size_bands) == 3
     the_study = optuna.create_study(direction="maximize", sampler=study.make_sampler(0))
     the_study.enqueue_trial({"width": 60}, user_attrs={bands.TRIAL_KEY: 2})

@@ -262,6 +262,6 @@ def test_errors_show_no_traceback_unless_debug(workdir):
     plain = run_cli("teacher", "--spec", "bad.toml", cwd=workdir)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert plain.stderr.strip() == ("kdtune teacher: error: unknown key student.epochs; known keys here: "
-                                    "batch_size, learning_rate, loss, max_epochs, patience_epochs.")
+                                    "batch_size, depth, family, learning_rate, loss, max_epochs, patience_epochs.")
     debug = run_cli("teacher", "--spec", "bad.toml", "--debug", cwd=workdir)
     assert "Traceback" in debug.stderr

@@ -13,8 +13,10 @@ from torch import nn
 from kdtune import cost, data, runtime, student, study, target, teacher, timing
 from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.spec import load_spec
-from kdtune.student import StudentConfig
+from kdtune.student import Architecture, StudentConfig
 from kdtune.train import FitResult
+
+MLP = Architecture("mlp", 1, (1, 28, 28), 10)
 
 TRIAL_COSTS = {"multiply_adds", "latency_ms_batch1", "latency_ms_batch256", "latency_threads", "latency_cpu"}
 
@@ -22,26 +24,26 @@ TRIAL_COSTS = {"multiply_adds", "latency_ms_batch1", "latency_ms_batch256", "lat
 @pytest.mark.parametrize("width", [16, 512])
 def test_multiply_adds_of_an_mlp_are_the_hand_count(width):
     with torch.device("meta"):
-        model = StudentMLP((28, 28), 10, width)
-    assert cost.multiply_adds(model, (28, 28)) == 784 * width + width * 10
+        model = StudentMLP((1, 28, 28), 10, width)
+    assert cost.multiply_adds(model, (1, 28, 28)) == 784 * width + width * 10
 
 
 def test_multiply_adds_count_convolutions_per_output_value():
     with torch.device("meta"):
-        model = TeacherCNN((28, 28), 10)
+        model = TeacherCNN((1, 28, 28), 10)
     # 3x3 conv 1 -> 64 channels: 26x26 outputs; pooled to 13x13; 3x3 conv 64 -> 128: 11x11; pooled to 5x5; dense
     conv1, conv2 = 26 * 26 * 64 * (1 * 9), 11 * 11 * 128 * (64 * 9)
-    assert cost.multiply_adds(model, (28, 28)) == conv1 + conv2 + 128 * 5 * 5 * 1024 + 1024 * 10
+    assert cost.multiply_adds(model, (1, 28, 28)) == conv1 + conv2 + 128 * 5 * 5 * 1024 + 1024 * 10
 
 
 def test_multiply_adds_refuse_a_layer_with_weights_they_cannot_count():
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8))
     with pytest.raises(NotImplementedError, match="BatchNorm1d"):
-        cost.multiply_adds(model, (28, 28))
+        cost.multiply_adds(model, (1, 28, 28))
 
 
 def test_latency_is_timed_at_batch_1_and_256_over_at_least_20_calls():
-    found = cost.latency(StudentMLP((28, 28), 10, 32), (28, 28))
+    found = cost.latency(StudentMLP((1, 28, 28), 10, 32), (1, 28, 28))
     assert sorted(found) == [1, 256]
     for timed in found.values():
         assert timed["n_calls"] >= 20 and 0 < timed["median_ms"] <= timed["p95_ms"]
@@ -79,10 +81,10 @@ def measured(workdir, monkeypatch):
     """(width, torch threads) of each real measurement; each returns a made-up result."""
     calls = []
 
-    def measure(config, image_shape, n_classes, family, runtime_name="pytorch"):
-        calls.append((config.width, torch.get_num_threads()) + ((runtime_name,) if runtime_name != "pytorch" else ()))
+    def measure(architecture, width, runtime_name="pytorch"):
+        calls.append((width, torch.get_num_threads()) + ((runtime_name,) if runtime_name != "pytorch" else ()))
         slower = 2.0 if runtime_name == "pytorch" else 1.0  # ONNX Runtime, here, the faster
-        return {"multiply_adds": 794 * config.width,
+        return {"multiply_adds": 794 * width,
                 "latency": {"1": {"median_ms": 0.5 * slower, "p95_ms": 0.6, "n_calls": 20},
                             "256": {"median_ms": 7.0 * slower, "p95_ms": 8.0, "n_calls": 20}}}
 
@@ -91,17 +93,17 @@ def measured(workdir, monkeypatch):
 
 
 def test_a_width_is_measured_once_per_thread_count(measured):
-    first = cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10)
+    first = cost.of_student(MLP, 32)
     assert first == {"multiply_adds": 794 * 32, "latency_ms_batch1": 1.0, "latency_ms_batch256": 14.0,
                      "latency_threads": torch.get_num_threads(), "latency_cpu": first["latency_cpu"]}
-    assert cost.of_student(StudentConfig(2.0, 0.1, 32), (28, 28), 10) == first  # other knobs, the same student
+    assert cost.of_student(MLP, 32) == first  # other knobs, the same student
     assert len(measured) == 1
-    cost.of_student(StudentConfig(4.0, 0.5, 64), (28, 28), 10)
+    cost.of_student(MLP, 64)
     assert len(measured) == 2
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
-        assert cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10)["latency_threads"] == threads + 1
+        assert cost.of_student(MLP, 32)["latency_threads"] == threads + 1
     finally:
         torch.set_num_threads(threads)
     assert measured == [(32, threads), (64, threads), (32, threads + 1)]
@@ -111,18 +113,18 @@ def test_a_width_is_measured_once_per_thread_count(measured):
 @pytest.mark.skipif(bool(runtime.missing_packages()), reason="needs kdtune[export]: its version keys the cache")
 def test_onnx_runtime_latency_is_recorded_beside_pytorch_s_when_asked_and_cached_apart(measured):
     config = StudentConfig(4.0, 0.5, 32)
-    both = cost.of_student(config, (28, 28), 10, onnxruntime=True)
+    both = cost.of_student(MLP, config.width, onnxruntime=True)
     assert (both["latency_ms_batch1"], both["latency_ms_batch256"]) == (1.0, 14.0)  # PyTorch's
     assert (both["latency_ms_batch1_onnxruntime"], both["latency_ms_batch256_onnxruntime"]) == (0.5, 7.0)
     assert measured == [(32, torch.get_num_threads()), (32, torch.get_num_threads(), "onnxruntime")]
-    assert cost.of_student(config, (28, 28), 10, onnxruntime=True) == both  # both from the cache now
-    assert "latency_ms_batch1_onnxruntime" not in cost.of_student(config, (28, 28), 10)  # only when asked
+    assert cost.of_student(MLP, config.width, onnxruntime=True) == both  # both from the cache now
+    assert "latency_ms_batch1_onnxruntime" not in cost.of_student(MLP, config.width)  # only when asked
     assert len(measured) == 2
 
 
 @pytest.mark.skipif(bool(runtime.missing_packages()), reason="needs kdtune[export]")
 def test_onnx_runtime_times_the_exported_student():
-    found = cost.measure(StudentConfig(4.0, 0.5, 16), (28, 28), 10, "mlp", "onnxruntime")
+    found = cost.measure(MLP, 16, "onnxruntime")
     assert found["multiply_adds"] == 784 * 16 + 16 * 10
     assert set(found["latency"]) == {"1", "256"}
     assert 0 < found["latency"]["1"]["median_ms"] < found["latency"]["256"]["median_ms"]
@@ -131,13 +133,13 @@ def test_onnx_runtime_times_the_exported_student():
 
 @pytest.mark.parametrize("damage", ["{not json", "", "[]", '{"key": {}}', "cut"])
 def test_a_corrupt_cache_file_is_measured_again(measured, damage):
-    first = cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10)
+    first = cost.of_student(MLP, 32)
     [path] = cost.CACHE_ROOT.glob("*.json")
     path.write_text(path.read_text()[:60] if damage == "cut" else damage)
-    assert cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10) == first
+    assert cost.of_student(MLP, 32) == first
     assert len(measured) == 2
     assert json.loads(path.read_text())["key"]["width"] == 32  # rewritten whole ...
-    cost.of_student(StudentConfig(4.0, 0.5, 32), (28, 28), 10)
+    cost.of_student(MLP, 32)
     assert len(measured) == 2  # ... and read from then on
 
 

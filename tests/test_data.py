@@ -6,10 +6,11 @@ import zipfile
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
-from kdtune.data import fingerprint, load, stratified_split
-from kdtune.readers import DataError, read_embedded, read_idx_file
-from kdtune.spec import DataSpec
+from kdtune.data import fingerprint, load, prepare, raw_samples, raw_shape, stratified_split
+from kdtune.readers import DataError, Dataset, read_embedded, read_idx_file
+from kdtune.spec import DataSpec, SpecError, load_spec
 
 
 @pytest.fixture
@@ -132,7 +133,7 @@ MALFORMED_FILES = {
     "idx gz header cut": ("idx", lambda d, x, y: write_idx_cut(d, x, y, 15), "train-images-idx3-ubyte.gz"),
     "idx header claiming 0 images": (
         "idx", lambda d, x, y: write_idx_folder(d, x[:0], y[:0], prefix="", test_name="t10k", compress=False),
-        "non-empty"),
+        "holds no images"),
     "idx path is a file": ("idx", lambda d, x, y: d.write_bytes(b"x"),
                            "is a file, but format 'idx' needs the folder holding the four IDX files"),
     "csv of labels only": ("emnist-csv", lambda d, x, y: write_csv_folder(d, b"1\n2\n"), "train.csv"),
@@ -219,11 +220,11 @@ def test_labels_starting_at_one_get_a_hint(tmp_path, upright):
 
 
 @pytest.mark.parametrize("arrays, message", [
-    (lambda x, y: dict(x_train=x[:0], y_train=y[:0], x_test=x, y_test=y), "non-empty"),
+    (lambda x, y: dict(x_train=x[:0], y_train=y[:0], x_test=x, y_test=y), "x_train holds no images"),
     (lambda x, y: dict(x_train=x.reshape(len(x), -1), y_train=y, x_test=x, y_test=y), "(N, H, W)"),
     (lambda x, y: dict(x_train=x.astype(np.float32), y_train=y, x_test=x, y_test=y), "uint8"),
     (lambda x, y: dict(x_train=x, y_train=y[:-1], x_test=x, y_test=y), "labels in y_train"),
-    (lambda x, y: dict(x_train=x, y_train=y, x_test=x[:, :20], y_test=y), "test images are"),
+    (lambda x, y: dict(x_train=x, y_train=y, x_test=x[:, :20], y_test=y), "test samples are"),
     (lambda x, y: dict(x_train=x, y_train=y, x_test=x, y_test=y + 10), "never occurs"),
     (lambda x, y: dict(x_train=x, y_train=y), "lacks arrays"),
 ])
@@ -258,3 +259,93 @@ def test_fingerprint_names_the_data_and_the_split():
     a = stratified_split(data.y_train, 0.1, seed=0)
     b = stratified_split(data.y_train, 0.1, seed=1)
     assert fingerprint(data, *a) == fingerprint(data, *a) != fingerprint(data, *b)
+
+
+# ------------------------------------------------------------------ colour, layouts, feature vectors, folders
+
+def colour_of(x):
+    """Colour images (N, H, W, 3) whose channels differ, from grey ones."""
+    return np.stack([x, 255 - x, x // 2], axis=-1)
+
+
+def test_colour_images_load_alike_from_either_layout(tmp_path, upright):
+    x, y = upright
+    colour = colour_of(x)
+    np.savez(tmp_path / "nhwc.npz", x_train=colour, y_train=y, x_test=colour[:5], y_test=y[:5])
+    np.savez(tmp_path / "nchw.npz", x_train=colour.transpose(0, 3, 1, 2), y_train=y,
+             x_test=colour[:5].transpose(0, 3, 1, 2), y_test=y[:5])
+    nhwc = load(DataSpec(format="npz", path=str(tmp_path / "nhwc.npz")))
+    nchw = load(DataSpec(format="npz", path=str(tmp_path / "nchw.npz")))
+    assert nhwc.x_train.shape == (30, 28, 28, 3) and np.array_equal(nhwc.x_train, colour)
+    assert np.array_equal(nchw.x_train, colour) and np.array_equal(nchw.x_test, colour[:5])
+
+
+def test_an_ambiguous_layout_must_be_declared(tmp_path, upright):
+    x, y = upright
+    tiny = colour_of(x[:, :3, :3])  # (N, 3, 3, 3): channels could be either axis
+    np.savez(tmp_path / "d.npz", x_train=tiny, y_train=y, x_test=tiny, y_test=y)
+    with pytest.raises(DataError, match='ambiguous; set data.layout = "nhwc" or "nchw"'):
+        load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
+    with pytest.raises(DataError, match="teacher CNN needs at least 4x4"):  # declared, it reads; then it is too small
+        load(DataSpec(format="npz", path=str(tmp_path / "d.npz"), layout="nhwc"))
+    four = np.concatenate([colour_of(x), x[..., None]], axis=-1)
+    np.savez(tmp_path / "rgba.npz", x_train=four, y_train=y, x_test=four, y_test=y)
+    with pytest.raises(DataError, match="1 or 3 channels"):
+        load(DataSpec(format="npz", path=str(tmp_path / "rgba.npz")))
+
+
+def test_one_channel_images_are_grey_images_with_the_same_fingerprint(tmp_path, upright):
+    x, y = upright
+    np.savez(tmp_path / "grey.npz", x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    np.savez(tmp_path / "one.npz", x_train=x[..., None], y_train=y, x_test=x[:5, None], y_test=y[:5])
+    grey = prepare(DataSpec(format="npz", path=str(tmp_path / "grey.npz")), seed=0)
+    one = prepare(DataSpec(format="npz", path=str(tmp_path / "one.npz")), seed=0)
+    assert one.fingerprint == grey.fingerprint and one.input_shape == grey.input_shape == (1, 28, 28)
+
+
+def test_colour_splits_feed_models_channels_first_and_come_back_exactly(tmp_path, upright):
+    x, y = upright
+    colour = colour_of(x)
+    np.savez(tmp_path / "d.npz", x_train=colour, y_train=y, x_test=colour[:5], y_test=y[:5])
+    splits = prepare(DataSpec(format="npz", path=str(tmp_path / "d.npz")), seed=0)
+    assert splits.input_shape == (3, 28, 28) and splits.x_train.is_contiguous()
+    assert torch.equal(splits.x_test[:, 1], torch.tensor(255 - x[:5], dtype=torch.float32) / 255)  # channel 1
+    assert np.array_equal(raw_samples(splits.x_test).numpy(), colour[:5])
+    assert raw_shape(splits.input_shape) == (28, 28, 3) and raw_shape((1, 28, 28)) == (28, 28)
+
+
+def test_feature_vectors_load_as_float32_and_are_checked(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 6)), np.arange(40) % 4
+    np.savez(tmp_path / "f.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    splits = prepare(DataSpec(format="features", path=str(tmp_path / "f.npz")), seed=0)
+    assert splits.input_shape == (6,) and splits.x_train.dtype == torch.float32
+    assert np.allclose(np.sort(splits.x_val.numpy(), axis=0), np.sort(x.astype(np.float32)[splits.val_rows], axis=0))
+    assert raw_shape((6,)) == (6,) and torch.equal(raw_samples(splits.x_test), splits.x_test)
+    x[3, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    with pytest.raises(DataError, match="x_train row 3 holds NaN"):
+        load(DataSpec(format="features", path=str(tmp_path / "nan.npz")))
+    np.savez(tmp_path / "3d.npz", x_train=x.reshape(40, 2, 3), y_train=y, x_test=x[:8], y_test=y[:8])
+    with pytest.raises(DataError, match=r"numeric \(N, D\) array"):
+        load(DataSpec(format="features", path=str(tmp_path / "3d.npz")))
+    with pytest.raises(SpecError, match="transpose needs images"):
+        load_spec(None, data={"format": "features", "path": "f.npz", "transpose": True})
+
+
+def test_an_image_folder_loads_through_the_spec_with_its_class_names(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 4), ("test", 2)):
+        for c, name in enumerate(("boot", "shirt")):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((6, 5), 40 * c + i, dtype=np.uint8)).save(tmp_path / split / name / f"{i}.png")
+    splits = prepare(DataSpec(format="folder", path=str(tmp_path)), seed=0)
+    assert splits.class_names == ("boot", "shirt") and splits.input_shape == (1, 6, 5)
+    assert sorted(splits.y_test.tolist()) == [0, 0, 1, 1]
+    unnamed = read_embedded()
+    idx = stratified_split(unnamed.y_train, 0.1, seed=0)
+    named = Dataset(unnamed.x_train, unnamed.y_train, unnamed.x_test, unnamed.y_test, tuple("abcdefghij"))
+    renamed = Dataset(unnamed.x_train, unnamed.y_train, unnamed.x_test, unnamed.y_test, tuple("abcdefghiz"))
+    assert len({fingerprint(unnamed, *idx), fingerprint(named, *idx), fingerprint(renamed, *idx)}) == 3

@@ -17,7 +17,9 @@ from PIL import Image
 from kdtune import export, model_card, runtime
 from kdtune.budget import Budget
 from kdtune.optuna_compat import live_trial
+from kdtune.readers import DataError
 from kdtune.spec import SpecError
+from kdtune.student import Architecture
 
 pytestmark = pytest.mark.skipif(bool(runtime.missing_packages()), reason="needs kdtune[export]")
 
@@ -42,7 +44,7 @@ def test_export_writes_a_student_that_onnx_runtime_runs_as_pytorch_does(exported
                                                         "student.onnx", "student.pt"]
     test = np.load(workdir / "tiny.npz")["x_test"]
     with torch.inference_mode():
-        expected = runtime.FromPixels(export.rebuild(folder))(torch.from_numpy(test)).numpy()
+        expected = runtime.FromRaw(export.rebuild(folder))(torch.from_numpy(test)).numpy()
     found_logits = runtime.logits(runtime.session(folder / export.ONNX, threads=1), test)
     assert np.abs(found_logits - expected).max() <= export.MAX_LOGIT_DIFFERENCE
     assert (found_logits.argmax(1) == expected.argmax(1)).all()
@@ -224,9 +226,26 @@ def test_the_card_speaks_of_the_chosen_seed():
     card = model_card.card(found, export.choose(found), {"n_images": 1, "max_abs_logit_difference": 0.0,
                                                          "same_predictions": 1.0},
                            {"pytorch": timed, "onnxruntime": timed},
-                           {"config": chosen_band["rows"]["tuned"]["config"], "family": "mlp", "image_shape": [28, 28],
-                            "n_classes": 10, "input": model_card.INPUT}, 1000)
+                           {"config": chosen_band["rows"]["tuned"]["config"], "class_names": None,
+                            "architecture": Architecture("mlp", 1, (1, 28, 28), 10).as_record(),
+                            "input": model_card.describe_input((1, 28, 28))}, 1000)
     assert card["seed"] == 2 and card["test_accuracy"]["this_model"] == 0.82  # the seed best on validation
     assert card["test_accuracy"]["this_model_val_accuracy"] == 0.7
     assert card["test_accuracy"]["tuned"]["ci95_low"] < 0.81 < card["test_accuracy"]["tuned"]["ci95_high"]
     assert "| this model (seed 2) | 82.00% |" in model_card.to_markdown(card)
+
+
+def test_an_image_file_is_read_in_the_student_s_colour_mode(tmp_path):
+    from PIL import Image
+
+    from kdtune import predict
+
+    pixels = np.stack([np.full((5, 4), 10), np.full((5, 4), 200), np.full((5, 4), 60)], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "one.png")
+    as_colour, _ = predict.read_images(tmp_path / "one.png", colour=True)
+    as_grey, _ = predict.read_images(tmp_path / "one.png")
+    assert as_colour.shape == (1, 5, 4, 3) and np.array_equal(as_colour[0], pixels)
+    assert as_grey.shape == (1, 5, 4)
+    assert predict.check_samples(as_colour, (3, 5, 4), tmp_path).shape == (1, 5, 4, 3)
+    with pytest.raises(DataError, match=r"must be \(N, 5, 4, 3\)"):
+        predict.check_samples(as_grey, (3, 5, 4), tmp_path)

@@ -65,7 +65,7 @@ def record_linear_output_dtypes(model: torch.nn.Module, seen: list | None = None
 def test_a_student_trains_in_the_autocast_dtype_and_keeps_fp32_weights(autocast_dtype, expected):
     torch.manual_seed(0)
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 3, (64,))
-    model = StudentMLP((8, 8), 3, 16)
+    model = StudentMLP((1, 8, 8), 3, 16)
     seen = record_linear_output_dtypes(model)
     loss_fn = functools.partial(hinton_loss, temperature=2.0, label_weight=0.5)
     result = fit(model, x, y, x, y, loss_fn=loss_fn, schedule=StudentSpec(max_epochs=2, batch_size=32), seed=0,
@@ -89,7 +89,7 @@ def test_a_trial_trains_in_the_precision_the_policy_picks(cpu_with_bf16, tiny_sp
     splits = data.prepare(spec.data, spec.seed)
     logits = {"train": torch.randn(len(splits.x_train), splits.n_classes),
               "val": torch.randn(len(splits.x_val), splits.n_classes)}
-    stub_teacher = teacher.CachedTeacher("stub", Path("."), logits, {"val_accuracy": 0.5})
+    stub_teacher = teacher.CachedTeacher("stub", Path("."), logits, {"val_accuracy": 0.5, "n_parameters": None})
     seen = []
 
     class RecordedStudent(StudentMLP):

@@ -14,7 +14,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from kdtune import bands, data, report, student, teacher
 from kdtune.bands import Band
 from kdtune.budget import Budget
-from kdtune.report import arms, mean_interval, pick_winner, verdict, weak_teacher_warning
+from kdtune.report import mean_interval, pick_winner, twin_of, verdict, weak_teacher_warning
 from kdtune.spec import Spec, load_spec
 from kdtune.student import StudentConfig
 from kdtune.train import accuracy
@@ -42,10 +42,8 @@ def test_verdict_follows_the_interval(gain, low, high, phrase):
 
 def test_the_no_distillation_twin_differs_only_in_lambda():
     tuned = StudentConfig(temperature=3.0, label_weight=0.4, width=100)
-    compared = arms(tuned)
-    twin = compared["no_distillation"]
-    assert (twin.width, twin.label_weight, twin.loss) == (100, 1.0, "hinton")
-    assert compared["reference"] == StudentConfig(10.0, 0.5, 512, "reference")
+    twin = twin_of(tuned)
+    assert (twin.temperature, twin.width, twin.label_weight, twin.loss) == (3.0, 100, 1.0, "hinton")
 
 
 def test_winner_is_the_best_mean_over_seeds_and_ties_go_to_the_smaller_student():
@@ -133,8 +131,8 @@ def evaluate_recording(folder: Path, study: optuna.Study) -> Evaluated:
         tested.append(model[1].out_features)
         return test_accuracy(model, x, y, *args)
 
-    def recording_train_student(config, schedule, student_data, seed, compute, **options):
-        run = train_student(config, schedule, student_data, seed, compute, **options)
+    def recording_train_student(config, architecture, schedule, student_data, seed, compute, **options):
+        run = train_student(config, architecture, schedule, student_data, seed, compute, **options)
         trained.append((config, seed, run))
         return run
 

@@ -110,3 +110,13 @@ def test_the_committed_quickstart_spec_equals_the_built_in_defaults(tmp_path, mo
     committed = Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml"
     monkeypatch.chdir(tmp_path)
     assert load_spec() == load_spec(committed)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml")),
+                         ids=lambda path: path.name)
+def test_every_committed_example_spec_is_valid(path):
+    """The README points users at these: each must load, its user code names well formed."""
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    for reference in (spec.teacher.model, spec.student.family):
+        assert reference in ("builtin", "mlp", "cnn") or reference.startswith("studies.user_models:")

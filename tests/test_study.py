@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from kdtune import bands, data, health, study, study_setup, target, teacher
 from kdtune.spec import SpecError, load_spec
+from kdtune.student import Architecture
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ SECTION_CHANGES = {
     "transfer": lambda spec: dataclasses.replace(spec, transfer=dataclasses.replace(spec.transfer, labelled=0.5)),
 }
 # What `record` reads of the teacher; resume checks need no trained one.
-STUB_TEACHER = teacher.CachedTeacher("stub", Path("."), {}, {"val_accuracy": 0.5})
+STUB_TEACHER = teacher.CachedTeacher("stub", Path("."), {}, {"val_accuracy": 0.5, "n_parameters": 3_362_570})
 
 
 @pytest.fixture
@@ -174,7 +175,7 @@ def test_a_resumed_study_draws_new_proposals(tiny_spec):
     Control arms off: they are queued only on a new study, and would hide what the sampler proposes."""
     spec = load_spec(tiny_spec("resumed", search="control_arms = false"))
 
-    size_bands = bands.size_bands(spec.search, (28, 28), 10)
+    size_bands = bands.size_bands(spec.search, Architecture("mlp", 1, (1, 28, 28), 10), 3_362_570)
 
     def objective(trial):
         config = study.suggest(trial, spec.search, spec.student.loss, study.assign_band(trial, size_bands))
@@ -192,7 +193,8 @@ def test_a_resumed_study_draws_new_proposals(tiny_spec):
 
 def test_controls_outside_the_search_space_are_left_out(tiny_spec):
     spec = load_spec(tiny_spec("narrow", width="[16, 64]", search="lambda = [0.0, 0.9]"))
-    assert study.control_arms(spec.search, spec.student.loss, bands.size_bands(spec.search, (28, 28), 10)) == []
+    size_bands = bands.size_bands(spec.search, Architecture("mlp", 1, (1, 28, 28), 10), None)
+    assert study.control_arms(spec.search, spec.student.loss, size_bands) == []
 
 
 def test_completed_trials_record_distillation_health(setup):

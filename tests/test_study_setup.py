@@ -14,7 +14,9 @@ import sqlalchemy.exc
 from conftest import CPU_FP32
 
 from kdtune import bands, data, storage, study, study_setup
+from kdtune.models import TeacherCNN, n_parameters
 from kdtune.spec import load_spec
+from kdtune.student import Architecture
 
 FAST_HEARTBEAT = "\n[workers]\nheartbeat_seconds = 1\ngrace_seconds = 2\n"
 
@@ -42,7 +44,8 @@ def test_a_starter_takes_over_at_once_from_a_creator_whose_process_is_gone(spec_
     spec, splits = spec_and_splits
     the_study = optuna.create_study(storage=storage.open_storage(spec.storage_url), study_name=spec.name,
                                     direction="maximize")
-    size_bands = bands.size_bands(spec.search, splits.image_shape, splits.n_classes)
+    architecture = Architecture.of(spec.student, splits.input_shape, splits.n_classes)
+    size_bands = bands.size_bands(spec.search, architecture, n_parameters(TeacherCNN(splits.input_shape, 10)))
     for config, control in study.control_arms(spec.search, spec.student.loss, size_bands)[:n_queued_before_death]:
         params = config.as_params()
         the_study.enqueue_trial(params, user_attrs={"control": control, "loss": params.pop("loss"),

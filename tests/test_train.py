@@ -25,7 +25,7 @@ def test_early_stopping_waits_patience_epochs_then_restores_the_best_weights(mon
     monkeypatch.setattr(train, "accuracy", lambda *args: next(scripted))
     torch.manual_seed(0)
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 3, (64,))
-    model = StudentMLP((8, 8), 3, 16)
+    model = StudentMLP((1, 8, 8), 3, 16)
     weights_after = {}
 
     def report(epoch, val_accuracy):
@@ -49,7 +49,7 @@ def test_training_runs_max_epochs_while_it_keeps_improving(monkeypatch):
     monkeypatch.setattr(train, "accuracy", lambda *args: next(scripted))
     x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 3, (32,))
     schedule = StudentSpec(max_epochs=4, patience_epochs=1, batch_size=32)
-    result = train.fit(StudentMLP((8, 8), 3, 8), x, y, x, y, loss_fn=cross_entropy, schedule=schedule, seed=0)
+    result = train.fit(StudentMLP((1, 8, 8), 3, 8), x, y, x, y, loss_fn=cross_entropy, schedule=schedule, seed=0)
     assert result.n_epochs == 4 and result.val_accuracy == 0.4
 
 
@@ -65,7 +65,7 @@ def test_a_report_that_stops_training_gets_the_result_so_far(monkeypatch):
             raise train.StopTraining("pruned after epoch 3")
 
     schedule = StudentSpec(max_epochs=4, patience_epochs=5, batch_size=32)
-    result = train.fit(StudentMLP((8, 8), 3, 8), x, y, x, y, loss_fn=cross_entropy, schedule=schedule, seed=0,
+    result = train.fit(StudentMLP((1, 8, 8), 3, 8), x, y, x, y, loss_fn=cross_entropy, schedule=schedule, seed=0,
                        report=report)
     assert (result.n_epochs, result.val_curve, result.val_accuracy) == (3, [0.3, 0.5, 0.4], 0.5)
     assert result.stopped_early == "pruned after epoch 3" and result.seconds > 0
@@ -92,7 +92,7 @@ def test_a_fit_that_ends_without_a_model_carries_its_epochs(monkeypatch, ending)
     epochs_seen = []
     expected = train.TrainingDiverged if ending == "nan loss" else train.TrainingInterrupted
     with pytest.raises(expected) as ended:
-        train.fit(StudentMLP((8, 8), 3, 8), x, y, x, y, loss_fn=loss_fn, report=report, seed=0,
+        train.fit(StudentMLP((1, 8, 8), 3, 8), x, y, x, y, loss_fn=loss_fn, report=report, seed=0,
                   schedule=StudentSpec(max_epochs=4, patience_epochs=5, batch_size=32))
     assert ended.value.result.val_curve == [0.3, 0.5] and ended.value.result.n_epochs == 2
     assert ended.value.result.seconds > 0
@@ -116,7 +116,7 @@ def test_cosine_lowers_the_learning_rate_every_epoch_towards_zero(monkeypatch, l
     monkeypatch.setattr(train.torch.optim, "Adam", RecordingAdam)
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 3, (64,))
     schedule = TeacherSpec(max_epochs=8, patience_epochs=8, batch_size=32, learning_rate=1e-2)
-    train.fit(StudentMLP((8, 8), 3, 8), x, y, x, y, loss_fn=cross_entropy, schedule=schedule, seed=0,
+    train.fit(StudentMLP((1, 8, 8), 3, 8), x, y, x, y, loss_fn=cross_entropy, schedule=schedule, seed=0,
               lr_schedule=lr_schedule)
 
     per_epoch = used[::2]  # two steps per epoch, at the same rate
@@ -155,7 +155,7 @@ def fit_weights(lr_schedule: str, augment: str, seed: int = 0) -> list[torch.Ten
     """The weights after 3 epochs (validation is scripted to improve every epoch)."""
     scripted = iter([0.1, 0.2, 0.3])
     torch.manual_seed(0)
-    model = StudentMLP((8, 8), 3, 16)
+    model = StudentMLP((1, 8, 8), 3, 16)
     x, y = torch.rand(96, 1, 8, 8), torch.randint(0, 3, (96,))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "accuracy", lambda *args: next(scripted))
@@ -179,7 +179,7 @@ def test_constant_rate_without_augmentation_trains_bit_identically_to_the_loop_b
     monkeypatch.setattr(train, "accuracy", lambda *args: next(scripted))
     x, y = torch.rand(96, 1, 8, 8), torch.randint(0, 3, (96,))
     torch.manual_seed(0)
-    model, before = TeacherCNN((8, 8), 3), TeacherCNN((8, 8), 3)
+    model, before = TeacherCNN((1, 8, 8), 3), TeacherCNN((1, 8, 8), 3)
     before.load_state_dict(model.state_dict())
     train.fit(model, x, y, x, y, loss_fn=cross_entropy, seed=7, lr_schedule="constant", augment="none",
               schedule=TeacherSpec(max_epochs=3, patience_epochs=3, batch_size=32, learning_rate=2e-3))

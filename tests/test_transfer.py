@@ -12,10 +12,11 @@ from kdtune import data
 from kdtune import transfer as transfer_module
 from kdtune.losses import UNLABELLED, hinton_loss, label_cross_entropy
 from kdtune.spec import DataSpec, StudentSpec, TransferSpec
-from kdtune.student import StudentConfig, train
+from kdtune.student import Architecture, StudentConfig, train
 from kdtune.transfer import StudentData, labelled_indices
 
 CPU = torch.device("cpu")
+MLP = Architecture("mlp", 1, (1, 28, 28), 10)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_withheld_labels_never_reach_the_loss(splits, monkeypatch):
     results = []
     for labels in (splits.y_train, scrambled):
         student_data = StudentData.build(dataclasses.replace(splits, y_train=labels), logits, transfer, 0, CPU)
-        model, result = train(StudentConfig(4.0, 0.5, 32), schedule, student_data, seed=1, compute=CPU_FP32)
+        model, result = train(StudentConfig(4.0, 0.5, 32), MLP, schedule, student_data, seed=1, compute=CPU_FP32)
         results.append((result.val_curve, model.state_dict()))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
@@ -67,7 +68,7 @@ def test_no_distillation_baseline_trains_on_the_labelled_images_only(splits):
     curves = []
     for transfer in (TransferSpec(0.1, unlabelled=True), TransferSpec(0.1)):
         student_data = StudentData.build(splits, logits, transfer, 0, CPU)
-        _, result = train(StudentConfig(4.0, 1.0, 32), schedule, student_data, seed=1, compute=CPU_FP32)
+        _, result = train(StudentConfig(4.0, 1.0, 32), MLP, schedule, student_data, seed=1, compute=CPU_FP32)
         curves.append(result.val_curve)
     assert curves[0] == curves[1]
 

@@ -1,0 +1,98 @@
+"""Where a teacher comes from: the built-in CNN or a user's network, trained here or given as weights, or only
+its logits, from a file (another framework, a service: anything that yields logits).
+
+Everything after the teacher reads only its cached logits, so a teacher can be anything. What identifies each
+source enters the teacher's cache key: the network (for user code, its module's source), the weights' sha256,
+the logits file's sha256.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdtune import user_code
+from kdtune.data import Splits
+from kdtune.models import TeacherCNN
+from kdtune.provenance import sha256_file
+from kdtune.readers import DataError
+from kdtune.spec import TeacherSpec
+
+LOGITS_KEYS = ("train", "test")
+
+
+def identity(source: TeacherSpec) -> dict:
+    """What the cache key must hold to tell this teacher from any other, besides the training schedule."""
+    found = {"architecture": TeacherCNN.__name__ if source.model == "builtin" else source.model}
+    if user_code.is_reference(source.model):
+        found["source_sha256"] = user_code.source_sha256(source.model, "teacher.model")
+    for key in ("weights", "logits"):
+        if getattr(source, key):
+            found[f"{key}_sha256"] = sha256_file(_existing(getattr(source, key), key))
+    return found
+
+
+def network(source: TeacherSpec, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """The teacher's network with fresh weights: the built-in CNN, or the user's factory(input_shape, n_classes)."""
+    if source.model == "builtin":
+        return TeacherCNN(input_shape, n_classes)
+    return user_code.build(source.model, "teacher.model", tuple(input_shape), n_classes)
+
+
+def load_weights(model: nn.Module, path: Path | str, key: str = "teacher.weights") -> nn.Module:
+    """`model` with the state_dict saved at `path` (read with weights_only=True: no pickled code runs)."""
+    path = _existing(path, key)
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{key} = {str(path)!r} is not a state_dict of this teacher network ({first_line}); save "
+                        "it with torch.save(model.state_dict(), path).") from error
+    return model
+
+
+def read_logits(path: Path | str, splits: Splits) -> dict[str, torch.Tensor]:
+    """The logits file's "train" rows split as the data was (train, val) and its "test" rows, as float32."""
+    path = _existing(path, "teacher.logits")
+    remedy = "save it with numpy.savez(path, train=<(N_train, C) logits>, test=<(N_test, C) logits>)"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in LOGITS_KEYS if key not in archive.files]
+            if missing:
+                raise DataError(f"teacher.logits {path} lacks {missing}; {remedy}.")
+            arrays = {key: archive[key] for key in LOGITS_KEYS}
+    except (ValueError, OSError, EOFError, AttributeError, zipfile.BadZipFile, zlib.error) as error:
+        raise DataError(f"teacher.logits {path} is not a readable .npz archive ({error}); {remedy}.") from error
+    n_rows = {"train": len(splits.train_rows) + len(splits.val_rows), "test": len(splits.x_test)}
+    for key, values in arrays.items():
+        if values.ndim != 2 or values.dtype.kind != "f" or values.shape != (n_rows[key], splits.n_classes):
+            raise DataError(f"teacher.logits {path}: {key} must be float logits of shape ({n_rows[key]}, "
+                            f"{splits.n_classes}), one row per {key} sample of the data in file order and one column "
+                            f"per class, but got {values.dtype} {values.shape}.")
+        if not np.isfinite(values).all():
+            row = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+            raise DataError(f"teacher.logits {path}: {key} row {row} holds NaN or infinity; export the logits again.")
+    train = torch.from_numpy(arrays["train"].astype(np.float32))
+    return {"train": train[torch.from_numpy(splits.train_rows)], "val": train[torch.from_numpy(splits.val_rows)],
+            "test": torch.from_numpy(arrays["test"].astype(np.float32))}
+
+
+def write_logits(logits: dict[str, torch.Tensor], splits: Splits, path: Path | str) -> None:
+    """A teacher's logits as `read_logits` reads them: the train and val rows back in the training file's order."""
+    train = np.empty((len(splits.train_rows) + len(splits.val_rows), splits.n_classes), dtype=np.float32)
+    train[splits.train_rows], train[splits.val_rows] = logits["train"].numpy(), logits["val"].numpy()
+    np.savez(path, train=train, test=logits["test"].numpy())
+
+
+def _existing(path: Path | str, key: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"teacher.{key.removeprefix('teacher.')} file {path} does not exist; check the path in the "
+                        "spec's [teacher] section.")
+    return path

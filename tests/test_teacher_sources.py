@@ -1,0 +1,167 @@
+"""Teachers that come from the user: a network of their own (trained here), weights (only evaluated), or logits
+from a file; what identifies each in the cache key, and their bad inputs."""
+
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import CPU_FP32
+
+from kdtune import data, teacher, teacher_sources
+from kdtune.models import TeacherCNN
+from kdtune.readers import DataError
+from kdtune.spec import SpecError, load_spec
+from kdtune.train import accuracy_of_logits
+
+USER_MODULE = """
+import torch
+
+def small_cnn(input_shape, n_classes):
+    channels, height, width = input_shape
+    return torch.nn.Sequential(torch.nn.Conv2d(channels, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * height * width, n_classes))
+"""
+
+
+@pytest.fixture
+def tiny(tiny_spec, monkeypatch):
+    """The tiny spec and its splits; user modules importable from the working directory, restored after."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "user_teachers", raising=False)
+    spec = load_spec(tiny_spec())
+    return spec, data.prepare(spec.data, spec.seed)
+
+
+def with_teacher(spec, **changes):
+    return replace(spec, teacher=replace(spec.teacher, **changes))
+
+
+def quiet(*args, **kwargs):
+    return teacher.load_or_train(*args, **kwargs, echo=lambda _: None)
+
+
+def write_logits(path, splits, *, train=None, test=None):
+    """Logits in the file's row order: the training file's rows are x_train's and x_val's, interleaved."""
+    n_train = len(splits.train_rows) + len(splits.val_rows)
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((n_train, splits.n_classes)).astype(np.float32) if train is None else train
+    test = rng.standard_normal((len(splits.x_test), splits.n_classes)).astype(np.float32) if test is None else test
+    np.savez(path, train=train, test=test)
+    return train, test
+
+
+def test_a_logits_file_is_the_whole_teacher_split_as_the_data(tiny, workdir, monkeypatch):
+    spec, splits = tiny
+    train, test = write_logits(workdir / "logits.npz", splits)
+    monkeypatch.setattr(teacher_sources, "network", lambda *a: pytest.fail("a logits teacher built a network"))
+    cached = quiet(with_teacher(spec, logits="logits.npz"), splits, CPU_FP32)
+    # each split's rows are the file's rows of that split's images: a wrong pairing would fail here
+    assert torch.equal(cached.logits["train"], torch.from_numpy(train[splits.train_rows]))
+    assert torch.equal(cached.logits["val"], torch.from_numpy(train[splits.val_rows]))
+    assert torch.equal(cached.logits["test"], torch.from_numpy(test))
+    assert cached.val_accuracy == accuracy_of_logits(cached.logits["val"], splits.y_val)
+    assert cached.n_parameters is None and not (cached.folder / teacher.WEIGHTS_FILE).exists()
+    with pytest.raises(SpecError, match="given as logits: there is no network"):
+        teacher.load_model(cached)
+    assert teacher.load(cached.folder).cache_id == cached.cache_id  # the cache reads back without weights
+
+
+def test_the_cache_key_follows_the_logits_contents_not_the_file_name(tiny, workdir):
+    spec, splits = tiny
+    write_logits(workdir / "a.npz", splits)
+    (workdir / "b.npz").write_bytes((workdir / "a.npz").read_bytes())
+    write_logits(workdir / "c.npz", splits, train=np.zeros((len(splits.train_rows) + len(splits.val_rows), 10),
+                                                            dtype=np.float32))
+    ids = [teacher.cache_id(with_teacher(spec, logits=name), splits.fingerprint, CPU_FP32)
+           for name in ("a.npz", "b.npz", "c.npz")]
+    assert ids[0] == ids[1] != ids[2]
+    assert ids[0] != teacher.cache_id(spec, splits.fingerprint, CPU_FP32)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("rows", r"train must be float logits of shape \(\d+, 10\)"),
+    ("classes", r"test must be float logits of shape \(\d+, 10\)"),
+    ("nan", "train row 5 holds NaN or infinity"),
+    ("integers", "must be float logits"),
+    ("missing key", r"lacks \['test'\]"),
+    ("not an archive", "is not a readable .npz archive"),
+    ("no file", "does not exist"),
+])
+def test_bad_logits_are_one_line_naming_the_file_and_nothing_is_cached(tiny, workdir, case, message):
+    spec, splits = tiny
+    n_train = len(splits.train_rows) + len(splits.val_rows)
+    good = np.zeros((n_train, 10), dtype=np.float32)
+    path = workdir / "bad.npz"
+    if case == "rows":
+        write_logits(path, splits, train=good[:-1])
+    elif case == "classes":
+        write_logits(path, splits, test=np.zeros((len(splits.x_test), 9), dtype=np.float32))
+    elif case == "nan":
+        good[5, 3] = np.nan
+        write_logits(path, splits, train=good)
+    elif case == "integers":
+        write_logits(path, splits, train=good.astype(np.int64))
+    elif case == "missing key":
+        np.savez(path, train=good)
+    elif case == "not an archive":
+        path.write_bytes(b"not a zip file")
+    spec = with_teacher(spec, logits=str(path))
+    with pytest.raises(DataError, match=message) as error:
+        quiet(spec, splits, CPU_FP32)
+    assert "\n" not in str(error.value) and "bad.npz" in str(error.value)
+    assert not teacher.CACHE_ROOT.exists() or not any(teacher.CACHE_ROOT.iterdir())
+
+
+def test_logits_exclude_a_network_in_the_spec():
+    with pytest.raises(SpecError, match="teacher.logits is the whole teacher"):
+        load_spec(None, teacher={"logits": "l.npz", "weights": "w.pt"})
+    with pytest.raises(SpecError, match="teacher.model must be"):
+        load_spec(None, teacher={"model": "resnet"})
+
+
+def test_weights_are_only_evaluated_never_trained(tiny, workdir, monkeypatch):
+    spec, splits = tiny
+    torch.manual_seed(3)
+    network = TeacherCNN(splits.input_shape, splits.n_classes)
+    torch.save(network.state_dict(), workdir / "teacher.pt")
+    monkeypatch.setattr(teacher, "fit", lambda *a, **k: pytest.fail("a teacher given as weights was trained"))
+    cached = quiet(with_teacher(spec, weights="teacher.pt"), splits, CPU_FP32)
+    with torch.inference_mode():
+        expected = network.eval()(splits.x_test)
+    assert torch.allclose(cached.logits["test"], expected, atol=1e-5)
+    assert cached.meta["n_epochs"] == 0 and cached.n_parameters == sum(p.numel() for p in network.parameters())
+    assert torch.allclose(teacher.load_model(cached)(splits.x_val), cached.logits["val"], atol=1e-5)
+    torch.save({"something": torch.zeros(3)}, workdir / "other.pt")
+    with pytest.raises(DataError, match="is not a state_dict of this teacher network"):
+        quiet(with_teacher(spec, weights="other.pt"), splits, CPU_FP32)
+
+
+def test_a_user_network_trains_here_and_its_source_keys_the_cache(tiny, workdir):
+    spec, splits = tiny
+    (workdir / "user_teachers.py").write_text(USER_MODULE)
+    spec = with_teacher(spec, model="user_teachers:small_cnn", max_epochs=1)
+    cached = quiet(spec, splits, CPU_FP32)
+    assert cached.meta["n_epochs"] == 1 and cached.meta["teacher"]["model"] == "user_teachers:small_cnn"
+    assert cached.n_parameters == (9 * 4 + 4) + (4 * 28 * 28 * 10 + 10)
+    assert torch.allclose(teacher.load_model(cached).eval()(splits.x_val), cached.logits["val"], atol=1e-5)
+    first = teacher.cache_id(spec, splits.fingerprint, CPU_FP32)
+    (workdir / "user_teachers.py").write_text(USER_MODULE + "\n# edited\n")
+    assert teacher.cache_id(spec, splits.fingerprint, CPU_FP32) != first  # an edited module is another teacher
+
+
+def test_the_example_user_models_in_studies_build_and_run(monkeypatch):
+    """studies/user_models.py, which the example specs name, as a user runs it from the repository's root."""
+    from conftest import REPO
+
+    from kdtune.spec import TeacherSpec
+    from kdtune.student import Architecture
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    network = teacher_sources.network(TeacherSpec(model="studies.user_models:wide_cnn"), (3, 16, 16), 5)
+    assert network(torch.zeros(2, 3, 16, 16)).shape == (2, 5)
+    students = Architecture("studies.user_models:bottleneck_mlp", 1, (20,), 4)
+    assert students.build(32)(torch.zeros(2, 20)).shape == (2, 4)
+    assert students.n_parameters(32) == (20 * 32 + 32) + (32 * 8 + 8) + (8 * 4 + 4)
