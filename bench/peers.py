@@ -93,6 +93,8 @@ def common_kd_objective(spec: Spec, splits, teacher_model: nn.Module) -> Callabl
     the common way: DataLoader, teacher forward on every batch."""
     teacher_model.eval()
 
+    # the benchmark's peer is the seed project's setting: grey images, one-layer MLP students
+    assert (spec.student.family, spec.student.depth, splits.input_shape[0]) == ("mlp", 1, 1), spec.student
     architecture = Architecture.of(spec.student, splits.input_shape, splits.n_classes)
     size_bands = cut_bands(spec.search, architecture, n_parameters(teacher_model))
 

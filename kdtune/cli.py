@@ -27,6 +27,7 @@ from kdtune import (
     predict,
     report,
     runtime,
+    student,
     study,
     study_setup,
     target,
@@ -50,6 +51,8 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     --logits-out FILE.npz writes its logits as `[teacher] logits` reads them, to share or to check that path.
     """
     spec = _spec(args)
+    if args.logits_out and args.logits_out.suffix != ".npz":  # numpy.savez would add .npz to any other name
+        raise SpecError(f"--logits-out {args.logits_out} must name an .npz file.")
     splits = data.prepare(spec.data, spec.seed)
     cached = teacher.load_or_train(spec, splits, _compute(spec), force=args.force)
     trained = (f"{cached.meta['n_epochs']} epochs, {cached.meta['seconds']:.0f} s to train" if cached.meta["n_epochs"]
@@ -150,7 +153,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         cached = study_setup.teacher_of(the_study, spec, splits, compute)
         print(f"Retraining the top {spec.report.n_candidates} configurations of each size band x "
               f"{spec.report.n_seeds} seeds to pick each band's winner on validation, then each winner and its "
-              "no-distillation twin, and the reference, on the test set:")
+              "no-distillation twin" + (", and the reference," if student.runs_reference(spec.student) else "")
+              + " on the test set:")
         try:
             result = report.evaluate(spec, splits, cached, the_study, compute, budget=_budget(args))
         except KeyboardInterrupt:

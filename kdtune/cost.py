@@ -39,32 +39,39 @@ from kdtune.timing import BATCH_SIZES, N_TIMED_CALLS, N_WARMUP_CALLS, time_calls
 CACHE_ROOT = Path("studies/.cost-cache")
 # how a trial's and a report's latency keys end, by runtime: latency_ms_batch1, latency_ms_batch1_onnxruntime
 LATENCY_SUFFIX = {"pytorch": "", "onnxruntime": "_onnxruntime"}
-# The layers whose multiply-adds `multiply_adds` counts; any other layer with weights is refused, not skipped.
-COUNTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The layers whose multiply-adds `multiply_adds` counts: dense and convolution layers, and normalisations (one
+# scale-and-shift per value at inference); a layer with weights of any other kind makes the count unknown.
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
+               nn.InstanceNorm2d, nn.InstanceNorm3d)
+COUNTED_LAYERS = (nn.Linear, *CONV_LAYERS, *NORM_LAYERS)
 
 
-def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
     """Multiply-adds of one input (`input_shape`: C x H x W or D) through `model`, counted on its forward pass:
-    in_features per output of a Linear layer, (in_channels / groups) x kernel size per output of a convolution.
-    Biases, activations and pooling are not multiply-adds. Build the model on the meta device to count for free."""
-    unknown = [type(m).__name__ for m in model.modules() if not isinstance(m, COUNTED_LAYERS)
-               and any(True for _ in m.parameters(recurse=False))]
-    if unknown:
-        raise NotImplementedError(f"multiply_adds cannot count layers of type {', '.join(sorted(set(unknown)))}")
+    in_features per output of a Linear layer, (in_channels / groups) x kernel size per output of a convolution,
+    one per output of a normalisation. Biases, activations and pooling are not multiply-adds. None when the model
+    has weights in a layer of another kind (an embedding, attention, a recurrent layer: a user's family), which
+    a count would silently leave out. Build the model on the meta device to count for free."""
+    if any(not isinstance(m, COUNTED_LAYERS) and any(True for _ in m.parameters(recurse=False))
+           for m in model.modules()):
+        return None
     total = 0
 
     def count(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
         if isinstance(layer, nn.Linear):
             total += output.numel() * layer.in_features
-        else:
+        elif isinstance(layer, CONV_LAYERS):
             total += output.numel() * (layer.in_channels // layer.groups) * int(np.prod(layer.kernel_size))
+        else:
+            total += output.numel()
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, COUNTED_LAYERS)]
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
+            model.eval()(torch.zeros(1, *input_shape, device=device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -124,7 +131,11 @@ def cache_key(architecture: Architecture, width: int, runtime_name: str = "pytor
     """Everything a measurement depends on: the student, the machine (a VM's model name is often only a
     family, so its feature flags too), torch's threads and version, the runtime and how it was timed."""
     flags = " ".join(sorted(hardware.cpu_flags()))
-    key = {**architecture.as_record(), "width": width, "threads": torch.get_num_threads(), "cpu": hardware.cpu_model(),
+    student = architecture.as_record()
+    if (student["family"], student["depth"], student["input_shape"][0]) == ("mlp", 1, 1) and \
+            len(student["input_shape"]) == 3:  # grey one-layer MLPs keep the key they had before other students
+        student = {"family": "mlp", "image_shape": student["input_shape"][1:], "n_classes": student["n_classes"]}
+    key = {**student, "width": width, "threads": torch.get_num_threads(), "cpu": hardware.cpu_model(),
            "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "torch": torch.__version__,
            "batch_sizes": list(BATCH_SIZES), "n_warmup_calls": N_WARMUP_CALLS, "n_calls": N_TIMED_CALLS}
     # a PyTorch measurement keeps the key it had before ONNX Runtime was timed: caches stay valid

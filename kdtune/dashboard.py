@@ -74,8 +74,9 @@ def trial_note(number: int, config: StudentConfig, *, n_parameters: int, n_epoch
     line on what the student costs to run."""
     curve = ", ".join(f"{100 * value:.2f}" for value in val_curve) or "none (ended before its first epoch)"
     costs = costs or {}
+    counted = "uncounted" if costs.get("multiply_adds") is None else f"{costs['multiply_adds']:,}"
     cost_line = [] if "latency_ms_batch1" not in costs else [
-        f"- per image: {costs['multiply_adds']:,} multiply-adds; CPU latency (median, {costs['latency_threads']} "
+        f"- per input: {counted} multiply-adds; CPU latency (median, {costs['latency_threads']} "
         f"threads): {costs['latency_ms_batch1']:.3g} ms at batch 1, {costs['latency_ms_batch256']:.3g} ms at batch 256"]
     return "\n".join([
         f"### Trial {number}: temperature {config.temperature:.3g}, lambda {config.label_weight:.3g}, "

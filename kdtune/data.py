@@ -77,7 +77,7 @@ def validate(dataset: Dataset, spec: DataSpec) -> None:
                         f"{dataset.x_test.shape[1:]}.")
     if spec.format != "features" and min(dataset.x_train.shape[1:3]) < TEACHER_MIN_SIDE:
         side, (height, width) = f"{TEACHER_MIN_SIDE}x{TEACHER_MIN_SIDE}", dataset.x_train.shape[1:3]
-        raise DataError(f"{where}: images are {height}x{width} pixels, but the teacher CNN needs at least {side}; "
+        raise DataError(f"{where}: images are {height}x{width} pixels, but kdtune's CNNs need at least {side}; "
                         f"pad or resize the images to at least {side}.")
     for x_name, y_name in (("x_train", "y_train"), ("x_test", "y_test")):
         n_images, n_labels = len(getattr(dataset, x_name)), len(getattr(dataset, y_name))

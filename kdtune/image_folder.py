@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtune.readers import DataError, Dataset, _existing_folder
+from kdtune.readers import DataError, Dataset, existing_folder
 
 LAYOUT = "train/<class>/*.png|jpg, test/<class>/*.png|jpg"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -23,7 +23,7 @@ def read_folder(folder: Path | None) -> Dataset:
     except ImportError:
         raise DataError("format 'folder' reads images with Pillow, which is not installed: "
                         "pip install \"kdtune[images]\"") from None
-    folder = _existing_folder(folder, f"format 'folder' needs a folder laid out as {LAYOUT}")
+    folder = existing_folder(folder, f"format 'folder' needs a folder laid out as {LAYOUT}")
     train, test = (_split_folder(folder, split) for split in ("train", "test"))
     class_names = [d.name for d in _visible(train) if d.is_dir()]
     if not class_names:

@@ -89,7 +89,8 @@ def to_markdown(c: dict) -> str:
     lines = [
         f"# Model card: study {c['study']}, trial {c['trial']}", "",
         f"{describe_student(c['architecture'])} (width {config['width']}, {c['n_parameters']:,} parameters, "
-        f"{c['multiply_adds']:,} multiply-adds per input) distilled by kdtune from "
+        + ("multiply-adds not counted" if c["multiply_adds"] is None
+           else f"{c['multiply_adds']:,} multiply-adds per input") + ") distilled by kdtune from "
         + (f"a teacher of {c['teacher']['n_parameters']:,} parameters; " if c["teacher"]["n_parameters"] else
            "a teacher given as logits; ")
         + ("the report's overall winner" if c["overall_winner"] else f"the winner of size band {c['size_band']}")

@@ -43,7 +43,7 @@ class Dataset:
 
 def read_npz(path: Path) -> Dataset:
     keys = ("x_train", "y_train", "x_test", "y_test")
-    path = _existing_file(path, "format 'npz' needs the .npz file itself")
+    path = existing_file(path, "format 'npz' needs the .npz file itself")
     remedy = f"re-create it with numpy.savez({path.name!r}, {'=..., '.join(keys)}=...)"
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -92,7 +92,7 @@ def read_idx_file(path: Path) -> np.ndarray:
 
 def read_idx(folder: Path) -> Dataset:
     """A folder holding the four IDX files, found by the names both MNIST and EMNIST use."""
-    folder = _existing_folder(folder, "format 'idx' needs the folder holding the four IDX files")
+    folder = existing_folder(folder, "format 'idx' needs the folder holding the four IDX files")
     arrays = [read_idx_file(_find_one(folder, patterns)) for patterns in (
         ("*train-images*",), ("*train-labels*",), ("*t10k-images*", "*test-images*"),
         ("*t10k-labels*", "*test-labels*"))]
@@ -104,7 +104,7 @@ def read_emnist_mat(path: Path) -> Dataset:
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
 
-    path = _existing_file(path, "format 'emnist-mat' needs the EMNIST .mat file itself")
+    path = existing_file(path, "format 'emnist-mat' needs the EMNIST .mat file itself")
     try:
         dataset = loadmat(path, simplify_cells=True)["dataset"]
         parts = [(dataset[split]["images"], dataset[split]["labels"]) for split in ("train", "test")]
@@ -118,7 +118,7 @@ def read_emnist_mat(path: Path) -> Dataset:
 
 def read_emnist_csv(folder: Path) -> Dataset:
     """The Kaggle EMNIST CSVs: one image per row, the label then 784 pixels, no header."""
-    folder = _existing_folder(folder, "format 'emnist-csv' needs the folder holding *train*.csv and *test*.csv")
+    folder = existing_folder(folder, "format 'emnist-csv' needs the folder holding *train*.csv and *test*.csv")
     arrays = []
     for patterns in (("*train*.csv",), ("*test*.csv",)):
         path = _find_one(folder, patterns)
@@ -146,7 +146,7 @@ READERS = {  # keyed by spec.DATA_FORMATS
 }
 
 
-def _existing_file(path: Path | None, needs: str) -> Path:
+def existing_file(path: Path | None, needs: str) -> Path:
     if path is not None and path.is_dir():
         raise DataError(f"data.path {path} is a folder, but {needs}; set data.path to that file.")
     if path is None or not path.is_file():
@@ -154,7 +154,7 @@ def _existing_file(path: Path | None, needs: str) -> Path:
     return path
 
 
-def _existing_folder(folder: Path | None, needs: str) -> Path:
+def existing_folder(folder: Path | None, needs: str) -> Path:
     if folder is not None and folder.is_file():
         raise DataError(f"data.path {folder} is a file, but {needs}; set data.path to that folder.")
     if folder is None or not folder.is_dir():

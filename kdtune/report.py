@@ -86,6 +86,8 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     # the student's family and depth enter only away from their defaults: runs saved before they existed still fit
     students = {key: value for key, value in dataclasses.asdict(spec.student).items()
                 if (key, value) not in (("family", "mlp"), ("depth", 1))}
+    if "source_sha256" in (record := architecture.as_record()):  # an edited user family builds other students
+        students["source_sha256"] = record["source_sha256"]
     context = {"student": students, "transfer": dataclasses.asdict(spec.transfer),
                "data": splits.fingerprint, "teacher": teacher.cache_id, "precision": compute.precision}
 
@@ -316,7 +318,8 @@ def test_section(report: dict) -> str:
     teacher = report["teacher"]
     lines = [] if "front" not in report else [front_section(report), ""]
     lines += [
-        "## The overall winner on the test set, with the seed project's configuration", "",
+        "## The overall winner on the test set" + (", with the seed project's configuration"
+                                                   if "reference" in report["rows"] else ""), "",
         "| model | temperature | lambda | width | loss | parameters | test accuracy |", "|---|---|---|---|---|---|---|",
         f"| teacher | | | | | {_teacher_size(teacher)} | {100 * teacher['test_accuracy']:.2f}% |",
     ]

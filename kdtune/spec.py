@@ -219,8 +219,13 @@ def validate(spec: Spec) -> None:
           f"but got {spec.data.val_fraction=}.")
     choose(dict.fromkeys(DATA_FORMATS), spec.data.format, "data.format")
     choose(dict.fromkeys(LAYOUTS), spec.data.layout, "data.layout")
-    check(not (spec.data.format == "features" and spec.data.transpose), "data.transpose needs images, but "
-          "data.format = \"features\" holds vectors.")
+    if spec.data.format == "features":  # vectors: refused here, before a teacher is trained for nothing
+        for ok, what in ((not spec.data.transpose, "data.transpose"),
+                         (spec.teacher.augment == "none", "teacher.augment"),
+                         (spec.teacher.model != "builtin" or spec.teacher.logits, "the built-in teacher CNN"),
+                         (spec.student.family != "cnn", "student.family = \"cnn\"")):
+            check(ok, f"{what} needs images, but data.format = \"features\" holds vectors; give [teacher] logits "
+                  "or a model of your own, students of family \"mlp\" or your own, and no augmentation.")
     check(spec.data.format == "embedded" or spec.data.path != "", f"data.path is required for "
           f"data.format={spec.data.format!r}.")
     for section in ("teacher", "student"):

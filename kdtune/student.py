@@ -87,7 +87,9 @@ class Architecture:
 
     def build(self, width: int) -> nn.Module:
         if user_code.is_reference(self.family):
-            return user_code.build(self.family, "student.family", width, self.input_shape, self.n_classes)
+            model = user_code.build(self.family, "student.family", width, self.input_shape, self.n_classes)
+            user_code.check_output(model, self.input_shape, self.n_classes, self.family, "student.family")
+            return model
         return FAMILIES[self.family](self.input_shape, self.n_classes, width, self.depth)
 
     def n_parameters(self, width: int) -> int:

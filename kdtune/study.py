@@ -40,6 +40,8 @@ WORKER_SEED_STRIDE = 1_000_003  # a prime far above any trial count
 RECORDED_SECTIONS = ("seed", "precision", "data", "teacher", "student", "search", "transfer")
 # study user attribute: the process setting a new study up, {"worker": host:pid, "beat": n}; None once it stopped
 SET_UP_BY_KEY = "set_up_by"
+# study user attribute: the sha256 of a user student family's module source (see study_setup.check_same_students)
+STUDENT_SOURCE_KEY = "student_source_sha256"
 # study user attribute: how the record reads; absent in studies recorded before it existed
 RECORD_VERSION_KEY, RECORD_VERSION = "record_version", 3
 
@@ -315,6 +317,8 @@ def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeach
         return
     architecture = student.Architecture.of(spec.student, splits.input_shape, splits.n_classes)
     bands.record(study, study_bands(study, spec, architecture, teacher))
+    if "source_sha256" in (students := architecture.as_record()):
+        study.set_user_attr(STUDENT_SOURCE_KEY, students["source_sha256"])
     for key, value in {"precision": compute.precision,
                        "teacher_cache_id": teacher.cache_id,
                        "teacher_val_accuracy": teacher.val_accuracy, "data_fingerprint": splits.fingerprint,

@@ -62,6 +62,7 @@ def teacher_of(the_study: optuna.Study, spec: Spec, splits: Splits, compute: Com
         raise SpecError(f"study {spec.name!r} has not been set up yet (no teacher); run `kdtune tune` first.")
     study.check_same_spec(spec, recorded, the_study.user_attrs.get(study.RECORD_VERSION_KEY))
     check_same_data(the_study, spec, splits)
+    check_same_students(the_study, spec, splits)
     return artifacts.teacher_for_study(the_study, spec, splits, compute, echo=echo)
 
 
@@ -73,6 +74,16 @@ def check_same_data(the_study: optuna.Study, spec: Spec, splits: Splits) -> None
         raise SpecError(f"study {spec.name!r} was made on other data: its fingerprint is {recorded[:16]}, but "
                         f"{where} now gives {splits.fingerprint[:16]}; restore that data, or start a new study "
                         "on this data with --study-name.")
+
+
+def check_same_students(the_study: optuna.Study, spec: Spec, splits: Splits) -> None:
+    """Refuse a user student family whose module changed since the study was made: the same name would build
+    other students, and the study would mix them."""
+    recorded = the_study.user_attrs.get(study.STUDENT_SOURCE_KEY)
+    if recorded is not None and recorded != student.Architecture.of(
+            spec.student, splits.input_shape, splits.n_classes).as_record().get("source_sha256"):
+        raise SpecError(f"study {spec.name!r} was made with another version of {spec.student.family} (its module's "
+                        "source changed); restore it, or start a new study with --study-name.")
 
 
 def _set_up_here(the_study: optuna.Study, spec: Spec, splits: Splits, compute: Compute,

@@ -34,7 +34,9 @@ from kdtune.train import FitResult, accuracy_of_logits, fit, predict
 CACHE_ROOT = Path("studies/.teacher-cache")
 PARTS = ("train", "val", "test")
 WEIGHTS_FILE = "weights.pt"
-LATER_TEACHER_KEYS = ("lr_schedule", "augment", "model", "weights", "logits")
+LATER_TEACHER_KEYS = ("lr_schedule", "augment")
+# where the teacher comes from enters the key as teacher_sources.identity gives it: files by their contents
+SOURCE_KEYS = ("model", "weights", "logits")
 
 
 class CorruptCache(Exception):
@@ -62,10 +64,8 @@ def cache_id(spec: Spec, data_fingerprint: str, compute: Compute) -> str:
     """`compute`: the spec's device and precision, resolved for this machine."""
     # Keys added to [teacher] after teachers were cached enter the key only away from their defaults, which train
     # as before: so every teacher cached before them keeps its id.
-    # The weights' and logits' files enter by their contents (teacher_sources.identity), not by where they are.
     teacher = {name: value for name, value in dataclasses.asdict(spec.teacher).items()
-               if not (name in LATER_TEACHER_KEYS and value == getattr(TeacherSpec, name))
-               and name not in ("weights", "logits")}
+               if not (name in LATER_TEACHER_KEYS and value == getattr(TeacherSpec, name)) and name not in SOURCE_KEYS}
     key = {"data": data_fingerprint, "teacher": teacher, "seed": spec.seed, **teacher_sources.identity(spec.teacher)}
     if compute.autocast_dtype is not None:  # only then: every fp32 teacher cached before precision existed stays valid
         key["precision"] = compute.precision
@@ -112,7 +112,7 @@ def load_model(cached: CachedTeacher) -> torch.nn.Module:
     input_shape = cached.meta.get("input_shape") or [1, *cached.meta["image_shape"]]
     source = TeacherSpec(**cached.meta["teacher"])
     model = teacher_sources.network(source, tuple(input_shape), cached.meta["n_classes"])
-    return teacher_sources.load_weights(model, cached.folder / WEIGHTS_FILE, key="the cached teacher")
+    return teacher_sources.load_weights(model, cached.folder / WEIGHTS_FILE, key=f"teacher cache {cached.cache_id}")
 
 
 def train(spec: Spec, splits: Splits, folder: Path, compute: Compute, *,

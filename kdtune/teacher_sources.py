@@ -8,6 +8,7 @@ the logits file's sha256.
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 import zlib
 from pathlib import Path
@@ -41,7 +42,9 @@ def network(source: TeacherSpec, input_shape: tuple[int, ...], n_classes: int) -
     """The teacher's network with fresh weights: the built-in CNN, or the user's factory(input_shape, n_classes)."""
     if source.model == "builtin":
         return TeacherCNN(input_shape, n_classes)
-    return user_code.build(source.model, "teacher.model", tuple(input_shape), n_classes)
+    model = user_code.build(source.model, "teacher.model", tuple(input_shape), n_classes)
+    user_code.check_output(model, input_shape, n_classes, source.model, "teacher.model")
+    return model
 
 
 def load_weights(model: nn.Module, path: Path | str, key: str = "teacher.weights") -> nn.Module:
@@ -50,10 +53,13 @@ def load_weights(model: nn.Module, path: Path | str, key: str = "teacher.weights
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
         model.load_state_dict(state)
-    except (RuntimeError, OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as error:
+    # torch.load of a whole pickled module (torch.save(model)) raises UnpicklingError under weights_only; a bare
+    # tensor or another dict fails in load_state_dict with TypeError, KeyError or RuntimeError
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError, TypeError,
+            KeyError, zipfile.BadZipFile) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{key} = {str(path)!r} is not a state_dict of this teacher network ({first_line}); save "
-                        "it with torch.save(model.state_dict(), path).") from error
+        raise DataError(f"{key} = {str(path)!r} is not a state_dict of this teacher network ({first_line[:200]}); "
+                        "save it with torch.save(model.state_dict(), path), not torch.save(model, path).") from error
     return model
 
 
@@ -62,7 +68,11 @@ def read_logits(path: Path | str, splits: Splits) -> dict[str, torch.Tensor]:
     path = _existing(path, "teacher.logits")
     remedy = "save it with numpy.savez(path, train=<(N_train, C) logits>, test=<(N_test, C) logits>)"
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"teacher.logits {path} holds one array, as a .npy file does, not an .npz archive; "
+                            f"{remedy}.")
+        with loaded as archive:
             missing = [key for key in LOGITS_KEYS if key not in archive.files]
             if missing:
                 raise DataError(f"teacher.logits {path} lacks {missing}; {remedy}.")

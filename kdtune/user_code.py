@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from kdtune.spec import SpecError
@@ -54,6 +55,26 @@ def build(reference: str, key: str, *args, **kwargs) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise SpecError(f"{key}: {reference} returned {type(model).__name__}, but must return a torch.nn.Module.")
     return model
+
+
+def check_output(model: nn.Module, input_shape: tuple[int, ...], n_classes: int, reference: str, key: str) -> None:
+    """A user's network must map a batch (N, *input_shape) to logits (N, n_classes): an ImageNet head of 1000
+    would otherwise train without complaint and break every student after it. Checked on a batch of zeros, in
+    eval mode, drawing nothing from the global RNG that seeds the students."""
+    device = next(model.parameters(), torch.empty(0)).device
+    training = model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            found = model.eval()(torch.zeros(2, *input_shape, device=device))
+    except Exception as error:  # the user's forward pass, as on import
+        raise SpecError(f"{key}: {reference} fails on a batch of shape {(2, *input_shape)} ({type(error).__name__}: "
+                        f"{error}).") from error
+    finally:
+        model.train(training)
+    shape = tuple(getattr(found, "shape", ()))
+    if shape != (2, n_classes):
+        raise SpecError(f"{key}: {reference} gives outputs of shape {shape or type(found).__name__} for a batch of 2, "
+                        f"but must give logits of shape (2, {n_classes}): one per class of the data.")
 
 
 def source_sha256(reference: str, key: str) -> str:

@@ -36,10 +36,11 @@ def test_multiply_adds_count_convolutions_per_output_value():
     assert cost.multiply_adds(model, (1, 28, 28)) == conv1 + conv2 + 128 * 5 * 5 * 1024 + 1024 * 10
 
 
-def test_multiply_adds_refuse_a_layer_with_weights_they_cannot_count():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8))
-    with pytest.raises(NotImplementedError, match="BatchNorm1d"):
-        cost.multiply_adds(model, (1, 28, 28))
+def test_multiply_adds_count_normalisations_and_are_unknown_for_layers_they_cannot_count():
+    normalised = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8), nn.LayerNorm(8))
+    assert cost.multiply_adds(normalised, (1, 28, 28)) == 784 * 8 + 8 + 8
+    embedded = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Embedding(4, 2))  # weights of another kind
+    assert cost.multiply_adds(embedded, (1, 28, 28)) is None
 
 
 def test_latency_is_timed_at_batch_1_and_256_over_at_least_20_calls():
@@ -164,3 +165,15 @@ def test_every_trial_carries_its_student_s_cost_pruned_ones_too(tiny_spec, monke
         note = optuna_dashboard.get_note(optuna.Trial(the_study, trial._trial_id))
         assert f"{784 * width + width * 10:,} multiply-adds; CPU latency" in note
     assert len(list(cost.CACHE_ROOT.glob("*.json"))) == len({t.params["width"] for t in trials})
+
+
+def test_grey_one_layer_mlps_keep_their_measurements_and_other_students_get_their_own():
+    """The key of a grey one-layer MLP is the one it had before colour and families, so measured widths stay
+    cached; depth, channels, family and a user family's source each make another student."""
+    key = cost.cache_key(MLP, 32)
+    assert {k: key[k] for k in ("family", "image_shape", "n_classes", "width")} == {
+        "family": "mlp", "image_shape": [28, 28], "n_classes": 10, "width": 32}
+    assert "depth" not in key and "input_shape" not in key
+    others = [Architecture("mlp", 2, (1, 28, 28), 10), Architecture("mlp", 1, (3, 28, 28), 10),
+              Architecture("cnn", 1, (1, 28, 28), 10)]
+    assert len({json.dumps(cost.cache_key(a, 32), sort_keys=True) for a in [MLP, *others]}) == 4

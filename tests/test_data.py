@@ -286,7 +286,7 @@ def test_an_ambiguous_layout_must_be_declared(tmp_path, upright):
     np.savez(tmp_path / "d.npz", x_train=tiny, y_train=y, x_test=tiny, y_test=y)
     with pytest.raises(DataError, match='ambiguous; set data.layout = "nhwc" or "nchw"'):
         load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
-    with pytest.raises(DataError, match="teacher CNN needs at least 4x4"):  # declared, it reads; then it is too small
+    with pytest.raises(DataError, match="CNNs need at least 4x4"):  # declared, it reads; then it is too small
         load(DataSpec(format="npz", path=str(tmp_path / "d.npz"), layout="nhwc"))
     four = np.concatenate([colour_of(x), x[..., None]], axis=-1)
     np.savez(tmp_path / "rgba.npz", x_train=four, y_train=y, x_test=four, y_test=y)
@@ -329,8 +329,14 @@ def test_feature_vectors_load_as_float32_and_are_checked(tmp_path):
     np.savez(tmp_path / "3d.npz", x_train=x.reshape(40, 2, 3), y_train=y, x_test=x[:8], y_test=y[:8])
     with pytest.raises(DataError, match=r"numeric \(N, D\) array"):
         load(DataSpec(format="features", path=str(tmp_path / "3d.npz")))
-    with pytest.raises(SpecError, match="transpose needs images"):
-        load_spec(None, data={"format": "features", "path": "f.npz", "transpose": True})
+    features = {"format": "features", "path": "f.npz"}
+    for section, wrong in (("data", {**features, "transpose": True}),
+                           ("teacher", {"logits": "l.npz", "augment": "shift"}), ("teacher", {}),
+                           ("student", {"family": "cnn"})):
+        sections = {"data": features, "teacher": {"logits": "l.npz"}, section: wrong}
+        with pytest.raises(SpecError, match='needs images, but data.format = "features" holds vectors'):
+            load_spec(None, **sections)
+    assert load_spec(None, data=features, teacher={"logits": "l.npz"}).data.format == "features"
 
 
 def test_an_image_folder_loads_through_the_spec_with_its_class_names(tmp_path):

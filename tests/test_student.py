@@ -111,3 +111,9 @@ def test_a_stopped_student_comes_back_with_its_result():
                               StudentSpec(max_epochs=5, batch_size=32), data, seed=0, compute=CPU_FP32,
                               report=prune_at_second_epoch)
     assert result.stopped_early == "pruned after epoch 2" and result.n_epochs == len(result.val_curve) == 2
+
+
+def test_the_spec_knows_every_built_in_family():
+    from kdtune.spec import STUDENT_FAMILIES
+
+    assert STUDENT_FAMILIES == tuple(student.FAMILIES)

@@ -68,6 +68,20 @@ def test_a_logits_file_is_the_whole_teacher_split_as_the_data(tiny, workdir, mon
     assert teacher.load(cached.folder).cache_id == cached.cache_id  # the cache reads back without weights
 
 
+
+def test_logits_rows_pair_with_the_files_samples(tiny, workdir):
+    """Logits that are the one-hot of the data file's own labels, row for row: a teacher right on every sample
+    only if each cached row is its sample's (train, val and test)."""
+    spec, splits = tiny
+    labels = np.load(spec.data.path)
+    write_logits(workdir / "onehot.npz", splits, train=5 * np.eye(10, dtype=np.float32)[labels["y_train"]],
+                 test=5 * np.eye(10, dtype=np.float32)[labels["y_test"]])
+    cached = quiet(with_teacher(spec, logits="onehot.npz"), splits, CPU_FP32)
+    assert cached.val_accuracy == 1.0
+    for part in ("train", "val", "test"):
+        assert torch.equal(cached.logits[part].argmax(1), getattr(splits, f"y_{part}"))
+
+
 def test_the_cache_key_follows_the_logits_contents_not_the_file_name(tiny, workdir):
     spec, splits = tiny
     write_logits(workdir / "a.npz", splits)
@@ -88,6 +102,7 @@ def test_the_cache_key_follows_the_logits_contents_not_the_file_name(tiny, workd
     ("missing key", r"lacks \['test'\]"),
     ("not an archive", "is not a readable .npz archive"),
     ("no file", "does not exist"),
+    ("an npy", "holds one array, as a .npy file does"),
 ])
 def test_bad_logits_are_one_line_naming_the_file_and_nothing_is_cached(tiny, workdir, case, message):
     spec, splits = tiny
@@ -107,6 +122,9 @@ def test_bad_logits_are_one_line_naming_the_file_and_nothing_is_cached(tiny, wor
         np.savez(path, train=good)
     elif case == "not an archive":
         path.write_bytes(b"not a zip file")
+    elif case == "an npy":
+        with path.open("wb") as file:  # np.save would add .npy to the name
+            np.save(file, good)
     spec = with_teacher(spec, logits=str(path))
     with pytest.raises(DataError, match=message) as error:
         quiet(spec, splits, CPU_FP32)
@@ -134,8 +152,12 @@ def test_weights_are_only_evaluated_never_trained(tiny, workdir, monkeypatch):
     assert cached.meta["n_epochs"] == 0 and cached.n_parameters == sum(p.numel() for p in network.parameters())
     assert torch.allclose(teacher.load_model(cached)(splits.x_val), cached.logits["val"], atol=1e-5)
     torch.save({"something": torch.zeros(3)}, workdir / "other.pt")
-    with pytest.raises(DataError, match="is not a state_dict of this teacher network"):
-        quiet(with_teacher(spec, weights="other.pt"), splits, CPU_FP32)
+    torch.save(network, workdir / "pickled.pt")  # the whole module, the common mistake
+    torch.save(torch.zeros(3), workdir / "tensor.pt")
+    for wrong in ("other.pt", "pickled.pt", "tensor.pt"):
+        with pytest.raises(DataError, match="is not a state_dict of this teacher network") as error:
+            quiet(with_teacher(spec, weights=wrong), splits, CPU_FP32)
+        assert "\n" not in str(error.value)
 
 
 def test_a_user_network_trains_here_and_its_source_keys_the_cache(tiny, workdir):
@@ -165,3 +187,27 @@ def test_the_example_user_models_in_studies_build_and_run(monkeypatch):
     students = Architecture("studies.user_models:bottleneck_mlp", 1, (20,), 4)
     assert students.build(32)(torch.zeros(2, 20)).shape == (2, 4)
     assert students.n_parameters(32) == (20 * 32 + 32) + (32 * 8 + 8) + (8 * 4 + 4)
+
+
+def test_a_user_network_must_give_one_logit_per_class(tiny, workdir):
+    """An ImageNet head of 1000 would train without complaint and break every student after it."""
+    spec, splits = tiny
+    (workdir / "user_teachers.py").write_text(USER_MODULE + """
+def imagenet_head(input_shape, n_classes):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 1000))
+
+def needs_colour(input_shape, n_classes):
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(n_classes))
+
+def features_not_logits(width, input_shape, n_classes):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, width))
+""")
+    with pytest.raises(SpecError, match=r"gives outputs of shape \(2, 1000\).*must give logits of shape \(2, 10\)"):
+        quiet(with_teacher(spec, model="user_teachers:imagenet_head"), splits, CPU_FP32)
+    with pytest.raises(SpecError, match=r"needs_colour fails on a batch of shape \(2, 1, 28, 28\)"):
+        quiet(with_teacher(spec, model="user_teachers:needs_colour"), splits, CPU_FP32)
+    from kdtune.student import Architecture
+
+    with pytest.raises(SpecError, match=r"student.family: user_teachers:features_not_logits gives outputs of shape "
+                                        r"\(2, 8\)"):
+        Architecture("user_teachers:features_not_logits", 1, (1, 28, 28), 10).build(8)
