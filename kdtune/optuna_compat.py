@@ -24,6 +24,30 @@ def stale_trial_numbers(study: optuna.Study) -> set[int]:
     return {storage.get_trial_number_from_id(trial_id) for trial_id in storage._get_stale_trial_ids(study._study_id)}
 
 
+def give_first_heartbeats(study: optuna.Study) -> None:
+    """Give each running trial that has no heartbeat yet one, stamped now by the database.
+
+    Optuna never calls a running trial without a heartbeat stale, and its worker records the first beat only
+    after creating the trial: a worker that dies in between (the database went away at that instant) leaves a
+    trial RUNNING for good, and `target.wait_for_a_place` then waits for it forever. With one beat, a live
+    worker's own beats keep the trial fresh; a dead worker's goes stale after the grace period, and
+    `fail_stale_trials` fails it and queues its retry. Storages without heartbeats have nothing to do.
+    """
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    storage = getattr(study._storage, "_backend", study._storage)  # RDBStorage comes wrapped in a cache
+    if not isinstance(storage, optuna.storages.RDBStorage) or storage.get_heartbeat_interval() is None:
+        return
+    with _create_scoped_session(storage.scoped_session, True) as session:  # True: the worker's own first beat won
+        silent = (session.query(models.TrialModel.trial_id)
+                  .filter(models.TrialModel.study_id == study._study_id,
+                          models.TrialModel.state == optuna.trial.TrialState.RUNNING,
+                          ~models.TrialModel.heartbeats.any()).all())
+        for (trial_id,) in silent:
+            session.add(models.TrialHeartbeatModel(trial_id=trial_id))
+
+
 def live_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.Trial:
     """A live `Trial` handle on a trial of `study`, for APIs that take one (optuna-dashboard's `save_note`).
     Building it only reads the trial: kdtune's TPE sampler does nothing before a trial."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import sqlalchemy.exc
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
 from kdtune.spec import SpecError, WorkersSpec
 
@@ -50,8 +51,8 @@ def open_storage(url: str, workers: WorkersSpec | None = None, *, read_only: boo
     attempt = 1
     while True:
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=read_only,
-                                              **heartbeat)
+            storage_class = optuna.storages.RDBStorage if path is None else SQLiteStorage
+            return storage_class(url, engine_kwargs=engine_kwargs, skip_table_creation=read_only, **heartbeat)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) \
                 as error:
             if attempt == N_OPEN_ATTEMPTS or not _lost_a_creation_race(error):
@@ -113,3 +114,24 @@ def connect_sqlite(path: Path, read_only: bool = False) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     return connection
+
+
+class SQLiteStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose trial state changes are atomic on SQLite too.
+
+    Optuna changes a trial's state by reading it `SELECT ... FOR UPDATE`, then writing it. SQLite ignores FOR
+    UPDATE and pysqlite begins the transaction only at the write, so two processes can both read a queued trial
+    as WAITING and both claim it (each then trains it; the second to finish fails with "Cannot tell a COMPLETE
+    trial"), and a stale-trial reaper can overwrite a trial its worker has just completed. BEGIN IMMEDIATE takes
+    the write lock before the read: the loser waits, then sees the state the winner wrote.
+    """
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        session = self.scoped_session()
+        try:
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            session.rollback()
+            session.close()
+            raise
+        return super().set_trial_state_values(trial_id, state, values)

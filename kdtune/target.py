@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from kdtune import health
 from kdtune.errors import STORAGE_ERRORS
 from kdtune.interrupts import StopRequest
+from kdtune.optuna_compat import give_first_heartbeats
 from kdtune.train import TrainingDiverged
 from kdtune.trial_log import quiet_trial_log
 
@@ -76,7 +78,10 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
                     raise error.__context__ from None
                 raise
             stop.raise_if_requested()
-            if n_finished(study) == n_trials - n_missing:
+            # no trial finished anywhere: more rounds would not help, unless this one gave its place to a retry
+            if n_finished(study) == n_trials - n_missing and not any(
+                    RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None
+                    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
                 return
 
 
@@ -94,6 +99,7 @@ def wait_for_a_place(trial: optuna.Trial, n_trials: int) -> None:
             surplus(trial, "other workers finished the study while it started")
         if len(earlier) < n_trials:
             return
+        give_first_heartbeats(trial.study)  # a worker that died before its trial's first heartbeat: stale too
         optuna.storages.fail_stale_trials(trial.study)  # fails a dead worker's trial and enqueues its retry
         if trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             surplus(trial, "it gave its place to a waiting retry")

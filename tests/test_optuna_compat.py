@@ -5,7 +5,7 @@ from contextlib import closing
 
 import optuna
 
-from kdtune.optuna_compat import live_trial, stale_trial_numbers
+from kdtune.optuna_compat import give_first_heartbeats, live_trial, stale_trial_numbers
 
 
 def test_stale_trials_are_running_trials_whose_heartbeat_stopped(tmp_path):
@@ -42,3 +42,32 @@ def test_optuna_logs_failed_trials_on_the_trial_loop_logger(trial_log):
     optuna.create_study().optimize(fail, n_trials=1, catch=(ValueError,))
     failed = [r for r in trial_log if r.exc_info]
     assert failed and isinstance(failed[0].exc_info[1], ValueError)
+
+
+def heartbeats(database) -> list[tuple[int, int]]:
+    with closing(sqlite3.connect(database)) as connection:
+        return connection.execute("SELECT t.number, count(*) FROM trial_heartbeats h JOIN trials t "
+                                  "ON t.trial_id = h.trial_id GROUP BY t.number").fetchall()
+
+
+def test_a_running_trial_without_a_heartbeat_gets_one_and_can_then_go_stale(tmp_path):
+    """Optuna never calls a running trial without a heartbeat stale: a worker that died before its first beat
+    would hold its place for good. Given a first beat, it goes stale like any other once the beats stop."""
+    database = tmp_path / "s.db"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{database}", heartbeat_interval=1, grace_period=60)
+    the_study = optuna.create_study(storage=storage)
+    orphan = the_study.ask()  # ask() writes no heartbeat: the optimize loop's thread does, a moment later
+    assert heartbeats(database) == [] and stale_trial_numbers(the_study) == set()
+    give_first_heartbeats(the_study)
+    give_first_heartbeats(the_study)  # a trial that has a beat keeps it: one row, not two
+    assert heartbeats(database) == [(orphan.number, 1)]
+    with closing(sqlite3.connect(database)) as connection, connection:
+        connection.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour')")
+    assert stale_trial_numbers(the_study) == {orphan.number}
+
+
+def test_first_heartbeats_leave_a_storage_without_heartbeats_alone():
+    the_study = optuna.create_study()
+    the_study.ask()
+    give_first_heartbeats(the_study)
+    assert stale_trial_numbers(the_study) == set()

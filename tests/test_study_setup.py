@@ -6,6 +6,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from contextlib import closing
 
 import optuna
@@ -100,7 +102,7 @@ def test_processes_joining_a_running_study_sample_from_their_own_seeds(spec_and_
 
 
 def test_a_lost_race_to_create_the_tables_is_retried(tmp_path, monkeypatch):
-    real, calls = optuna.storages.RDBStorage, []
+    real, calls = storage.SQLiteStorage, []  # what open_storage builds for a sqlite:/// URL
 
     def first_call_loses(*args, **kwargs):
         calls.append(args)
@@ -109,8 +111,8 @@ def test_a_lost_race_to_create_the_tables_is_retried(tmp_path, monkeypatch):
                 "UNIQUE constraint failed: version_info.version_info_id"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(optuna.storages, "RDBStorage", first_call_loses)
-    storage.open_storage(f"sqlite:///{tmp_path}/race.db")
+    monkeypatch.setattr(storage, "SQLiteStorage", first_call_loses)
+    assert isinstance(storage.open_storage(f"sqlite:///{tmp_path}/race.db"), real)
     assert len(calls) == 2
 
 
@@ -125,3 +127,25 @@ def test_an_unreachable_server_is_not_retried(monkeypatch):
     with pytest.raises(storage.SpecError, match="cannot open storage"):
         storage.open_storage("postgresql://nobody@127.0.0.1:1/none")
     assert len(calls) == 1
+
+
+def test_a_queued_trial_is_claimed_once_on_sqlite_while_another_process_claims_it(tmp_path):
+    """Two processes popping the same queued trial: the one that waits for the other's write must then see the
+    trial RUNNING and not claim it too (SQLite ignores SELECT ... FOR UPDATE; storage.SQLiteStorage takes the
+    write lock before reading). The other process is a raw connection that has claimed it, uncommitted."""
+    database = tmp_path / "claim.db"
+    the_storage = storage.open_storage(f"sqlite:///{database}")
+    the_study = optuna.create_study(storage=the_storage)
+    the_study.enqueue_trial({"x": 1.0})
+    trial_id = the_study.get_trials()[0]._trial_id
+    with closing(sqlite3.connect(database, isolation_level=None)) as rival:
+        rival.execute("BEGIN IMMEDIATE")
+        rival.execute("UPDATE trials SET state = 'RUNNING' WHERE trial_id = ?", (trial_id,))
+        claimed = []
+        ours = threading.Thread(target=lambda: claimed.append(
+            the_storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)))
+        ours.start()
+        time.sleep(1.0)  # lets our claim reach the database first; were it later, the test would only be weaker
+        rival.execute("COMMIT")
+        ours.join()
+    assert claimed == [False]
