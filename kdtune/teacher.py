@@ -119,17 +119,21 @@ def train(spec: Spec, splits: Splits, folder: Path, compute: Compute, *,
           echo: Callable[[str], None] = print) -> CachedTeacher:
     """Train the teacher, or evaluate the one the spec gives (weights or logits), and cache it in `folder`."""
     source = spec.teacher
+    model, result = None, None  # no network: a logits file; no result: a teacher not trained here
     if source.logits:
         echo(f"Reading the teacher's logits from {source.logits}; they are cached in {folder}.")
-        model, logits = None, teacher_sources.read_logits(source.logits, splits)
-        result = FitResult(accuracy_of_logits(logits["val"], splits.y_val), 0, 0.0)
+        logits = teacher_sources.read_logits(source.logits, splits)
     else:
         torch.manual_seed(spec.seed)
         model = teacher_sources.network(source, splits.input_shape, splits.n_classes)
-        model, result = (_evaluated(model, splits, source.weights, compute, echo) if source.weights else
-                         _trained(model, spec, splits, compute, echo, folder))
+        if source.weights:
+            echo(f"Evaluating the teacher with the weights in {source.weights} (not trained here).")
+            model = teacher_sources.load_weights(model, source.weights).to(compute.device)
+        else:
+            model, result = _trained(model, spec, splits, compute, echo, folder)
         logits = {part: predict(model, getattr(splits, f"x_{part}").to(compute.device), compute.autocast_dtype).cpu()
                   for part in PARTS}
+    result = result or FitResult(accuracy_of_logits(logits["val"], splits.y_val), 0, 0.0)
 
     # write everything to a scratch folder, then rename: a crash never leaves a half-written cache
     scratch = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
@@ -175,10 +179,3 @@ def _trained(model: torch.nn.Module, spec: Spec, splits: Splits, compute: Comput
                      augment=spec.teacher.augment)
     return model, result
 
-
-def _evaluated(model: torch.nn.Module, splits: Splits, weights: str, compute: Compute,
-               echo: Callable[[str], None]) -> tuple[torch.nn.Module, FitResult]:
-    echo(f"Evaluating the teacher with the weights in {weights} (not trained here).")
-    model = teacher_sources.load_weights(model, weights).to(compute.device)
-    val_logits = predict(model, splits.x_val.to(compute.device), compute.autocast_dtype).cpu()
-    return model, FitResult(accuracy_of_logits(val_logits, splits.y_val), 0, 0.0)
