@@ -1,12 +1,15 @@
 """Shared fixtures: a tiny slice of the embedded Fashion-MNIST and specs that train in seconds."""
 
+import io
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
+import tempfile
+import threading
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import optuna
 import pytest
 import torch
 
+from kdtune.cli import main
 from kdtune.hardware import Compute
 from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME
 from kdtune.readers import read_embedded
@@ -101,6 +105,42 @@ def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.Completed
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def drop_user_modules() -> None:
+    """Forget the modules imported from temporary folders: the tests' user modules (teachers, student
+    families), written in each test's own folder, often under the same name."""
+    scratch = str(Path(tempfile.gettempdir()).resolve())
+    for name, module in list(sys.modules.items()):
+        source = getattr(module, "__file__", None)
+        if source and str(Path(source).resolve()).startswith(scratch):
+            del sys.modules[name]
+
+
+def cli_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`kdtune.cli.main(args)` in this process, run from `cwd`: what `run_cli` checks (exit code, stdout,
+    stderr) without a new interpreter's ~3 s of imports. For commands whose signals and processes are not under
+    test. Puts back what a command changes for the whole process: torch threads, signal handlers, the thread
+    excepthook, the working directory, sys.path and the user modules imported from `cwd`."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    drop_user_modules()  # as in a new interpreter: a module of that name another test imported is not this one
+    before = (os.getcwd(), list(sys.path), torch.get_num_threads(), threading.excepthook)
+    try:
+        with signal_handlers({signal.SIGINT: signal.getsignal(signal.SIGINT),
+                              signal.SIGTERM: signal.getsignal(signal.SIGTERM)}), \
+                redirect_stdout(stdout), redirect_stderr(stderr):
+            os.chdir(cwd)
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code
+    finally:
+        os.chdir(before[0])
+        sys.path[:] = before[1]
+        torch.set_num_threads(before[2])
+        threading.excepthook = before[3]
+        drop_user_modules()
+    return subprocess.CompletedProcess(["kdtune", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(scope="session")

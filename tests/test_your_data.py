@@ -1,7 +1,8 @@
-"""A user's own data, teacher and students, end to end through `python cli.py` as a user runs it: colour images
-with CNN students, an image folder with two-layer MLP students, and feature vectors whose teacher is a logits
-file, with students from the user's own module. Each goes through tune, report and (two of them) export and
-predict; the fixtures are written here from the embedded data."""
+"""A user's own data, teacher and students, end to end through the CLI's commands: colour images with CNN
+students, an image folder with two-layer MLP students, and feature vectors whose teacher is a logits file, with
+students from the user's own module. Each goes through tune, report and (two of them) export and predict; the
+fixtures are written here from the embedded data. The commands run in this process (`cli_in_process`): the
+subprocess path and its signals are test_cli's, and a new interpreter per command cost ~3 s each here."""
 
 import json
 
@@ -9,7 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import run_cli, write_tiny_npz
+from conftest import cli_in_process, write_tiny_npz
 from PIL import Image
 
 from kdtune import data
@@ -55,7 +56,7 @@ def write_spec(workdir, name, *, data_lines, width, student="", teacher=""):
 
 
 def cli(workdir, *args):
-    done = run_cli(*args, cwd=workdir)
+    done = cli_in_process(*args, cwd=workdir)
     assert done.returncode == 0, (args, done.stderr[-2000:])
     return done
 
@@ -143,7 +144,7 @@ def test_feature_vectors_with_a_logits_teacher_and_the_user_s_own_students(workd
     cli(workdir, "tune", "--spec", str(spec), "--trials", "3")
     trials = trials_of(workdir, "features")
     (workdir / "my_students.py").write_text(USER_STUDENTS.replace("torch.nn.ReLU()", "torch.nn.Tanh()"))
-    edited = run_cli("tune", "--spec", str(spec), "--trials", "4", cwd=workdir)
+    edited = cli_in_process("tune", "--spec", str(spec), "--trials", "4", cwd=workdir)
     assert edited.returncode == 2 and "made with another version of my_students:two_layers" in edited.stderr
     (workdir / "my_students.py").write_text(USER_STUDENTS)
     # the user's module built them: (98 + 1) w + (w + 1) 10 parameters
