@@ -1,92 +1,204 @@
-"""Would training several trials' students at once pay? Measure the best case, then bound the study-level gain.
+"""Would training several trials' students at once pay? Measure it per width and K, then bound the study's gain.
 
-Students of one width train as one model: their first layers concatenated into one wide matmul, their output
-layers one batched matmul, each with its own temperature and lambda in its own loss term. Adam is elementwise,
-so this is exactly K independent students on the same batches (kdtune's trials share the shuffling seed).
-The study-level bound is Amdahl's law over the time a real study spends in narrow trials.
+K one-hidden-layer students of one width train as one model: their first layers concatenated into one wide
+matmul, their output layers one batched matmul, and one loss over all K, each student with its own temperature
+and lambda (a sum, so each student's gradient is its own). Adam is elementwise, so this is K independent
+students on the same batches (kdtune's trials share the shuffling seed): each one's validation curve is checked
+against the same student trained alone by kdtune's own `fit`.
+
+The study-level bound is Amdahl's law over the time real studies spent in trials of the widths that batch.
+
+    python bench/batched.py [--quick] [--threads N] [--study sqlite:///studies/<name>/study.db:<name> ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
+import sys
 import time
+from pathlib import Path
 
+import optuna
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from kdtune.losses import hinton_loss
+from kdtune import data, hardware
+from kdtune.hardware import autocast
+from kdtune.losses import UNLABELLED, hinton_loss
 from kdtune.models import StudentMLP
-from kdtune.spec import StudentSpec
+from kdtune.provenance import versions
+from kdtune.spec import StudentSpec, load_spec
+from kdtune.target import FINISHED
 from kdtune.train import fit
 
-NARROW = 256  # widths up to this leave a 2-core CPU idle between small matmuls
+WIDTHS = (16, 32, 64, 128, 256, 512)
+KS = (4, 8, 16, 32)
+QUICK_WIDTHS, QUICK_KS = (64,), (8,)
 
 
 class BatchedStudents(nn.Module):
+    """K StudentMLPs of one width as one module: (B, ...) -> (B, K, C), starting from the students' weights."""
+
     def __init__(self, students: list[StudentMLP]):
         super().__init__()
-        first = [s[1] for s in students]
-        second = [s[3] for s in students]
+        first, second = [s[1] for s in students], [s[3] for s in students]
         self.k, self.width = len(students), first[0].out_features
         self.first = nn.Linear(first[0].in_features, self.k * self.width)
-        with torch.no_grad():  # start from the same weights K separate students would have
+        with torch.no_grad():
             self.first.weight.copy_(torch.cat([layer.weight for layer in first]))
             self.first.bias.copy_(torch.cat([layer.bias for layer in first]))
         self.second_weight = nn.Parameter(torch.stack([layer.weight.T for layer in second]).detach().clone())
         self.second_bias = nn.Parameter(torch.stack([layer.bias for layer in second]).detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (B, K, C)
-        hidden = torch.relu(self.first(x.flatten(1))).view(len(x), self.k, self.width)
-        return torch.einsum("bkh,khc->bkc", hidden, self.second_weight) + self.second_bias
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.first(x.flatten(1))).view(len(x), self.k, self.width).transpose(0, 1)
+        return (torch.bmm(hidden, self.second_weight) + self.second_bias[:, None]).transpose(0, 1)
 
 
-def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]], splits, soft, epochs: int,
-                  seed: int) -> tuple[float, list[float]]:
-    """(seconds, final validation accuracy of each student)."""
+def batched_hinton_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                        temperatures: torch.Tensor, label_weights: torch.Tensor) -> torch.Tensor:
+    """The sum over K students of kdtune's hinton_loss, each with its own T and lambda, in one pass:
+    logits (B, K, C), teacher_logits (B, C), labels (B,), temperatures and label_weights (K,)."""
+    n, k, _ = logits.shape
+    n_labelled = (labels != UNLABELLED).sum().clamp(min=1)
+    hard = F.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(n, k), ignore_index=UNLABELLED,
+                           reduction="none").sum(dim=0) / n_labelled
+    scale = temperatures[None, :, None]
+    soft = F.kl_div(F.log_softmax(logits / scale, dim=2), F.log_softmax(teacher_logits[:, None] / scale, dim=2),
+                    reduction="none", log_target=True).sum(dim=(0, 2)) / n
+    return (label_weights * hard + (1 - label_weights) * temperatures**2 * soft).sum()
+
+
+def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]], splits, soft: torch.Tensor,
+                  epochs: int, seed: int, dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
+    """(seconds, each student's validation accuracy after every epoch): kdtune's `fit` loop, K students wide."""
     started = time.perf_counter()
     model = BatchedStudents(students)
+    temperatures, label_weights = (torch.tensor(column) for column in zip(*configs))
     schedule = StudentSpec()
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.learning_rate, fused=True)
-    shuffle = torch.Generator().manual_seed(seed)
+    shuffle = torch.Generator().manual_seed(seed)  # as `fit` shuffles: the same batches as each trained alone
     x, y = splits.x_train, splits.y_train
+    curves: list[list[float]] = [[] for _ in students]
     for _ in range(epochs):
+        model.train()
         for batch in torch.randperm(len(x), generator=shuffle).split(schedule.batch_size):
-            logits = model(x[batch])
-            loss = sum(hinton_loss(logits[:, k], soft[batch], y[batch], temperature=t, label_weight=lam)
-                       for k, (t, lam) in enumerate(configs))
+            with autocast(x.device, dtype):
+                loss = batched_hinton_loss(model(x[batch]), soft[batch], y[batch], temperatures, label_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        with torch.inference_mode():
-            val = (model(splits.x_val).argmax(dim=2) == splits.y_val[:, None]).float().mean(dim=0).tolist()
-    return time.perf_counter() - started, val
+        model.eval()
+        with torch.inference_mode(), autocast(x.device, dtype):
+            correct = (model(splits.x_val).argmax(dim=2) == splits.y_val[:, None]).float().mean(dim=0)
+        for curve, accuracy in zip(curves, correct.tolist()):
+            curve.append(accuracy)
+    return time.perf_counter() - started, curves
 
 
-def batched_speedup(splits, soft, epochs: int, trial_times: list[tuple[int, float]], k: int = 8,
-                    width: int = 64) -> dict:
-    """Time K students batched against the same K trained one after another; `trial_times` are (width,
-    seconds) of a real study's trials, for the bound on a whole study."""
-    configs = [(1.0 + 2.0 * i, 0.1 * i) for i in range(k)]
+def train_one_at_a_time(students: list[StudentMLP], configs: list[tuple[float, float]], splits, soft: torch.Tensor,
+                        epochs: int, seed: int, dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
+    """The same students trained one after another by kdtune's `fit`, as a study trains its trials today."""
+    seconds, curves = 0.0, []
+    for student, (temperature, label_weight) in zip(students, configs):
+        result = fit(student, splits.x_train, splits.y_train, splits.x_val, splits.y_val, seed=seed,
+                     loss_fn=functools.partial(hinton_loss, temperature=temperature, label_weight=label_weight),
+                     schedule=StudentSpec(max_epochs=epochs, patience_epochs=epochs), teacher_logits=soft,
+                     autocast_dtype=dtype)
+        seconds += result.seconds
+        curves.append(result.val_curve)
+    return seconds, curves
 
-    def fresh_students() -> list[StudentMLP]:
-        torch.manual_seed(0)
-        return [StudentMLP(splits.input_shape, splits.n_classes, width) for _ in range(k)]
 
-    train_batched(fresh_students(), configs, splits, soft, 1, 0)  # warm-up
-    batched_seconds, batched_val = train_batched(fresh_students(), configs, splits, soft, epochs, 0)
-    sequential_seconds, sequential_val = 0.0, []
-    for student, (t, lam) in zip(fresh_students(), configs):
-        result = fit(student, splits.x_train, splits.y_train, splits.x_val, splits.y_val, seed=0,
-                     loss_fn=functools.partial(hinton_loss, temperature=t, label_weight=lam),
-                     schedule=StudentSpec(max_epochs=epochs, patience_epochs=epochs), teacher_logits=soft)
-        sequential_seconds += result.seconds
-        sequential_val.append(result.val_curve[-1])
-    speedup = sequential_seconds / batched_seconds
-    row = {"students": k, "width": width, "epochs": epochs, "sequential_s": sequential_seconds,
-           "batched_s": batched_seconds, "speedup": speedup,
-           "max_val_difference": max(abs(a - b) for a, b in zip(batched_val, sequential_val))}
-    if trial_times:
-        narrow_share = sum(s for w, s in trial_times if w <= NARROW) / sum(s for _, s in trial_times)
-        row.update({"study_time_share_narrow": narrow_share,
-                    "study_speedup_bound": 1 / ((1 - narrow_share) + narrow_share / speedup)})
-    return row
+def students_and_configs(splits, k: int, width: int) -> tuple[list[StudentMLP], list[tuple[float, float]]]:
+    """K students as K trials of one width start (each its own initial weights) and K (T, lambda) proposals."""
+    students = []
+    for i in range(k):
+        torch.manual_seed(i)
+        students.append(StudentMLP(splits.input_shape, splits.n_classes, width))
+    return students, [(1.0 + 19.0 * i / k, (i % 5) / 4) for i in range(k)]
+
+
+def measure(splits, soft: torch.Tensor, k: int, width: int, epochs: int, dtype: torch.dtype | None = None) -> dict:
+    """K students of one width, batched against one at a time, fresh copies of the same students on each side."""
+    train_batched(*students_and_configs(splits, k, width), splits, soft, 1, 0, dtype)  # warm-up
+    batched_s, batched_curves = train_batched(*students_and_configs(splits, k, width), splits, soft, epochs, 0, dtype)
+    alone_s, alone_curves = train_one_at_a_time(*students_and_configs(splits, k, width), splits, soft, epochs, 0,
+                                                dtype)
+    differences = [abs(a - b) for one, other in zip(batched_curves, alone_curves) for a, b in zip(one, other)]
+    return {"width": width, "students": k, "epochs": epochs, "precision": "fp32" if dtype is None else "bf16",
+            "student_epochs_per_s_alone": k * epochs / alone_s, "student_epochs_per_s_batched": k * epochs / batched_s,
+            "speedup": alone_s / batched_s, "max_val_difference": max(differences),
+            "val_epochs_that_differ": sum(d > 0 for d in differences), "val_epochs": len(differences)}
+
+
+def study_bound(trial_times: list[tuple[int, float]], speedups: dict[int, float]) -> dict:
+    """Amdahl's law: the study's speed-up if every trial of a width in `speedups` ran that much faster (the
+    nearest measured width at or above it), all others as they did."""
+    total = sum(seconds for _, seconds in trial_times)
+    limit = max(speedups)
+    saved = sum(seconds - seconds / speedups[min(w for w in speedups if w >= width)]
+                for width, seconds in trial_times if width <= limit)
+    share = sum(seconds for width, seconds in trial_times if width <= limit) / total
+    return {"widths_up_to": limit, "time_share": share, "study_speedup": total / (total - saved),
+            "study_speedup_if_free": 1 / (1 - share)}
+
+
+def trial_times_of(storage: str, name: str) -> list[tuple[int, float]]:
+    """(width, seconds) of every finished trial of a stored study."""
+    stored = optuna.load_study(study_name=name, storage=storage)
+    return [(t.params["width"], t.user_attrs["seconds"]) for t in stored.get_trials(states=FINISHED)]
+
+
+def section(splits, soft: torch.Tensor, epochs: int, *, widths=WIDTHS, ks=KS, native_bf16: bool = False,
+            studies: dict[str, list[tuple[int, float]]] | None = None) -> dict:
+    """Every (width, K) measured; bf16 beside fp32 where it is native; each study's Amdahl bound at the best K
+    of every width up to 128 (the narrow students) and up to 512."""
+    rows = [measure(splits, soft, k, width, epochs) for width in widths for k in ks]
+    if native_bf16:
+        rows += [measure(splits, soft, k, width, epochs, torch.bfloat16) for width in widths for k in ks]
+    best = {width: max(r["speedup"] for r in rows if r["width"] == width and r["precision"] == "fp32")
+            for width in widths}
+    limits = sorted({max(w for w in best if w <= limit) for limit in (128, 512) if any(w <= limit for w in best)})
+    bounds = {name: [study_bound(times, {w: s for w, s in best.items() if w <= limit}) for limit in limits]
+              for name, times in (studies or {}).items() if times}
+    return {"rows": rows, "best_speedup_by_width": best, "study_bounds": bounds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one width, one K, two epochs: a smoke run")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--study", action="append", default=[],
+                        help="STORAGE:NAME of a finished study whose trial times bound the study-level gain")
+    parser.add_argument("--threads", type=int, help="torch threads (default: one per usable CPU)")
+    parser.add_argument("--out", type=Path, help="result file (default bench/results/batched-<date>.json)")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    hardware.configure_threads(args.threads)
+    spec = load_spec()
+    splits = data.prepare(spec.data, spec.seed)
+    # Speed does not depend on the teacher's values: students learn from a stand-in that is always right.
+    soft = 4.0 * F.one_hot(splits.y_train, splits.n_classes).float()
+    studies = {name: trial_times_of(storage, name) for storage, name in (s.rsplit(":", 1) for s in args.study)}
+    machine = {"cpu": hardware.cpu_model(), "cpu_flags": hardware.reported_cpu_flags(),
+               "torch_threads": torch.get_num_threads(), "native_bf16": hardware.has_native_bf16(torch.device("cpu"))}
+    print(machine)
+    started = time.perf_counter()
+    found = section(splits, soft, 2 if args.quick else args.epochs, widths=QUICK_WIDTHS if args.quick else WIDTHS,
+                    ks=QUICK_KS if args.quick else KS, native_bf16=machine["native_bf16"], studies=studies)
+    for row in found["rows"]:
+        print(row)
+    print(json.dumps(found["study_bounds"], indent=1))
+    results = {"machine": machine, "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "command": " ".join(sys.argv), **found, "seconds": time.perf_counter() - started}
+    out = args.out or Path("bench/results") / f"batched-{time.strftime('%Y%m%d')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"{results['seconds']:.0f} s; written {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """kdtune's performance benchmark: every figure is a ratio of things measured side by side in this one run.
 
-    python bench/run.py [--quick] [--device cpu|cuda] [--sections machine,students,teacher,overhead,batched,study]
+    python bench/run.py [--quick] [--device cpu|cuda]
+                        [--sections machine,students,teacher,precision,overhead,batched,study]
 
 Same process, same data (the embedded Fashion-MNIST: 5,400 training / 600 validation images), same batch size,
 loss and epochs on both sides of every ratio. Prints one table per section and writes
@@ -37,12 +38,14 @@ from kdtune.student import Architecture
 from kdtune.train import accuracy, fit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from batched import batched_speedup  # noqa: E402
+import batched  # noqa: E402
 from peers import common_kd_objective, naive_fit, seed_cnn  # noqa: E402
 from storages import ms_per_trial  # noqa: E402
 
 WIDTHS = (64, 512, 2048)
-SECTIONS = ("machine", "students", "teacher", "overhead", "batched", "study")
+SECTIONS = ("machine", "students", "teacher", "precision", "overhead", "batched", "study")
+# Where bf16 pays only if it loses no accuracy: `precision = "auto"` may pick it only within this many points.
+BF16_TOLERANCE_POINTS = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +61,16 @@ class Plan:
     study_images: int
     study_max_epochs: int
     matmul_sizes: tuple[int, ...]
+    precision_seeds: int  # seeds of each full-length fp32 / bf16 training (native bf16 only)
+    precision_teacher_epochs: int | None  # None: the quickstart teacher's own schedule
 
 
 FULL = Plan(student_epochs=5, repeats=3, teacher_images=5400, teacher_epochs=2, teacher_seeds=2, study_trials=100,
-            study_images=5400, study_max_epochs=20, matmul_sizes=(1024, 2048, 4096))
+            study_images=5400, study_max_epochs=20, matmul_sizes=(1024, 2048, 4096), precision_seeds=3,
+            precision_teacher_epochs=None)
 QUICK = Plan(student_epochs=2, repeats=1, teacher_images=1280, teacher_epochs=1, teacher_seeds=1, study_trials=8,
-             study_images=1350, study_max_epochs=3, matmul_sizes=(1024, 2048))
+             study_images=1350, study_max_epochs=3, matmul_sizes=(1024, 2048), precision_seeds=1,
+             precision_teacher_epochs=1)
 
 
 # ------------------------------------------------------------------------------------------------- machine
@@ -234,6 +241,44 @@ def section_teacher(plan: Plan, splits, machine: dict) -> dict:
             "bf16_speedup_vs_naive_fp32": bf16[0] / summary["naive"]["images_per_s"]}
 
 
+# ------------------------------------------------------------------------------------------------- precision
+
+def section_precision(plan: Plan, spec: Spec, splits, soft, machine: dict) -> dict:
+    """bf16 against fp32 where bf16 is native, trained to the end as a study trains (the quickstart teacher's
+    schedule; students to the quickstart's max_epochs and patience), over seeds, interleaved: speed and the
+    validation accuracy it keeps. Elsewhere emulated bf16 is ~100x slower, and `auto` never picks it."""
+    if not machine["native_bf16"]:
+        return {"skipped": "no native bf16 on this device"}
+    teacher_schedule = spec.teacher if plan.precision_teacher_epochs is None else dataclasses.replace(
+        spec.teacher, max_epochs=plan.precision_teacher_epochs)
+    student_schedule = spec.student if plan.precision_teacher_epochs is None else dataclasses.replace(
+        spec.student, max_epochs=plan.precision_teacher_epochs)
+    loss = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
+    runs = {"teacher": (lambda: TeacherCNN(splits.input_shape, splits.n_classes), teacher_schedule,
+                        lambda z, _, labels: F.cross_entropy(z, labels), None)}
+    runs |= {f"student_{w}": (functools.partial(StudentMLP, splits.input_shape, splits.n_classes, w), student_schedule,
+                              loss, soft) for w in WIDTHS}
+    rows = []
+    for name, (build, schedule, loss_fn, teacher_logits) in runs.items():
+        measured = {"fp32": [], "bf16": []}
+        for seed in range(plan.precision_seeds):
+            for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):  # interleaved
+                torch.manual_seed(seed)
+                result = fit(build(), splits.x_train, splits.y_train, splits.x_val, splits.y_val, loss_fn=loss_fn,
+                             schedule=schedule, seed=seed, teacher_logits=teacher_logits, autocast_dtype=dtype,
+                             lr_schedule=getattr(schedule, "lr_schedule", "constant"),
+                             augment=getattr(schedule, "augment", "none"))
+                measured[precision].append((result.seconds / result.n_epochs, result.val_accuracy))
+        fp32, bf16 = ({"s_per_epoch": statistics.median(r[0] for r in v), "val_mean": statistics.fmean(r[1] for r in v)}
+                      for v in (measured["fp32"], measured["bf16"]))
+        points = 100 * (bf16["val_mean"] - fp32["val_mean"])
+        speedup = fp32["s_per_epoch"] / bf16["s_per_epoch"]
+        rows.append({"model": name, "seeds": plan.precision_seeds, "fp32": fp32, "bf16": bf16, "bf16_speedup": speedup,
+                     "bf16_val_points": points,
+                     "bf16_pays": speedup > 1 and points >= -BF16_TOLERANCE_POINTS})
+    return {"rows": rows, "auto_precision": machine["auto_precision"]}
+
+
 # ------------------------------------------------------------------------------------------------- overhead
 
 def section_overhead(spec: Spec, splits, n_trials: int = 30, n_epochs: int = 10) -> dict:
@@ -335,6 +380,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run in under three minutes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--threads", type=int, help="torch threads (default: one per usable CPU); the students "
+                        "section's 1-thread column is measured at 1 whatever this says")
     parser.add_argument("--out", type=Path, help="result file (default bench/results/<machine>-<date>.json)")
     parser.add_argument("--skip-peer", action="store_true", help="study section: leave out the common-KD peer, "
                         "the longest of its runs")
@@ -342,7 +389,7 @@ def main() -> None:
     sections = args.sections.split(",")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    hardware.configure_threads()
+    hardware.configure_threads(args.threads)
     plan = QUICK if args.quick else FULL
     compute = hardware.resolve_compute(args.device, "fp32")
     spec = dataclasses.replace(load_spec(), device=args.device)
@@ -364,6 +411,9 @@ def main() -> None:
     if "teacher" in sections:
         results["teacher"] = section_teacher(plan, splits, results["machine"])
         print_table("teacher training", [results["teacher"]])
+    if "precision" in sections:
+        results["precision"] = section_precision(plan, spec, splits, soft, results["machine"])
+        print_table("bf16 against fp32, trained to the end, over seeds", results["precision"].get("rows", []))
     if "overhead" in sections:
         results["overhead"] = section_overhead(spec, splits)
         print_table("per-trial overhead (ms)", [results["overhead"]])
@@ -381,8 +431,12 @@ def main() -> None:
                             [{"run": k, **{f: v for f, v in r.items() if f != "trials"}}
                              for k, r in results["study"].items()])
             if "batched" in sections:
-                results["batched"] = batched_speedup(splits, soft, plan.student_epochs, study_trial_times(results))
-                print_table("several students in one batched model", [results["batched"]])
+                sizes = {"widths": batched.QUICK_WIDTHS, "ks": batched.QUICK_KS} if args.quick else {}
+                results["batched"] = batched.section(splits, soft, plan.student_epochs, **sizes,
+                                                     native_bf16=results["machine"]["native_bf16"],
+                                                     studies={"quickstart study": study_trial_times(results)})
+                print_table("several students in one batched model", results["batched"]["rows"])
+                print(json.dumps(results["batched"]["study_bounds"]))
     results["seconds"] = time.perf_counter() - started
     out = args.out or Path("bench/results") / f"{platform.node() or 'machine'}-{time.strftime('%Y%m%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
