@@ -2,8 +2,9 @@
 
 Images come as an .npz (`images`, optionally `labels`; or kdtune's own `x_test`/`y_test`), an .npy of images,
 or one image file (PNG, JPEG, ... read with Pillow, as grey or colour as the student was trained). They must be
-uint8 pixels of the size the student was trained on, oriented as kdtune read its training images. A student of
-feature vectors takes float vectors (N, D) from an .npz or .npy.
+uint8 pixels of the size the student was trained on, oriented as kdtune read its training images; channels on
+the last axis or the second, as training takes them. A student of feature vectors takes float vectors (N, D)
+from an .npz or .npy.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def check_samples(samples: np.ndarray, input_shape: tuple[int, ...], where: Path
     shape, dtype = data.raw_shape(input_shape), data.raw_dtype(input_shape)
     if samples.ndim == len(shape):
         samples = samples[None]
+    if dtype == np.uint8 and samples.ndim == 4:  # (N, H, W, C) or (N, C, H, W), as [data] layout = "auto" reads
+        samples = data.channels_last(samples, "auto", str(where), "the images")
     if dtype == np.uint8 and samples.dtype != np.uint8:
         raise DataError(f"{where}: images must be uint8 pixels 0..255, as in training, but are {samples.dtype}.")
     if dtype != np.uint8 and samples.dtype.kind not in "fiu":

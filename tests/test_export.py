@@ -249,3 +249,13 @@ def test_an_image_file_is_read_in_the_student_s_colour_mode(tmp_path):
     assert predict.check_samples(as_colour, (3, 5, 4), tmp_path).shape == (1, 5, 4, 3)
     with pytest.raises(DataError, match=r"must be \(N, 5, 4, 3\)"):
         predict.check_samples(as_grey, (3, 5, 4), tmp_path)
+
+
+def test_predict_takes_images_with_their_channels_first_or_last_as_training_does(tmp_path):
+    from kdtune import predict
+
+    colour = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
+    assert np.array_equal(predict.check_samples(colour.transpose(0, 3, 1, 2), (3, 5, 4), tmp_path), colour)
+    assert np.array_equal(predict.check_samples(colour[..., :1], (1, 5, 4), tmp_path), colour[..., 0])  # (N, H, W, 1)
+    with pytest.raises(DataError, match="ambiguous"):  # 3 x 3 images with 3 channels: which axis holds them?
+        predict.check_samples(colour[:, :3, :3], (3, 3, 3), tmp_path)
