@@ -28,7 +28,7 @@ from torch import nn
 from kdtune import data, hardware
 from kdtune.hardware import autocast
 from kdtune.losses import UNLABELLED, hinton_loss
-from kdtune.models import StudentMLP
+from kdtune.models import StudentMLP, n_parameters
 from kdtune.provenance import versions
 from kdtune.spec import StudentSpec, load_spec
 from kdtune.target import FINISHED
@@ -76,16 +76,16 @@ def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]]
                   epochs: int, seed: int, dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
     """(seconds, each student's validation accuracy after every epoch): kdtune's `fit` loop, K students wide."""
     started = time.perf_counter()
-    model = BatchedStudents(students)
-    temperatures, label_weights = (torch.tensor(column) for column in zip(*configs))
+    x, y = splits.x_train, splits.y_train
+    model = BatchedStudents(students).to(x.device)
+    temperatures, label_weights = (torch.tensor(column, device=x.device) for column in zip(*configs))
     schedule = StudentSpec()
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.learning_rate, fused=True)
     shuffle = torch.Generator().manual_seed(seed)  # as `fit` shuffles: the same batches as each trained alone
-    x, y = splits.x_train, splits.y_train
     curves: list[list[float]] = [[] for _ in students]
     for _ in range(epochs):
         model.train()
-        for batch in torch.randperm(len(x), generator=shuffle).split(schedule.batch_size):
+        for batch in torch.randperm(len(x), generator=shuffle).to(x.device).split(schedule.batch_size):
             with autocast(x.device, dtype):
                 loss = batched_hinton_loss(model(x[batch]), soft[batch], y[batch], temperatures, label_weights)
             optimizer.zero_grad(set_to_none=True)
@@ -96,6 +96,8 @@ def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]]
             correct = (model(splits.x_val).argmax(dim=2) == splits.y_val[:, None]).float().mean(dim=0)
         for curve, accuracy in zip(curves, correct.tolist()):
             curve.append(accuracy)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
     return time.perf_counter() - started, curves
 
 
@@ -129,8 +131,11 @@ def measure(splits, soft: torch.Tensor, k: int, width: int, epochs: int, dtype: 
     alone_s, alone_curves = train_one_at_a_time(*students_and_configs(splits, k, width), splits, soft, epochs, 0,
                                                 dtype)
     differences = [abs(a - b) for one, other in zip(batched_curves, alone_curves) for a, b in zip(one, other)]
+    # the usual 6 x images x parameters rule, per student-epoch: the figure to set beside the matmul peak
+    gflop = 6 * len(splits.x_train) * n_parameters(StudentMLP(splits.input_shape, splits.n_classes, width)) / 1e9
     return {"width": width, "students": k, "epochs": epochs, "precision": "fp32" if dtype is None else "bf16",
             "student_epochs_per_s_alone": k * epochs / alone_s, "student_epochs_per_s_batched": k * epochs / batched_s,
+            "model_gflops_alone": gflop * k * epochs / alone_s, "model_gflops_batched": gflop * k * epochs / batched_s,
             "speedup": alone_s / batched_s, "max_val_difference": max(differences),
             "val_epochs_that_differ": sum(d > 0 for d in differences), "val_epochs": len(differences)}
 
