@@ -4,7 +4,7 @@ import json
 
 import optuna
 import pytest
-from conftest import run_cli
+from conftest import cli_in_process
 
 from kdtune import bands, front, study
 from kdtune.bands import Band
@@ -91,10 +91,10 @@ def test_report_candidates_come_from_within_the_budget(a_study):
 
 def test_best_with_a_budget_from_the_command_line(tiny_study):
     workdir, spec, _ = tiny_study
-    within = run_cli("best", "--spec", str(spec), "--max-params", "20000", "--json", cwd=workdir)
+    within = cli_in_process("best", "--spec", str(spec), "--max-params", "20000", "--json", cwd=workdir)
     assert within.returncode == 0, within.stderr
     assert json.loads(within.stdout)["n_parameters"] <= 20_000
-    impossible = run_cli("best", "--spec", str(spec), "--max-params", "10", cwd=workdir)
+    impossible = cli_in_process("best", "--spec", str(spec), "--max-params", "10", cwd=workdir)
     assert impossible.returncode == 2 and len(impossible.stderr.strip().splitlines()) == 1
     assert "has at most 10 parameters" in impossible.stderr and "Traceback" not in impossible.stderr
 

@@ -11,7 +11,7 @@ import optuna
 import optuna_dashboard
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, cli_in_process
 from PIL import Image
 
 from kdtune import export, model_card, runtime
@@ -32,7 +32,7 @@ def exported(tiny_study, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("export") / "study"
     shutil.copytree(source, workdir)
     spec = workdir / spec.name  # its data path still names the session study's file, which nothing here writes
-    result = run_cli("export", "--spec", str(spec), "--threads", "1", cwd=workdir)
+    result = cli_in_process("export", "--spec", str(spec), "--threads", "1", cwd=workdir)
     found = json.loads((workdir / "studies/tiny/report.json").read_text())
     return workdir, spec, result, found, workdir / "studies/tiny/export" / f"trial-{found['winner_trial']}"
 
@@ -80,12 +80,12 @@ def test_the_card_s_figures_are_the_report_s(exported):
 def test_predict_gives_the_report_s_test_accuracy_on_the_same_images(exported):
     workdir, _, _, _, folder = exported
     card = json.loads((folder / "model_card.json").read_text())
-    result = run_cli("predict", "--model", str(folder), str(workdir / "tiny.npz"), "--out", "p.csv", cwd=workdir)
+    result = cli_in_process("predict", "--model", str(folder), str(workdir / "tiny.npz"), "--out", "p.csv", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert f"Accuracy on the 100 labelled images: {100 * card['test_accuracy']['this_model']:.2f}%" in result.stdout
     image = Image.fromarray(np.load(workdir / "tiny.npz")["x_test"][0])  # one image file, as a user has it
     image.save(workdir / "first.png")
-    single = run_cli("predict", "--model", str(folder), "first.png", cwd=workdir)
+    single = cli_in_process("predict", "--model", str(folder), "first.png", cwd=workdir)
     assert single.returncode == 0, single.stderr
     assert single.stdout.splitlines()[0] == result.stdout.splitlines()[0]  # "image 0: class c (probability p)"
     rows = (workdir / "p.csv").read_text().splitlines()
@@ -166,7 +166,7 @@ def one_line_exit_2(result, *phrases: str) -> None:
 
 
 def test_export_without_a_report_says_to_run_it(workdir, tiny_spec):
-    one_line_exit_2(run_cli("export", "--spec", str(tiny_spec()), cwd=workdir), "run `kdtune report` first")
+    one_line_exit_2(cli_in_process("export", "--spec", str(tiny_spec()), cwd=workdir), "run `kdtune report` first")
 
 
 def test_export_and_predict_without_the_extra_say_how_to_get_it(workdir, tiny_spec):
@@ -181,9 +181,9 @@ def test_export_and_predict_without_the_extra_say_how_to_get_it(workdir, tiny_sp
 def test_export_to_an_unwritable_folder_and_to_a_budget_no_student_meets_exit_2(exported):
     workdir, spec, _, _, _ = exported
     (workdir / "a-file").write_text("")
-    one_line_exit_2(run_cli("export", "--spec", str(spec), "--out", str(workdir / "a-file" / "out"), cwd=workdir),
-                    "a-file")
-    one_line_exit_2(run_cli("export", "--spec", str(spec), "--max-params", "10", cwd=workdir),
+    one_line_exit_2(cli_in_process("export", "--spec", str(spec), "--out", str(workdir / "a-file" / "out"),
+                                   cwd=workdir), "a-file")
+    one_line_exit_2(cli_in_process("export", "--spec", str(spec), "--max-params", "10", cwd=workdir),
                     "no student of the report has at most 10 parameters")
 
 
@@ -192,10 +192,10 @@ def test_export_never_empties_a_folder_that_is_not_an_export_and_replaces_its_ow
     mine = workdir / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    one_line_exit_2(run_cli("export", "--spec", str(spec), "--out", str(mine), cwd=workdir), "holds other files")
+    one_line_exit_2(cli_in_process("export", "--spec", str(spec), "--out", str(mine), cwd=workdir), "holds other files")
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     before = (folder / "model_card.json").read_text()
-    again = run_cli("export", "--spec", str(spec), "--threads", "1", cwd=workdir)  # over the earlier export
+    again = cli_in_process("export", "--spec", str(spec), "--threads", "1", cwd=workdir)  # over the earlier export
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no scratch or old copy left
     assert json.loads((folder / "model_card.json").read_text())["created"] >= json.loads(before)["created"]
@@ -206,10 +206,11 @@ def test_predict_refuses_images_of_the_wrong_size_or_type(exported):
     np.savez(workdir / "small.npz", images=np.zeros((2, 8, 8), np.uint8))
     np.savez(workdir / "float.npz", images=np.zeros((2, 28, 28), np.float32))
     np.savez(workdir / "none.npz", images=np.zeros((0, 28, 28), np.uint8))
-    one_line_exit_2(run_cli("predict", "--model", str(folder), "small.npz", cwd=workdir), "(N, 28, 28)", "(2, 8, 8)")
-    one_line_exit_2(run_cli("predict", "--model", str(folder), "float.npz", cwd=workdir), "uint8")
-    one_line_exit_2(run_cli("predict", "--model", str(folder), "none.npz", cwd=workdir), "N >= 1")
-    one_line_exit_2(run_cli("predict", "--model", str(workdir), "small.npz", cwd=workdir), "no exported student")
+    one_line_exit_2(cli_in_process("predict", "--model", str(folder), "small.npz", cwd=workdir), "(N, 28, 28)",
+                    "(2, 8, 8)")
+    one_line_exit_2(cli_in_process("predict", "--model", str(folder), "float.npz", cwd=workdir), "uint8")
+    one_line_exit_2(cli_in_process("predict", "--model", str(folder), "none.npz", cwd=workdir), "N >= 1")
+    one_line_exit_2(cli_in_process("predict", "--model", str(workdir), "small.npz", cwd=workdir), "no exported student")
 
 
 def test_the_card_speaks_of_the_chosen_seed():
