@@ -55,7 +55,7 @@ def load(spec: DataSpec) -> Dataset:
     if spec.format == "features":
         x_train, x_test = (_features(x, where, name) for x, name in ((raw.x_train, "x_train"), (raw.x_test, "x_test")))
     else:
-        x_train, x_test = (channels_last(x, spec.layout, where, name)
+        x_train, x_test = (_channels_last(x, spec.layout, where, name)
                            for x, name in ((raw.x_train, "x_train"), (raw.x_test, "x_test")))
     validate(Dataset(x_train, y_train, x_test, y_test, raw.class_names), spec)
     if spec.transpose:  # after validation, which has checked that these are images, (N, H, W[, C])
@@ -181,9 +181,8 @@ def prepare(spec: DataSpec, seed: int) -> Splits:
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def channels_last(images: np.ndarray, layout: str, where: str, name: str) -> np.ndarray:
-    """Images as (N, H, W) grey or (N, H, W, 3) colour, from (N, H, W), (N, H, W, C) or (N, C, H, W): as kdtune
-    holds them, for training (`layout` from the spec) and for `predict` ("auto")."""
+def _channels_last(images: np.ndarray, layout: str, where: str, name: str) -> np.ndarray:
+    """Images as (N, H, W) grey or (N, H, W, 3) colour, from (N, H, W), (N, H, W, C) or (N, C, H, W)."""
     shape = images.shape
     if images.ndim == 3:
         return images

@@ -62,18 +62,30 @@ def check_samples(samples: np.ndarray, input_shape: tuple[int, ...], where: Path
     """A batch of samples as the student takes them (`data.raw_shape`, `data.raw_dtype`); one sample becomes a
     batch of one. Feature vectors of any float or integer dtype are taken as float32."""
     shape, dtype = data.raw_shape(input_shape), data.raw_dtype(input_shape)
+    given = samples.shape
+    if dtype == np.uint8 and samples.ndim == 4:  # a batch as the user gave it; one image has its channels last
+        samples = _channels_as_held(samples, input_shape)
     if samples.ndim == len(shape):
         samples = samples[None]
-    if dtype == np.uint8 and samples.ndim == 4:  # (N, H, W, C) or (N, C, H, W), as [data] layout = "auto" reads
-        samples = data.channels_last(samples, "auto", str(where), "the images")
     if dtype == np.uint8 and samples.dtype != np.uint8:
         raise DataError(f"{where}: images must be uint8 pixels 0..255, as in training, but are {samples.dtype}.")
     if dtype != np.uint8 and samples.dtype.kind not in "fiu":
         raise DataError(f"{where}: feature vectors must be numbers, but are {samples.dtype}.")
     if tuple(samples.shape[1:]) != shape or len(samples) == 0:
-        raise DataError(f"{where}: samples must be (N, {', '.join(map(str, shape))}) with N >= 1 for this "
-                        f"student, but are {samples.shape}.")
+        also = f" or (N, {', '.join(map(str, input_shape))})" if len(input_shape) == 3 else ""
+        raise DataError(f"{where}: samples must be (N, {', '.join(map(str, shape))}){also} with N >= 1 for this "
+                        f"student, but are {given}.")
     return samples.astype(dtype, copy=False)
+
+
+def _channels_as_held(images: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """A batch of images whose channels come second, (N, C, H, W), or last and single, (N, H, W, 1), as training
+    takes them, in the layout the student's graph takes: matched on the student's own shape, so that three grey
+    images are never read as one colour image. Anything else is left for the shape check to refuse."""
+    channels, height, width = input_shape
+    if images.shape[1:] == (channels, height, width) and images.shape[1:] != (height, width, channels):
+        images = np.moveaxis(images, 1, 3)
+    return images[..., 0] if channels == 1 and images.shape[3] == 1 else images
 
 
 def predict(folder: Path, path: Path, threads: int | None = None) -> dict:

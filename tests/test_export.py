@@ -257,6 +257,8 @@ def test_predict_takes_images_with_their_channels_first_or_last_as_training_does
 
     colour = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
     assert np.array_equal(predict.check_samples(colour.transpose(0, 3, 1, 2), (3, 5, 4), tmp_path), colour)
-    assert np.array_equal(predict.check_samples(colour[..., :1], (1, 5, 4), tmp_path), colour[..., 0])  # (N, H, W, 1)
-    with pytest.raises(DataError, match="ambiguous"):  # 3 x 3 images with 3 channels: which axis holds them?
-        predict.check_samples(colour[:, :3, :3], (3, 3, 3), tmp_path)
+    grey = colour[..., 0]
+    assert np.array_equal(predict.check_samples(grey[..., None], (1, 5, 4), tmp_path), grey)  # (N, H, W, 1)
+    assert np.array_equal(predict.check_samples(grey[:, None], (1, 5, 4), tmp_path), grey)  # (N, 1, H, W)
+    with pytest.raises(DataError, match=r"must be \(N, 5, 4, 3\) or \(N, 3, 5, 4\).* but are \(3, 5, 4\)"):
+        predict.check_samples(colour[..., 0].repeat(2, axis=0)[:3], (3, 5, 4), tmp_path)  # 3 grey images, not 1
