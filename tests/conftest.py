@@ -7,8 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
+import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -107,38 +107,60 @@ def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.Completed
                           text=True, timeout=timeout)
 
 
+# Where the modules a test session starts with come from: Python, its packages, this repository. A module
+# imported from anywhere else is a test's own (a user's teacher or student family in its temporary folder).
+INSTALLED = tuple(dict.fromkeys(Path(entry or REPO).resolve() for entry in [*sys.path, str(REPO)]))
+
+
 def drop_user_modules() -> None:
-    """Forget the modules imported from temporary folders: the tests' user modules (teachers, student
-    families), written in each test's own folder, often under the same name."""
-    scratch = str(Path(tempfile.gettempdir()).resolve())
+    """Forget the tests' own modules: each is written in its test's folder, often under a name another test
+    used, and a command importing it must read this test's file, as a new interpreter would."""
     for name, module in list(sys.modules.items()):
         source = getattr(module, "__file__", None)
-        if source and str(Path(source).resolve()).startswith(scratch):
+        if source and source.endswith(".py") and not any(Path(source).resolve().is_relative_to(root)
+                                                         for root in INSTALLED):
             del sys.modules[name]
 
 
 def cli_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`kdtune.cli.main(args)` in this process, run from `cwd`: what `run_cli` checks (exit code, stdout,
     stderr) without a new interpreter's ~3 s of imports. For commands whose signals and processes are not under
-    test. Puts back what a command changes for the whole process: torch threads, signal handlers, the thread
-    excepthook, the working directory, sys.path and the user modules imported from `cwd`."""
+    test. stderr collects what a new interpreter would print there: Optuna's log lines and Python's warnings
+    under its default filters. Afterwards it puts back what a command changes for the whole process: torch
+    threads and RNG, Optuna's verbosity, signal handlers, the thread excepthook, the working directory and
+    sys.path, and forgets the test's modules (written without bytecode, so an edit within the same second is
+    read too)."""
     stdout, stderr = io.StringIO(), io.StringIO()
-    drop_user_modules()  # as in a new interpreter: a module of that name another test imported is not this one
-    before = (os.getcwd(), list(sys.path), torch.get_num_threads(), threading.excepthook)
+    drop_user_modules()
+    folder, path, n_threads = os.getcwd(), list(sys.path), torch.get_num_threads()
+    excepthook, verbosity, write_bytecode = threading.excepthook, optuna.logging.get_verbosity(), \
+        sys.dont_write_bytecode
+    optuna_lines = logging.StreamHandler(stderr)
+    logging.getLogger("optuna").addHandler(optuna_lines)
+    sys.dont_write_bytecode = True
     try:
         with signal_handlers({signal.SIGINT: signal.getsignal(signal.SIGINT),
                               signal.SIGTERM: signal.getsignal(signal.SIGTERM)}), \
-                redirect_stdout(stdout), redirect_stderr(stderr):
+                redirect_stdout(stdout), redirect_stderr(stderr), warnings.catch_warnings(), \
+                torch.random.fork_rng(devices=[]):
+            warnings.resetwarnings()  # Python's defaults, as a new interpreter has them
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
             os.chdir(cwd)
             try:
                 code = main(list(args))
             except SystemExit as exit_:  # argparse's usage errors
                 code = exit_.code
     finally:
-        os.chdir(before[0])
-        sys.path[:] = before[1]
-        torch.set_num_threads(before[2])
-        threading.excepthook = before[3]
+        logging.getLogger("optuna").removeHandler(optuna_lines)
+        os.chdir(folder)
+        sys.path[:] = path
+        torch.set_num_threads(n_threads)
+        threading.excepthook = excepthook
+        optuna.logging.set_verbosity(verbosity)
+        sys.dont_write_bytecode = write_bytecode
         drop_user_modules()
     return subprocess.CompletedProcess(["kdtune", *args], code, stdout.getvalue(), stderr.getvalue())
 
