@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
+import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,11 +31,14 @@ from torch import nn
 from kdtune import data, hardware
 from kdtune.hardware import autocast
 from kdtune.losses import UNLABELLED, hinton_loss
-from kdtune.models import StudentMLP, n_parameters
+from kdtune.models import StudentMLP
 from kdtune.provenance import versions
 from kdtune.spec import StudentSpec, load_spec
 from kdtune.target import FINISHED
 from kdtune.train import fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from flops import student_flops_per_epoch  # noqa: E402
 
 WIDTHS = (16, 32, 64, 128, 256, 512)
 KS = (4, 8, 16, 32)
@@ -55,7 +61,8 @@ class BatchedStudents(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(self.first(x.flatten(1))).view(len(x), self.k, self.width).transpose(0, 1)
-        return (torch.bmm(hidden, self.second_weight) + self.second_bias[:, None]).transpose(0, 1)
+        # the bias inside the matmul, as nn.Linear adds it (under bf16 autocast too)
+        return torch.baddbmm(self.second_bias[:, None], hidden, self.second_weight).transpose(0, 1)
 
 
 def batched_hinton_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -73,7 +80,7 @@ def batched_hinton_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labe
 
 
 def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]], splits, soft: torch.Tensor,
-                  epochs: int, seed: int, dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
+                  n_epochs: int, seed: int, dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
     """(seconds, each student's validation accuracy after every epoch): kdtune's `fit` loop, K students wide."""
     started = time.perf_counter()
     x, y = splits.x_train, splits.y_train
@@ -83,7 +90,7 @@ def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]]
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.learning_rate, fused=True)
     shuffle = torch.Generator().manual_seed(seed)  # as `fit` shuffles: the same batches as each trained alone
     curves: list[list[float]] = [[] for _ in students]
-    for _ in range(epochs):
+    for _ in range(n_epochs):
         model.train()
         for batch in torch.randperm(len(x), generator=shuffle).to(x.device).split(schedule.batch_size):
             with autocast(x.device, dtype):
@@ -102,13 +109,13 @@ def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]]
 
 
 def train_one_at_a_time(students: list[StudentMLP], configs: list[tuple[float, float]], splits, soft: torch.Tensor,
-                        epochs: int, seed: int, dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
+                        n_epochs: int, seed: int, dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
     """The same students trained one after another by kdtune's `fit`, as a study trains its trials today."""
     seconds, curves = 0.0, []
     for student, (temperature, label_weight) in zip(students, configs):
         result = fit(student, splits.x_train, splits.y_train, splits.x_val, splits.y_val, seed=seed,
                      loss_fn=functools.partial(hinton_loss, temperature=temperature, label_weight=label_weight),
-                     schedule=StudentSpec(max_epochs=epochs, patience_epochs=epochs), teacher_logits=soft,
+                     schedule=StudentSpec(max_epochs=n_epochs, patience_epochs=n_epochs), teacher_logits=soft,
                      autocast_dtype=dtype)
         seconds += result.seconds
         curves.append(result.val_curve)
@@ -124,19 +131,27 @@ def students_and_configs(splits, k: int, width: int) -> tuple[list[StudentMLP], 
     return students, [(1.0 + 19.0 * i / k, (i % 5) / 4) for i in range(k)]
 
 
-def measure(splits, soft: torch.Tensor, k: int, width: int, epochs: int, dtype: torch.dtype | None = None) -> dict:
-    """K students of one width, batched against one at a time, fresh copies of the same students on each side."""
-    train_batched(*students_and_configs(splits, k, width), splits, soft, 1, 0, dtype)  # warm-up
-    batched_s, batched_curves = train_batched(*students_and_configs(splits, k, width), splits, soft, epochs, 0, dtype)
-    alone_s, alone_curves = train_one_at_a_time(*students_and_configs(splits, k, width), splits, soft, epochs, 0,
+def measure(splits, soft: torch.Tensor, k: int, width: int, n_epochs: int, dtype: torch.dtype | None = None) -> dict:
+    """K students of one width, batched against one at a time, fresh copies of the same students on each side,
+    each side after a one-epoch warm-up."""
+    train_batched(*students_and_configs(splits, k, width), splits, soft, 1, 0, dtype)
+    batched_s, batched_curves = train_batched(*students_and_configs(splits, k, width), splits, soft, n_epochs, 0,
+                                              dtype)
+    train_one_at_a_time(*students_and_configs(splits, 1, width), splits, soft, 1, 0, dtype)
+    alone_s, alone_curves = train_one_at_a_time(*students_and_configs(splits, k, width), splits, soft, n_epochs, 0,
                                                 dtype)
     differences = [abs(a - b) for one, other in zip(batched_curves, alone_curves) for a, b in zip(one, other)]
-    # the usual 6 x images x parameters rule, per student-epoch: the figure to set beside the matmul peak
-    gflop = 6 * len(splits.x_train) * n_parameters(StudentMLP(splits.input_shape, splits.n_classes, width)) / 1e9
-    return {"width": width, "students": k, "epochs": epochs, "precision": "fp32" if dtype is None else "bf16",
-            "student_epochs_per_s_alone": k * epochs / alone_s, "student_epochs_per_s_batched": k * epochs / batched_s,
-            "model_gflops_alone": gflop * k * epochs / alone_s, "model_gflops_batched": gflop * k * epochs / batched_s,
-            "speedup": alone_s / batched_s, "max_val_difference": max(differences),
+    model_flops, executed_flops = student_flops_per_epoch(len(splits.x_train), math.prod(splits.input_shape), width,
+                                                          splits.n_classes)
+    student_epochs = k * n_epochs
+    return {"width": width, "students": k, "epochs": n_epochs, "precision": "fp32" if dtype is None else "bf16",
+            "student_epochs_per_s_alone": student_epochs / alone_s,
+            "student_epochs_per_s_batched": student_epochs / batched_s, "speedup": alone_s / batched_s,
+            "model_gflops_alone": model_flops * student_epochs / alone_s / 1e9,
+            "model_gflops_batched": model_flops * student_epochs / batched_s / 1e9,
+            "executed_gflops_alone": executed_flops * student_epochs / alone_s / 1e9,
+            "executed_gflops_batched": executed_flops * student_epochs / batched_s / 1e9,
+            "max_val_difference": max(differences),
             "val_epochs_that_differ": sum(d > 0 for d in differences), "val_epochs": len(differences)}
 
 
@@ -149,23 +164,40 @@ def study_bound(trial_times: list[tuple[int, float]], speedups: dict[int, float]
                 for width, seconds in trial_times if width <= limit)
     share = sum(seconds for width, seconds in trial_times if width <= limit) / total
     return {"widths_up_to": limit, "time_share": share, "study_speedup": total / (total - saved),
-            "study_speedup_if_free": 1 / (1 - share)}
+            "study_speedup_if_free": math.inf if share >= 1 else 1 / (1 - share)}
 
 
 def trial_times_of(storage: str, name: str) -> list[tuple[int, float]]:
-    """(width, seconds) of every finished trial of a stored study."""
+    """(width, seconds) of every finished trial of a stored study of one-hidden-layer MLPs, the students
+    measured here."""
     stored = optuna.load_study(study_name=name, storage=storage)
+    students = stored.user_attrs.get("spec", {}).get("student", {})
+    if (students.get("family", "mlp"), students.get("depth", 1)) != ("mlp", 1):
+        raise SystemExit(f"study {name!r} trains {students.get('family')} students of depth {students.get('depth')}: "
+                         "the speed-ups measured here are for one-hidden-layer MLPs.")
     return [(t.params["width"], t.user_attrs["seconds"]) for t in stored.get_trials(states=FINISHED)]
 
 
-def section(splits, soft: torch.Tensor, epochs: int, *, widths=WIDTHS, ks=KS, native_bf16: bool = False,
+def with_pooled_speedups(rows: list[dict]) -> list[dict]:
+    """Each row's speed-up against the median one-at-a-time rate of its width and precision over every K: the
+    one-at-a-time rate does not depend on K, so its spread over K is the machine's noise."""
+    for row in rows:
+        alone = statistics.median(r["student_epochs_per_s_alone"] for r in rows
+                                  if (r["width"], r["precision"]) == (row["width"], row["precision"]))
+        row["speedup_vs_median_alone"] = row["student_epochs_per_s_batched"] / alone
+    return rows
+
+
+def section(splits, soft: torch.Tensor, n_epochs: int, *, widths: tuple[int, ...] = WIDTHS,
+            ks: tuple[int, ...] = KS, native_bf16: bool = False,
             studies: dict[str, list[tuple[int, float]]] | None = None) -> dict:
     """Every (width, K) measured; bf16 beside fp32 where it is native; each study's Amdahl bound at the best K
-    of every width up to 128 (the narrow students) and up to 512."""
-    rows = [measure(splits, soft, k, width, epochs) for width in widths for k in ks]
+    of every width up to 128 (the narrow students) and up to 512, against the pooled one-at-a-time rate."""
+    rows = [measure(splits, soft, k, width, n_epochs) for width in widths for k in ks]
     if native_bf16:
-        rows += [measure(splits, soft, k, width, epochs, torch.bfloat16) for width in widths for k in ks]
-    best = {width: max(r["speedup"] for r in rows if r["width"] == width and r["precision"] == "fp32")
+        rows += [measure(splits, soft, k, width, n_epochs, torch.bfloat16) for width in widths for k in ks]
+    rows = with_pooled_speedups(rows)
+    best = {width: max(r["speedup_vs_median_alone"] for r in rows if r["width"] == width and r["precision"] == "fp32")
             for width in widths}
     limits = sorted({max(w for w in best if w <= limit) for limit in (128, 512) if any(w <= limit for w in best)})
     bounds = {name: [study_bound(times, {w: s for w, s in best.items() if w <= limit}) for limit in limits]
@@ -176,7 +208,7 @@ def section(splits, soft: torch.Tensor, epochs: int, *, widths=WIDTHS, ks=KS, na
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one width, one K, two epochs: a smoke run")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", dest="n_epochs", type=int, default=5)
     parser.add_argument("--study", action="append", default=[],
                         help="STORAGE:NAME of a finished study whose trial times bound the study-level gain")
     parser.add_argument("--threads", type=int, help="torch threads (default: one per usable CPU)")
@@ -188,12 +220,14 @@ def main() -> None:
     splits = data.prepare(spec.data, spec.seed)
     # Speed does not depend on the teacher's values: students learn from a stand-in that is always right.
     soft = 4.0 * F.one_hot(splits.y_train, splits.n_classes).float()
+    if any(not re.fullmatch(r".+://.+:[^:/]+", study) for study in args.study):
+        parser.error("--study takes STORAGE:NAME, e.g. sqlite:///studies/quickstart/study.db:quickstart")
     studies = {name: trial_times_of(storage, name) for storage, name in (s.rsplit(":", 1) for s in args.study)}
     machine = {"cpu": hardware.cpu_model(), "cpu_flags": hardware.reported_cpu_flags(),
                "torch_threads": torch.get_num_threads(), "native_bf16": hardware.has_native_bf16(torch.device("cpu"))}
     print(machine)
     started = time.perf_counter()
-    found = section(splits, soft, 2 if args.quick else args.epochs, widths=QUICK_WIDTHS if args.quick else WIDTHS,
+    found = section(splits, soft, 2 if args.quick else args.n_epochs, widths=QUICK_WIDTHS if args.quick else WIDTHS,
                     ks=QUICK_KS if args.quick else KS, native_bf16=machine["native_bf16"], studies=studies)
     for row in found["rows"]:
         print(row)
@@ -201,6 +235,7 @@ def main() -> None:
     results = {"machine": machine, "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "command": " ".join(sys.argv), **found, "seconds": time.perf_counter() - started}
     out = args.out or Path("bench/results") / f"batched-{time.strftime('%Y%m%d')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"{results['seconds']:.0f} s; written {out}")
 

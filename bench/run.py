@@ -27,6 +27,7 @@ from pathlib import Path
 import optuna
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kdtune import bands, data, front, hardware, study, target, teacher
 from kdtune.losses import hinton_loss
@@ -35,16 +36,18 @@ from kdtune.provenance import versions
 from kdtune.spec import Spec, StudentSpec, TeacherSpec, load_spec
 from kdtune.storage import open_storage
 from kdtune.student import Architecture
-from kdtune.train import accuracy, fit
+from kdtune.train import accuracy, fit, predict
 
 sys.path.insert(0, str(Path(__file__).parent))
 import batched  # noqa: E402
+from flops import student_flops_per_epoch  # noqa: E402
 from peers import common_kd_objective, naive_fit, seed_cnn  # noqa: E402
 from storages import ms_per_trial  # noqa: E402
 
 WIDTHS = (64, 512, 2048)
 SECTIONS = ("machine", "students", "teacher", "precision", "overhead", "batched", "study")
-# Where bf16 pays only if it loses no accuracy: `precision = "auto"` may pick it only within this many points.
+# Issue 18's bar for bf16: faster at a validation accuracy within this many points of fp32's. The benchmark
+# reports it; `precision = "auto"` reads only whether the hardware has bf16 natively (kdtune.hardware).
 BF16_TOLERANCE_POINTS = 0.3
 
 
@@ -62,15 +65,15 @@ class Plan:
     study_max_epochs: int
     matmul_sizes: tuple[int, ...]
     precision_seeds: int  # seeds of each full-length fp32 / bf16 training (native bf16 only)
-    precision_teacher_epochs: int | None  # None: the quickstart teacher's own schedule
+    precision_max_epochs: int | None  # None: the quickstart's own schedules, teacher and students
 
 
 FULL = Plan(student_epochs=5, repeats=3, teacher_images=5400, teacher_epochs=2, teacher_seeds=2, study_trials=100,
             study_images=5400, study_max_epochs=20, matmul_sizes=(1024, 2048, 4096), precision_seeds=3,
-            precision_teacher_epochs=None)
+            precision_max_epochs=None)
 QUICK = Plan(student_epochs=2, repeats=1, teacher_images=1280, teacher_epochs=1, teacher_seeds=1, study_trials=8,
              study_images=1350, study_max_epochs=3, matmul_sizes=(1024, 2048), precision_seeds=1,
-             precision_teacher_epochs=1)
+             precision_max_epochs=1)
 
 
 # ------------------------------------------------------------------------------------------------- machine
@@ -105,13 +108,6 @@ def section_machine(plan: Plan, compute: hardware.Compute) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- students
-
-def student_flops_per_epoch(n_images: int, n_pixels: int, width: int, n_classes: int) -> tuple[float, float]:
-    """(model FLOPs by the usual 6·N·parameters rule, FLOPs the step really executes): the first layer's input
-    needs no gradient, so its backward is one matmul, not two."""
-    layer1, layer2 = n_pixels * width, width * n_classes
-    return 6 * n_images * (layer1 + layer2), n_images * (4 * layer1 + 6 * layer2)
-
 
 def kdtune_student_epoch(splits, soft, width: int, epochs: int, seed: int, dtype=None, n_images=None) -> dict:
     n = n_images or len(splits.x_train)
@@ -243,39 +239,48 @@ def section_teacher(plan: Plan, splits, machine: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------- precision
 
-def section_precision(plan: Plan, spec: Spec, splits, soft, machine: dict) -> dict:
-    """bf16 against fp32 where bf16 is native, trained to the end as a study trains (the quickstart teacher's
-    schedule; students to the quickstart's max_epochs and patience), over seeds, interleaved: speed and the
-    validation accuracy it keeps. Elsewhere emulated bf16 is ~100x slower, and `auto` never picks it."""
+def section_precision(plan: Plan, spec: Spec, splits, machine: dict) -> dict:
+    """bf16 against fp32 where bf16 is native, trained to the end as kdtune trains (the quickstart's schedules:
+    the teacher, then students at each width distilling the seed-0 fp32 teacher's logits), over seeds,
+    interleaved: speed, and the validation accuracy it keeps. Elsewhere bf16 is emulated, ~100x slower, and
+    `auto` never picks it."""
     if not machine["native_bf16"]:
         return {"skipped": "no native bf16 on this device"}
-    teacher_schedule = spec.teacher if plan.precision_teacher_epochs is None else dataclasses.replace(
-        spec.teacher, max_epochs=plan.precision_teacher_epochs)
-    student_schedule = spec.student if plan.precision_teacher_epochs is None else dataclasses.replace(
-        spec.student, max_epochs=plan.precision_teacher_epochs)
-    loss = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
-    runs = {"teacher": (lambda: TeacherCNN(splits.input_shape, splits.n_classes), teacher_schedule,
-                        lambda z, _, labels: F.cross_entropy(z, labels), None)}
-    runs |= {f"student_{w}": (functools.partial(StudentMLP, splits.input_shape, splits.n_classes, w), student_schedule,
-                              loss, soft) for w in WIDTHS}
-    rows = []
-    for name, (build, schedule, loss_fn, teacher_logits) in runs.items():
-        measured = {"fp32": [], "bf16": []}
+    teacher_schedule, student_schedule = (schedule if plan.precision_max_epochs is None else dataclasses.replace(
+        schedule, max_epochs=plan.precision_max_epochs) for schedule in (spec.teacher, spec.student))
+
+    def measured(build, schedule, loss_fn, teacher_logits, lr_schedule: str, augment: str) -> tuple[dict, nn.Module]:
+        runs, first_fp32 = {"fp32": [], "bf16": []}, None
         for seed in range(plan.precision_seeds):
             for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):  # interleaved
                 torch.manual_seed(seed)
-                result = fit(build(), splits.x_train, splits.y_train, splits.x_val, splits.y_val, loss_fn=loss_fn,
+                model = build()
+                result = fit(model, splits.x_train, splits.y_train, splits.x_val, splits.y_val, loss_fn=loss_fn,
                              schedule=schedule, seed=seed, teacher_logits=teacher_logits, autocast_dtype=dtype,
-                             lr_schedule=getattr(schedule, "lr_schedule", "constant"),
-                             augment=getattr(schedule, "augment", "none"))
-                measured[precision].append((result.seconds / result.n_epochs, result.val_accuracy))
-        fp32, bf16 = ({"s_per_epoch": statistics.median(r[0] for r in v), "val_mean": statistics.fmean(r[1] for r in v)}
-                      for v in (measured["fp32"], measured["bf16"]))
+                             lr_schedule=lr_schedule, augment=augment)
+                runs[precision].append({"s_per_epoch": result.seconds / result.n_epochs,
+                                        "val_accuracy": result.val_accuracy})
+                if first_fp32 is None and dtype is None:
+                    first_fp32 = model
+        fp32, bf16 = ({"s_per_epoch": statistics.median(r["s_per_epoch"] for r in v),
+                       "val_mean": statistics.fmean(r["val_accuracy"] for r in v),
+                       "val_per_seed": [r["val_accuracy"] for r in v]} for v in (runs["fp32"], runs["bf16"]))
         points = 100 * (bf16["val_mean"] - fp32["val_mean"])
         speedup = fp32["s_per_epoch"] / bf16["s_per_epoch"]
-        rows.append({"model": name, "seeds": plan.precision_seeds, "fp32": fp32, "bf16": bf16, "bf16_speedup": speedup,
-                     "bf16_val_points": points,
-                     "bf16_pays": speedup > 1 and points >= -BF16_TOLERANCE_POINTS})
+        return {"seeds": plan.precision_seeds, "fp32": fp32, "bf16": bf16, "bf16_speedup": speedup,
+                "bf16_val_points": points, "within_issue_bar": speedup > 1 and points >= -BF16_TOLERANCE_POINTS}, \
+            first_fp32
+
+    teacher_row, teacher_model = measured(lambda: TeacherCNN(splits.input_shape, splits.n_classes), teacher_schedule,
+                                          lambda z, _, labels: F.cross_entropy(z, labels), None,
+                                          teacher_schedule.lr_schedule, teacher_schedule.augment)
+    teacher_logits = predict(teacher_model, splits.x_train)
+    loss = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
+    rows = [{"model": "teacher", **teacher_row}]
+    for width in WIDTHS:
+        row, _ = measured(functools.partial(StudentMLP, splits.input_shape, splits.n_classes, width), student_schedule,
+                          loss, teacher_logits, "constant", "none")
+        rows.append({"model": f"student_{width}", **row})
     return {"rows": rows, "auto_precision": machine["auto_precision"]}
 
 
@@ -412,7 +417,7 @@ def main() -> None:
         results["teacher"] = section_teacher(plan, splits, results["machine"])
         print_table("teacher training", [results["teacher"]])
     if "precision" in sections:
-        results["precision"] = section_precision(plan, spec, splits, soft, results["machine"])
+        results["precision"] = section_precision(plan, spec, splits, results["machine"])
         print_table("bf16 against fp32, trained to the end, over seeds", results["precision"].get("rows", []))
     if "overhead" in sections:
         results["overhead"] = section_overhead(spec, splits)
