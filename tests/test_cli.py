@@ -11,7 +11,7 @@ from contextlib import closing
 
 import optuna
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, cli_in_process, run_cli
 
 from kdtune.cli import COMMANDS, main
 
@@ -75,7 +75,7 @@ def test_teacher_tune_resume_best_report(tiny_study):
 def test_a_run_built_to_prune_prunes(tiny_spec, workdir):
     """Widths down to 1 unit make weak trials that the median pruner must stop early, within their size band."""
     spec = str(tiny_spec("prune", width="[1, 128]", n_startup_trials=2, student_epochs=4, search="bands = [10000]"))
-    tuned = run_cli("tune", "--spec", spec, "--trials", "12", cwd=workdir)
+    tuned = cli_in_process("tune", "--spec", spec, "--trials", "12", cwd=workdir)
     assert tuned.returncode == 0, tuned.stderr
     pruned = load_study(workdir, "prune").get_trials(states=(optuna.trial.TrialState.PRUNED,))
     assert pruned and all(len(t.intermediate_values) < 4 for t in pruned)
@@ -144,19 +144,19 @@ def test_resuming_on_changed_data_is_refused_and_new_data_gets_its_own_teacher(t
     fingerprints named), keeps its trials, and a new study on the new data trains a teacher of its own."""
     import numpy as np
     spec = str(tiny_spec("moved"))
-    assert run_cli("tune", "--spec", spec, "--trials", "2", cwd=workdir).returncode == 0
+    assert cli_in_process("tune", "--spec", spec, "--trials", "2", cwd=workdir).returncode == 0
     with np.load(workdir / "tiny.npz") as archive:
         arrays = dict(archive)
     arrays["x_train"][0, 0, 0] ^= 1
     np.savez(workdir / "tiny.npz", **arrays)
-    resumed = run_cli("tune", "--spec", spec, "--trials", "4", cwd=workdir)
+    resumed = cli_in_process("tune", "--spec", spec, "--trials", "4", cwd=workdir)
     assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr
     old = load_study(workdir, "moved")
     recorded = old.user_attrs["data_fingerprint"]
     assert "was made on other data" in resumed.stderr and recorded[:16] in resumed.stderr
     assert "--study-name" in resumed.stderr
     assert len(old.get_trials(states=FINISHED)) == 2
-    fresh = run_cli("tune", "--spec", spec, "--study-name", "moved2", "--trials", "1", cwd=workdir)
+    fresh = cli_in_process("tune", "--spec", spec, "--study-name", "moved2", "--trials", "1", cwd=workdir)
     assert fresh.returncode == 0, fresh.stderr
     assert "Training the teacher" in fresh.stdout
     new = load_study(workdir, "moved2").user_attrs
@@ -187,7 +187,7 @@ def test_best_and_status_read_a_study_they_may_not_write(tiny_study):
     if subprocess.run(["chattr", "+i", *map(str, locked)], capture_output=True).returncode != 0:
         pytest.skip("cannot make the study read-only here (chattr +i)")
     try:
-        shown = {command: run_cli(command, "--spec", str(spec), "--json", cwd=workdir)
+        shown = {command: cli_in_process(command, "--spec", str(spec), "--json", cwd=workdir)
                  for command in ("best", "status")}
     finally:
         subprocess.run(["chattr", "-i", *map(str, locked)], check=True)
