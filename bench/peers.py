@@ -101,6 +101,7 @@ def common_kd_objective(spec: Spec, splits, teacher_model: nn.Module) -> Callabl
     def objective(trial: optuna.Trial) -> float:
         band = assign_band(trial, size_bands)  # the same size bands as kdtune's study
         config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss), band)  # control arms
+        trial.set_user_attr("loss", config.loss)  # as kdtune's objective records it: the front reads it
         torch.manual_seed(spec.seed)
         model = StudentMLP(splits.input_shape, splits.n_classes, config.width)
 
