@@ -170,6 +170,8 @@ def section_students(plan: Plan, compute, splits, soft, machine: dict) -> list[d
         model_flops, executed_flops = student_flops_per_epoch(len(splits.x_train), n_pixels, width, splits.n_classes)
         rows.append({
             "width": width, "kdtune_s": kd["seconds_per_epoch"], "naive_s": naive["seconds_per_epoch"],
+            # issue 18 judges the % of peak on the median of the repeats, not the fastest
+            "kdtune_s_median": statistics.median(r["seconds_per_epoch"] for r in measured["kdtune"]),
             "speedup_vs_naive": naive["seconds_per_epoch"] / kd["seconds_per_epoch"],
             # what kdtune's cached logits save per epoch: the bound on the study-level ratio at this width
             "common_kd_s": common["seconds_per_epoch"],
@@ -186,6 +188,7 @@ def section_students(plan: Plan, compute, splits, soft, machine: dict) -> list[d
             rows[-1].update(bf16_accuracy_over_seeds(splits, soft, width, plan.student_epochs))
     for row in rows:  # against the final peak
         row["pct_peak_model"] = 100 * row["model_gflops"] / machine["peak_fp32_gflops"]
+        row["pct_peak_model_median"] = row["pct_peak_model"] * row["kdtune_s"] / row["kdtune_s_median"]
         row["pct_peak_executed"] = 100 * row["executed_gflops"] / machine["peak_fp32_gflops"]
     return rows
 
