@@ -184,19 +184,11 @@ def section_students(plan: Plan, compute, splits, soft, machine: dict) -> list[d
             "bf16_measured_on": "full epochs" if native else "512 images, 1 epoch (emulated bf16)",
             "val_kdtune": kd["val_accuracy"], "val_naive": naive["val_accuracy"],
         })
-        if native and width >= 512:
-            rows[-1].update(bf16_accuracy_over_seeds(splits, soft, width, plan.student_epochs))
     for row in rows:  # against the final peak
         row["pct_peak_model"] = 100 * row["model_gflops"] / machine["peak_fp32_gflops"]
         row["pct_peak_model_median"] = row["pct_peak_model"] * row["kdtune_s"] / row["kdtune_s_median"]
         row["pct_peak_executed"] = 100 * row["executed_gflops"] / machine["peak_fp32_gflops"]
     return rows
-
-
-def bf16_accuracy_over_seeds(splits, soft, width: int, epochs: int, seeds=(1, 2, 3)) -> dict:
-    fp32 = [kdtune_student_epoch(splits, soft, width, epochs, s)["val_accuracy"] for s in seeds]
-    bf16 = [kdtune_student_epoch(splits, soft, width, epochs, s, dtype=torch.bfloat16)["val_accuracy"] for s in seeds]
-    return {"val_fp32_mean_3_seeds": statistics.fmean(fp32), "val_bf16_mean_3_seeds": statistics.fmean(bf16)}
 
 
 # ------------------------------------------------------------------------------------------------- teacher
