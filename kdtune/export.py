@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdtune import cost, data, model_card, report, runtime, saved_runs, student
+from kdtune import cost, counting, data, model_card, report, runtime, saved_runs, student
 from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.spec import Spec, SpecError
@@ -159,7 +159,7 @@ def export(spec: Spec, found: dict, chosen: Chosen, splits: Splits, folder: Path
                    "class_names": splits.class_names, "input": model_card.describe_input(splits.input_shape)}
         (scratch / CONFIG).write_text(json.dumps(rebuild, indent=2))
         card = model_card.card(found, chosen, checked, latency, rebuild,
-                               cost.multiply_adds(model, splits.input_shape))
+                               counting.multiply_adds(model, splits.input_shape))
         (scratch / model_card.JSON).write_text(json.dumps(card, indent=2))
         (scratch / model_card.MARKDOWN).write_text(model_card.to_markdown(card))
         replace_folder(scratch, folder)

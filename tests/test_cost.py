@@ -10,7 +10,7 @@ import torch
 from conftest import CPU_FP32
 from torch import nn
 
-from kdtune import cost, data, runtime, student, study, target, teacher, timing
+from kdtune import cost, counting, data, runtime, student, study, target, teacher, timing
 from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.spec import load_spec
 from kdtune.student import Architecture, StudentConfig
@@ -25,7 +25,7 @@ TRIAL_COSTS = {"multiply_adds", "latency_ms_batch1", "latency_ms_batch256", "lat
 def test_multiply_adds_of_an_mlp_are_the_hand_count(width):
     with torch.device("meta"):
         model = StudentMLP((1, 28, 28), 10, width)
-    assert cost.multiply_adds(model, (1, 28, 28)) == 784 * width + width * 10
+    assert counting.multiply_adds(model, (1, 28, 28)) == 784 * width + width * 10
 
 
 def test_multiply_adds_count_convolutions_per_output_value():
@@ -33,14 +33,14 @@ def test_multiply_adds_count_convolutions_per_output_value():
         model = TeacherCNN((1, 28, 28), 10)
     # 3x3 conv 1 -> 64 channels: 26x26 outputs; pooled to 13x13; 3x3 conv 64 -> 128: 11x11; pooled to 5x5; dense
     conv1, conv2 = 26 * 26 * 64 * (1 * 9), 11 * 11 * 128 * (64 * 9)
-    assert cost.multiply_adds(model, (1, 28, 28)) == conv1 + conv2 + 128 * 5 * 5 * 1024 + 1024 * 10
+    assert counting.multiply_adds(model, (1, 28, 28)) == conv1 + conv2 + 128 * 5 * 5 * 1024 + 1024 * 10
 
 
 def test_multiply_adds_count_normalisations_and_are_unknown_for_layers_they_cannot_count():
     normalised = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8), nn.LayerNorm(8))
-    assert cost.multiply_adds(normalised, (1, 28, 28)) == 784 * 8 + 8 + 8
+    assert counting.multiply_adds(normalised, (1, 28, 28)) == 784 * 8 + 8 + 8
     embedded = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Embedding(4, 2))  # weights of another kind
-    assert cost.multiply_adds(embedded, (1, 28, 28)) is None
+    assert counting.multiply_adds(embedded, (1, 28, 28)) is None
 
 
 def test_latency_is_timed_at_batch_1_and_256_over_at_least_20_calls():
