@@ -3,6 +3,14 @@
 bf16 pays only where the hardware multiplies bf16 natively (AVX-512 BF16 or AMX on x86 CPUs, Ampere and later
 GPUs). On a CPU with AVX2 only, PyTorch emulates it: a bf16 matmul measured 1.4 GFLOP/s against fp32's ~160 on
 this project's 2-core machine, so `auto` must never pick it there.
+
+Where bf16 is native it still does not pay for every model. A narrow student's training step is bound by
+per-operation dispatch, not by its matmuls, and autocast adds a cast per weight per step: on a 2-core Zen 4
+(avx512_bf16, 2 threads) bf16 ran a width-16 student at 0.72x fp32's speed, width 32 at 1.07x and width 64
+between 0.72x and 1.33x over three runs, but width 128 at 1.24x, 512 at 1.3-1.5x, 2048 at 1.8x and the teacher
+CNN at 1.8x (bench/results/zen4-20261129.json). So `auto` trains a student in bf16 only from
+`AUTO_BF16_MIN_MULTIPLY_ADDS` multiply-adds per image (a one-layer MLP on 28 x 28 images of width 128 has
+101,632), and the teacher, the large model of the pair, always.
 """
 
 from __future__ import annotations
@@ -22,20 +30,40 @@ from kdtune.spec import SpecError
 
 # /proc/cpuinfo flags of x86 CPUs that multiply bf16 in hardware.
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# `auto` trains students with fewer multiply-adds per image than this in fp32 (see the module's docstring)
+AUTO_BF16_MIN_MULTIPLY_ADDS = 100_000
 # The flags worth printing beside a timing: they decide which kernels PyTorch can use.
 REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 @dataclass(frozen=True)
 class Compute:
-    """Where tensors live and what autocast runs: `autocast_dtype` None means plain fp32."""
+    """Where tensors live and what autocast runs: `autocast_dtype` None means plain fp32. `by_student_size`
+    (`auto` where bf16 is native): a student runs `autocast_dtype` only if large enough, see `for_student`."""
 
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    by_student_size: bool = False
 
     @property
     def precision(self) -> str:
+        """What the teacher, and every student unless `by_student_size`, trains in."""
         return "fp32" if self.autocast_dtype is None else "bf16"
+
+    @property
+    def policy(self) -> str:
+        """The precision, as a study records it: students may differ when `by_student_size`."""
+        if self.by_student_size:
+            return f"bf16 from {AUTO_BF16_MIN_MULTIPLY_ADDS:,} multiply-adds per image, fp32 below"
+        return self.precision
+
+    def for_student(self, multiply_adds: int | None) -> Compute:
+        """What a student of `multiply_adds` per image trains in; one not counted (None: a user's family with
+        layers kdtune cannot count) trains in fp32, which is never the slow choice."""
+        if not self.by_student_size:
+            return self
+        pays = multiply_adds is not None and multiply_adds >= AUTO_BF16_MIN_MULTIPLY_ADDS
+        return Compute(self.device, self.autocast_dtype if pays else None)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -56,14 +84,16 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_compute(device_name: str, precision: str) -> Compute:
     """fp32 always runs fp32; bf16 always runs bf16 (warning once where it is emulated); auto runs bf16 only
-    where the hardware has it natively."""
+    where the hardware has it natively, and there for the teacher and students large enough to gain by it."""
     device = resolve_device(device_name)
     if precision == "fp32":
         return Compute(device)
     native = has_native_bf16(device)
     if precision == "bf16" and not native:
         _warn_emulated_bf16(str(device))
-    return Compute(device, torch.bfloat16 if precision == "bf16" or native else None)
+    if precision == "bf16":
+        return Compute(device, torch.bfloat16)
+    return Compute(device, torch.bfloat16, by_student_size=True) if native else Compute(device)
 
 
 def has_native_bf16(device: torch.device) -> bool:

@@ -89,7 +89,11 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     if "source_sha256" in (record := architecture.as_record()):  # an edited user family builds other students
         students["source_sha256"] = record["source_sha256"]
     context = {"student": students, "transfer": dataclasses.asdict(spec.transfer),
-               "data": splits.fingerprint, "teacher": teacher.cache_id, "precision": compute.precision}
+               "data": splits.fingerprint, "teacher": teacher.cache_id}
+
+    def context_of(config: StudentConfig) -> dict:
+        """What a saved run of `config` depends on: the precision it trains in is the student's own."""
+        return {**context, "precision": architecture.compute_for(config.width, compute).precision}
 
     # A configuration can be both a candidate and an arm (the twin of a winner that does not distil, the
     # reference among the top trials): each run is trained or loaded once per report and then reused, so a
@@ -97,7 +101,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     @functools.cache
     def run_for(config: StudentConfig, seed: int) -> tuple[saved_runs.Run, bool]:
         return saved_runs.trained(
-            runs_folder(spec), context, config.as_params(), seed, compute.device,
+            runs_folder(spec), context_of(config), config.as_params(), seed, compute.device,
             build=lambda: architecture.build(config.width),
             train=lambda: student.train(config, architecture, spec.student, data, seed, compute))
 
@@ -114,13 +118,14 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     def test_row(name: str, config: StudentConfig, runs: list[saved_runs.Run] | None = None) -> dict:
         """The test set, read for one arm over the report's seeds."""
         runs = runs or train_over_seeds(name, config)
-        tests = [accuracy(model, x_test, y_test, compute.autocast_dtype) for model, _ in runs]
+        autocast_dtype = architecture.compute_for(config.width, compute).autocast_dtype
+        tests = [accuracy(model, x_test, y_test, autocast_dtype) for model, _ in runs]
         return {"config": config.as_params(), "test_accuracy": tests,
                 "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests),
                 "val_accuracy": [r.val_accuracy for _, r in runs],
                 "val_mean": statistics.fmean(r.val_accuracy for _, r in runs),
                 # the trained students, seed by seed, for `export`: names in runs_folder(spec)
-                "run_files": [saved_runs.path_of(runs_folder(spec), context, config.as_params(), seed).name
+                "run_files": [saved_runs.path_of(runs_folder(spec), context_of(config), config.as_params(), seed).name
                               for seed in seeds],
                 "val_curves": [r.val_curve for _, r in runs],
                 "n_parameters": architecture.n_parameters(config.width)}

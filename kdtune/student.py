@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kdtune import models, user_code
+from kdtune import counting, models, user_code
 from kdtune.hardware import Compute
 from kdtune.losses import LOSSES
 from kdtune.spec import SearchSpec, StudentSpec
@@ -98,6 +98,16 @@ class Architecture:
         with torch.device("meta"):
             return models.n_parameters(self.build(width))
 
+    def multiply_adds(self, width: int) -> int | None:
+        """Per input, counted as `n_parameters` is, on the meta device; None for layers kdtune cannot count."""
+        with torch.device("meta"):
+            return counting.multiply_adds(self.build(width), self.input_shape)
+
+    def compute_for(self, width: int, compute: Compute) -> Compute:
+        """The device and precision the student of `width` trains and is evaluated in: `compute`, with `auto`
+        resolved by the student's multiply-adds (see `hardware.Compute.for_student`)."""
+        return compute.for_student(self.multiply_adds(width) if compute.by_student_size else None)
+
     def as_record(self) -> dict:
         """What identifies the students, for records and caches; a user family's source too."""
         record = {"family": self.family, "depth": self.depth, "input_shape": list(self.input_shape),
@@ -116,8 +126,10 @@ def train(config: StudentConfig, architecture: Architecture, schedule: StudentSp
     """One student on tensors already on the device; without distillation, on the labelled images only.
 
     `report(epoch, val_accuracy)` may raise `train.StopTraining` (a pruner's verdict): the student then comes
-    back with its result so far, the reason in `result.stopped_early`.
+    back with its result so far, the reason in `result.stopped_early`. The precision is `compute`'s, resolved
+    for this student (`Architecture.compute_for`; resolving it again changes nothing).
     """
+    compute = architecture.compute_for(config.width, compute)
     if not config.distils:
         data = data.labelled_only()
     torch.manual_seed(seed)

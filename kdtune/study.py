@@ -131,15 +131,16 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
         with uninterrupted():  # every write to the storage: a stop signal waits for it (see interrupts)
             config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss), band)
         n_parameters = architecture.n_parameters(config.width)
+        trained_in = architecture.compute_for(config.width, compute)
         # before training: pruned trials too
         costs = cost.of_student(architecture, config.width, onnxruntime=spec.onnxruntime_latency)
         with uninterrupted():
             # `worker`: `status` shows where a running trial runs
             for name, value in {"loss": config.loss, "worker": WORKER_ID, "n_parameters": n_parameters,
-                                **costs}.items():
+                                "precision": trained_in.precision, **costs}.items():
                 trial.set_user_attr(name, value)
         try:
-            model, result = student.train(config, architecture, spec.student, data, spec.seed, compute,
+            model, result = student.train(config, architecture, spec.student, data, spec.seed, trained_in,
                                           report=pruning(trial))
             if result.stopped_early:
                 raise optuna.TrialPruned(result.stopped_early)
@@ -151,7 +152,7 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
             record_end(trial, config, band, n_parameters, ended.result, ended)
             raise
         record_end(trial, config, band, n_parameters, result)
-        student_val_logits = predict(model, data.x_val, compute.autocast_dtype)
+        student_val_logits = predict(model, data.x_val, trained_in.autocast_dtype)
         with uninterrupted():
             for name, value in health.measure(student_val_logits, teacher_val_logits, data.y_val,
                                               config.temperature).items():
@@ -319,7 +320,7 @@ def record(study: optuna.Study, spec: Spec, splits: Splits, teacher: CachedTeach
     bands.record(study, study_bands(study, spec, architecture, teacher))
     if "source_sha256" in (students := architecture.as_record()):
         study.set_user_attr(STUDENT_SOURCE_KEY, students["source_sha256"])
-    for key, value in {"precision": compute.precision,
+    for key, value in {"precision": compute.policy,
                        "teacher_cache_id": teacher.cache_id,
                        "teacher_val_accuracy": teacher.val_accuracy, "data_fingerprint": splits.fingerprint,
                        "versions": versions(), RECORD_VERSION_KEY: RECORD_VERSION,

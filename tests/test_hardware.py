@@ -35,8 +35,27 @@ def test_auto_stays_fp32_without_native_bf16(cpu_without_bf16):
     assert compute.autocast_dtype is None and compute.precision == "fp32"
 
 
-def test_auto_picks_bf16_where_it_is_native(cpu_with_bf16):
-    assert hardware.resolve_compute("cpu", "auto").autocast_dtype == torch.bfloat16
+def test_auto_picks_bf16_where_it_is_native_for_the_teacher_and_students_large_enough(cpu_with_bf16):
+    compute = hardware.resolve_compute("cpu", "auto")
+    assert compute.autocast_dtype == torch.bfloat16  # the teacher's
+    smallest = hardware.AUTO_BF16_MIN_MULTIPLY_ADDS
+    assert compute.for_student(smallest).autocast_dtype == torch.bfloat16
+    assert compute.for_student(smallest - 1).autocast_dtype is None
+    assert compute.for_student(None).autocast_dtype is None  # not counted: fp32, never the slow choice
+    assert compute.for_student(smallest - 1).for_student(smallest).autocast_dtype is None  # resolved once
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_explicit_precision_holds_for_students_of_every_size(cpu_with_bf16, precision):
+    compute = hardware.resolve_compute("cpu", precision)
+    assert {compute.for_student(n).precision for n in (1, 10 ** 9, None)} == {precision}
+    assert compute.policy == precision
+
+
+@pytest.mark.parametrize("width, expected", [(16, "fp32"), (128, "bf16")])
+def test_auto_resolves_a_student_by_its_counted_multiply_adds(cpu_with_bf16, width, expected):
+    architecture = student.Architecture("mlp", 1, (1, 28, 28), 10)  # 784 x width + width x 10 multiply-adds
+    assert architecture.compute_for(width, hardware.resolve_compute("cpu", "auto")).precision == expected
 
 
 def test_explicit_bf16_is_honoured_and_warns_once_where_emulated(cpu_without_bf16):
@@ -80,11 +99,14 @@ def test_a_student_trains_in_the_autocast_dtype_and_keeps_fp32_weights(autocast_
     assert logits.dtype == torch.float32 and logits.shape == (64, 3)
 
 
-@pytest.mark.parametrize("precision, expected", [("auto", torch.bfloat16), ("fp32", torch.float32)])
-def test_a_trial_trains_in_the_precision_the_policy_picks(cpu_with_bf16, tiny_spec, monkeypatch, precision,
+@pytest.mark.parametrize("precision, width, expected", [
+    ("auto", 128, torch.bfloat16), ("auto", 16, torch.float32), ("fp32", 128, torch.float32),
+    ("bf16", 16, torch.bfloat16)])
+def test_a_trial_trains_in_the_precision_the_policy_picks(cpu_with_bf16, tiny_spec, monkeypatch, precision, width,
                                                           expected):
-    """End to end: the spec's precision, resolved for this (claimed) CPU, reaches the student inside a trial."""
-    spec = replace(load_spec(tiny_spec(student_epochs=1, width="16", search="control_arms = false")),
+    """End to end: the spec's precision, resolved for this (claimed) CPU and the trial's student (28 x 28 images:
+    width 128 is 101,632 multiply-adds, width 16 12,704), reaches the student and the trial's record."""
+    spec = replace(load_spec(tiny_spec(student_epochs=1, width=str(width), search="control_arms = false")),
                    precision=precision)
     splits = data.prepare(spec.data, spec.seed)
     logits = {"train": torch.randn(len(splits.x_train), splits.n_classes),
@@ -103,6 +125,7 @@ def test_a_trial_trains_in_the_precision_the_policy_picks(cpu_with_bf16, tiny_sp
     target.run(the_study, study.make_objective(spec, splits, stub_teacher, compute), n_trials=1, timeout=None,
               progress_bar=False)
     assert seen and {dtype for is_training, dtype in seen if is_training} == {expected}
+    assert the_study.trials[0].user_attrs["precision"] == {torch.bfloat16: "bf16", torch.float32: "fp32"}[expected]
 
 
 def test_configure_threads_sets_torch_threads():

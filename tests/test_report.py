@@ -1,6 +1,7 @@
 """The report: its statistics and verdict, and one real report on tiny data for what users rely on: the winner,
 the seeds, the pairing of the gain and the saved runs (the end-to-end report through the CLI is in test_cli.py)."""
 
+import shutil
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -8,10 +9,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from conftest import CPU_FP32, TINY_SPEC, write_tiny_npz
 from optuna.distributions import FloatDistribution, IntDistribution
 
-from kdtune import bands, data, report, student, teacher
+from kdtune import bands, data, hardware, report, student, teacher
 from kdtune.bands import Band
 from kdtune.budget import Budget
 from kdtune.report import mean_interval, pick_winner, twin_of, verdict, weak_teacher_warning
@@ -239,6 +241,37 @@ def test_a_first_report_trains_each_run_once_and_calls_none_from_an_earlier_repo
     assert not [line for line in evaluated.echoed if "earlier report" in line]
     trained_keys = [(config, seed) for config, seed, _ in evaluated.trained]
     assert len(trained_keys) == len(set(trained_keys))
+
+
+def test_under_auto_each_student_of_a_report_trains_and_is_tested_in_its_own_precision(evaluated, tmp_path,
+                                                                                        monkeypatch):
+    """On a host with native bf16, `auto` trains the narrow students (2 and 64 units: fp32) as an fp32 report
+    did, so their saved runs serve it, and the reference (512 units: bf16) afresh, in bf16; each is read on
+    the test set in its own precision. The budget keeps the reference out of the front: a narrow winner."""
+    shutil.copytree(evaluated.folder, tmp_path / "copy")  # the fixture's saved runs stay as they were
+    monkeypatch.chdir(tmp_path / "copy")
+    by_size = hardware.Compute(CPU_FP32.device, torch.bfloat16, by_student_size=True)
+    trained, tested = [], []
+    fit, test_accuracy = student.fit, report.accuracy
+
+    def recording_fit(model, *args, autocast_dtype, **options):
+        trained.append((model[1].out_features, autocast_dtype))
+        return fit(model, *args, autocast_dtype=autocast_dtype, **options)
+
+    def recording_test_accuracy(model, x, y, autocast_dtype=None):
+        tested.append((model[1].out_features, autocast_dtype))
+        return test_accuracy(model, x, y, autocast_dtype)
+
+    monkeypatch.setattr(student, "fit", recording_fit)
+    monkeypatch.setattr(report, "accuracy", recording_test_accuracy)
+    report.evaluate(evaluated.spec, evaluated.splits, evaluated.cached, evaluated.study, by_size, echo=lambda _: None,
+                    budget=Budget(max_params=795 * 64 + 10))
+    # fresh: the reference, and the 64-unit winner's twin, which the fp32 report never needed; the candidates'
+    # runs came from the fp32 report
+    n_seeds = evaluated.spec.report.n_seeds
+    assert Counter(trained) == {(64, None): n_seeds, (512, torch.bfloat16): n_seeds}
+    assert set(tested) >= {(512, torch.bfloat16)} and {dtype for width, dtype in tested if width < 512} == {None}
+    assert {width for width, _ in tested} - {512}  # a narrow student was read too
 
 
 def refuse_training(*args, **options):
