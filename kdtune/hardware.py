@@ -9,8 +9,9 @@ per-operation dispatch, not by its matmuls, and autocast adds a cast per weight 
 (avx512_bf16, 2 threads) bf16 ran a width-16 student at 0.72x fp32's speed, width 32 at 1.07x and width 64
 between 0.72x and 1.33x over three runs, but width 128 at 1.24x, 512 at 1.3-1.5x, 2048 at 1.8x and the teacher
 CNN at 1.8x (bench/results/zen4-20261129.json). So `auto` trains a student in bf16 only from
-`AUTO_BF16_MIN_MULTIPLY_ADDS` multiply-adds per image (a one-layer MLP on 28 x 28 images of width 128 has
-101,632), and the teacher, the large model of the pair, always.
+`AUTO_BF16_MIN_MULTIPLY_ADDS` multiply-adds per input (a one-layer MLP on 28 x 28 images of width 128 has
+101,632), and the teacher, the large model of the pair, always. The line was measured on one-layer MLPs; the
+teacher CNN measured 1.8x, and small CNN students are assumed to follow the same count.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from kdtune.spec import SpecError
 
 # /proc/cpuinfo flags of x86 CPUs that multiply bf16 in hardware.
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-# `auto` trains students with fewer multiply-adds per image than this in fp32 (see the module's docstring)
+# `auto` trains students with fewer multiply-adds per input than this in fp32 (see the module's docstring)
 AUTO_BF16_MIN_MULTIPLY_ADDS = 100_000
 # The flags worth printing beside a timing: they decide which kernels PyTorch can use.
 REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -54,12 +55,13 @@ class Compute:
     def policy(self) -> str:
         """The precision, as a study records it: students may differ when `by_student_size`."""
         if self.by_student_size:
-            return f"bf16 from {AUTO_BF16_MIN_MULTIPLY_ADDS:,} multiply-adds per image, fp32 below"
+            return f"bf16 from {AUTO_BF16_MIN_MULTIPLY_ADDS:,} multiply-adds per input, fp32 below"
         return self.precision
 
     def for_student(self, multiply_adds: int | None) -> Compute:
-        """What a student of `multiply_adds` per image trains in; one not counted (None: a user's family with
-        layers kdtune cannot count) trains in fp32, which is never the slow choice."""
+        """What a student of `multiply_adds` per input trains in. One not counted (None: a user's family with
+        layers kdtune cannot count) trains in fp32: without a count there is no telling whether bf16 pays, and on
+        a narrow model it costs (see `Architecture.compute_for`, which says so once)."""
         if not self.by_student_size:
             return self
         pays = multiply_adds is not None and multiply_adds >= AUTO_BF16_MIN_MULTIPLY_ADDS

@@ -32,6 +32,7 @@ from kdtune.losses import UNLABELLED
 from kdtune.provenance import machine, versions
 from kdtune.spec import Spec, SpecError, to_toml_dict
 from kdtune.student import REFERENCE, StudentConfig
+from kdtune.study import students_compute
 from kdtune.teacher import CachedTeacher
 from kdtune.train import accuracy, accuracy_of_logits
 from kdtune.transfer import StudentData
@@ -80,6 +81,12 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     only trials within it take part."""
     data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
     architecture = student.Architecture.of(spec.student, data.input_shape, data.n_classes)
+    compute = students_compute(study, compute)
+
+    @functools.cache
+    def compute_for(width: int) -> Compute:
+        return architecture.compute_for(width, compute)
+
     seeds = [spec.seed + 1 + i for i in range(spec.report.n_seeds)]
     started = time.perf_counter()
 
@@ -93,7 +100,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
 
     def context_of(config: StudentConfig) -> dict:
         """What a saved run of `config` depends on: the precision it trains in is the student's own."""
-        return {**context, "precision": architecture.compute_for(config.width, compute).precision}
+        return {**context, "precision": compute_for(config.width).precision}
 
     # A configuration can be both a candidate and an arm (the twin of a winner that does not distil, the
     # reference among the top trials): each run is trained or loaded once per report and then reused, so a
@@ -118,8 +125,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     def test_row(name: str, config: StudentConfig, runs: list[saved_runs.Run] | None = None) -> dict:
         """The test set, read for one arm over the report's seeds."""
         runs = runs or train_over_seeds(name, config)
-        autocast_dtype = architecture.compute_for(config.width, compute).autocast_dtype
-        tests = [accuracy(model, x_test, y_test, autocast_dtype) for model, _ in runs]
+        tests = [accuracy(model, x_test, y_test, compute_for(config.width).autocast_dtype) for model, _ in runs]
         return {"config": config.as_params(), "test_accuracy": tests,
                 "test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests),
                 "val_accuracy": [r.val_accuracy for _, r in runs],

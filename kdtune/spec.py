@@ -143,7 +143,7 @@ class Spec:
     name: str  # the study name; outputs go to studies/<name>/
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 only where the hardware has it natively)
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the hardware has it natively, for large enough models)
     storage: str = ""  # Optuna storage URL; empty means sqlite:///studies/<name>/study.db
     artifacts: str = ""  # where the study's teacher travels: a folder or s3://bucket; empty: studies/<name>/artifacts
     # also time every trial's width in ONNX Runtime, as the student ships (kdtune[export]; ~0.7 s per new width)

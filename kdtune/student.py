@@ -7,6 +7,7 @@ only ask for configurations, parameter counts and trained students.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -106,7 +107,12 @@ class Architecture:
     def compute_for(self, width: int, compute: Compute) -> Compute:
         """The device and precision the student of `width` trains and is evaluated in: `compute`, with `auto`
         resolved by the student's multiply-adds (see `hardware.Compute.for_student`)."""
-        return compute.for_student(self.multiply_adds(width) if compute.by_student_size else None)
+        if not compute.by_student_size:
+            return compute
+        multiply_adds = self.multiply_adds(width)
+        if multiply_adds is None:
+            _warn_uncounted(self.family)
+        return compute.for_student(multiply_adds)
 
     def as_record(self) -> dict:
         """What identifies the students, for records and caches; a user family's source too."""
@@ -119,6 +125,13 @@ class Architecture:
     @classmethod
     def from_record(cls, record: dict) -> Architecture:
         return cls(record["family"], record["depth"], tuple(record["input_shape"]), record["n_classes"])
+
+
+@functools.cache
+def _warn_uncounted(family: str) -> None:
+    warnings.warn(f"precision = \"auto\": kdtune cannot count the multiply-adds of {family}'s students (a layer "
+                  "other than dense, convolution or normalisation has weights), so they train in fp32; set "
+                  "precision = \"bf16\" if they are large.", stacklevel=3)
 
 
 def train(config: StudentConfig, architecture: Architecture, schedule: StudentSpec, data: StudentData, seed: int,

@@ -123,15 +123,17 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
     teacher_val_logits = teacher.logits["val"].to(compute.device)
 
     size_bands: list[Band] = []  # read from the study at its first trial
+    study_compute: list[Compute] = []  # likewise
 
     def objective(trial: optuna.Trial) -> float:
         if not size_bands:
             size_bands.extend(study_bands(trial.study, spec, architecture, teacher))
+            study_compute.append(students_compute(trial.study, compute))
         band = assign_band(trial, size_bands)
         with uninterrupted():  # every write to the storage: a stop signal waits for it (see interrupts)
             config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss), band)
         n_parameters = architecture.n_parameters(config.width)
-        trained_in = architecture.compute_for(config.width, compute)
+        trained_in = architecture.compute_for(config.width, study_compute[0])
         # before training: pruned trials too
         costs = cost.of_student(architecture, config.width, onnxruntime=spec.onnxruntime_latency)
         with uninterrupted():
@@ -160,6 +162,15 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
         return result.val_accuracy
 
     return objective
+
+
+def students_compute(study: optuna.Study, compute: Compute) -> Compute:
+    """What the study's students train in: `compute`, except in an `auto` study begun before auto went by the
+    student's size. It recorded plain "bf16" and trained every student so; it goes on so, and its report too,
+    so that its trials and its report's students stay alike."""
+    if compute.by_student_size and study.user_attrs.get("precision") == "bf16":
+        return Compute(compute.device, compute.autocast_dtype)
+    return compute
 
 
 def pruning(trial: optuna.Trial) -> Callable[[int, float], None]:

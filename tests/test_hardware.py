@@ -52,10 +52,21 @@ def test_an_explicit_precision_holds_for_students_of_every_size(cpu_with_bf16, p
     assert compute.policy == precision
 
 
-@pytest.mark.parametrize("width, expected", [(16, "fp32"), (128, "bf16")])
-def test_auto_resolves_a_student_by_its_counted_multiply_adds(cpu_with_bf16, width, expected):
-    architecture = student.Architecture("mlp", 1, (1, 28, 28), 10)  # 784 x width + width x 10 multiply-adds
+@pytest.mark.parametrize("family, width, expected", [
+    ("mlp", 64, "fp32"), ("mlp", 128, "bf16"),  # 784 x width + width x 10 multiply-adds: 50,816 and 101,632
+    ("cnn", 4, "fp32"), ("cnn", 5, "bf16")])  # 88,592 and 128,380
+def test_auto_resolves_a_student_by_its_counted_multiply_adds(cpu_with_bf16, family, width, expected):
+    architecture = student.Architecture(family, 1, (1, 28, 28), 10)
     assert architecture.compute_for(width, hardware.resolve_compute("cpu", "auto")).precision == expected
+
+
+def test_auto_trains_a_student_it_cannot_count_in_fp32_and_says_so(cpu_with_bf16, monkeypatch):
+    nn = torch.nn
+    monkeypatch.setitem(student.FAMILIES, "with_prelu", lambda input_shape, n_classes, width, depth: nn.Sequential(
+        nn.Flatten(), nn.Linear(784, width), nn.PReLU(), nn.Linear(width, n_classes)))
+    architecture = student.Architecture("with_prelu", 1, (1, 28, 28), 10)
+    with pytest.warns(UserWarning, match="cannot count the multiply-adds of with_prelu"):
+        assert architecture.compute_for(2048, hardware.resolve_compute("cpu", "auto")).precision == "fp32"
 
 
 def test_explicit_bf16_is_honoured_and_warns_once_where_emulated(cpu_without_bf16):
@@ -99,13 +110,15 @@ def test_a_student_trains_in_the_autocast_dtype_and_keeps_fp32_weights(autocast_
     assert logits.dtype == torch.float32 and logits.shape == (64, 3)
 
 
-@pytest.mark.parametrize("precision, width, expected", [
-    ("auto", 128, torch.bfloat16), ("auto", 16, torch.float32), ("fp32", 128, torch.float32),
-    ("bf16", 16, torch.bfloat16)])
+@pytest.mark.parametrize("precision, width, recorded, expected", [
+    ("auto", 128, None, torch.bfloat16), ("auto", 16, None, torch.float32), ("fp32", 128, None, torch.float32),
+    ("bf16", 16, None, torch.bfloat16), ("auto", 16, "bf16", torch.bfloat16)],
+    ids=["auto-wide", "auto-narrow", "fp32", "bf16", "auto-study-from-before-sizes"])
 def test_a_trial_trains_in_the_precision_the_policy_picks(cpu_with_bf16, tiny_spec, monkeypatch, precision, width,
-                                                          expected):
+                                                          recorded, expected):
     """End to end: the spec's precision, resolved for this (claimed) CPU and the trial's student (28 x 28 images:
-    width 128 is 101,632 multiply-adds, width 16 12,704), reaches the student and the trial's record."""
+    width 128 is 101,632 multiply-adds, width 16 12,704), reaches the student, its validation logits and the
+    trial's record. An auto study that recorded plain bf16, before auto went by size, stays all bf16."""
     spec = replace(load_spec(tiny_spec(student_epochs=1, width=str(width), search="control_arms = false")),
                    precision=precision)
     splits = data.prepare(spec.data, spec.seed)
@@ -122,9 +135,15 @@ def test_a_trial_trains_in_the_precision_the_policy_picks(cpu_with_bf16, tiny_sp
     monkeypatch.setitem(student.FAMILIES, "mlp", RecordedStudent)
     compute = hardware.resolve_compute(spec.device, spec.precision)  # as every command does, once
     the_study = study.open_study(spec, create=True)
+    if recorded:
+        the_study.set_user_attr("precision", recorded)
+    predicted_in = []
+    monkeypatch.setattr(study, "predict", lambda model, x, dtype: predicted_in.append(dtype) or predict(model, x,
+                                                                                                        dtype))
     target.run(the_study, study.make_objective(spec, splits, stub_teacher, compute), n_trials=1, timeout=None,
               progress_bar=False)
     assert seen and {dtype for is_training, dtype in seen if is_training} == {expected}
+    assert predicted_in == [None if expected == torch.float32 else expected]  # the trial's validation logits
     assert the_study.trials[0].user_attrs["precision"] == {torch.bfloat16: "bf16", torch.float32: "fp32"}[expected]
 
 

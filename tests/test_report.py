@@ -243,13 +243,19 @@ def test_a_first_report_trains_each_run_once_and_calls_none_from_an_earlier_repo
     assert len(trained_keys) == len(set(trained_keys))
 
 
+@pytest.mark.parametrize("from_before_sizes", [False, True], ids=["auto", "auto-study-recorded-bf16"])
 def test_under_auto_each_student_of_a_report_trains_and_is_tested_in_its_own_precision(evaluated, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, from_before_sizes):
     """On a host with native bf16, `auto` trains the narrow students (2 and 64 units: fp32) as an fp32 report
     did, so their saved runs serve it, and the reference (512 units: bf16) afresh, in bf16; each is read on
-    the test set in its own precision. The budget keeps the reference out of the front: a narrow winner."""
+    the test set in its own precision. The budget keeps the reference out of the front: a narrow winner. An
+    auto study begun before auto went by size recorded plain bf16: all its students train in bf16."""
     shutil.copytree(evaluated.folder, tmp_path / "copy")  # the fixture's saved runs stay as they were
     monkeypatch.chdir(tmp_path / "copy")
+    the_study = optuna.create_study(direction="maximize")  # the fixture's study stays as it was
+    the_study.add_trials(evaluated.study.get_trials())
+    if from_before_sizes:
+        the_study.set_user_attr("precision", "bf16")
     by_size = hardware.Compute(CPU_FP32.device, torch.bfloat16, by_student_size=True)
     trained, tested = [], []
     fit, test_accuracy = student.fit, report.accuracy
@@ -264,8 +270,11 @@ def test_under_auto_each_student_of_a_report_trains_and_is_tested_in_its_own_pre
 
     monkeypatch.setattr(student, "fit", recording_fit)
     monkeypatch.setattr(report, "accuracy", recording_test_accuracy)
-    report.evaluate(evaluated.spec, evaluated.splits, evaluated.cached, evaluated.study, by_size, echo=lambda _: None,
+    report.evaluate(evaluated.spec, evaluated.splits, evaluated.cached, the_study, by_size, echo=lambda _: None,
                     budget=Budget(max_params=795 * 64 + 10))
+    if from_before_sizes:  # every student in bf16, as the study's trials were
+        assert trained and {dtype for _, dtype in trained + tested} == {torch.bfloat16}
+        return
     # fresh: the reference, and the 64-unit winner's twin, which the fp32 report never needed; the candidates'
     # runs came from the fp32 report
     n_seeds = evaluated.spec.report.n_seeds
