@@ -1,12 +1,13 @@
 """kdtune's performance benchmark: every figure is a ratio of things measured side by side in this one run.
 
-    python bench/run.py [--quick] [--device cpu|cuda]
+    python bench/run.py [--quick] [--device cpu|cuda] [--threads N] [--out FILE] [--resume]
                         [--sections machine,students,teacher,precision,overhead,batched,study]
 
 Same process, same data (the embedded Fashion-MNIST: 5,400 training / 600 validation images), same batch size,
 loss and epochs on both sides of every ratio. Prints one table per section and writes
-bench/results/<machine>-<date>.json. `--quick` shrinks epochs, trials and data so the whole run takes under
-three minutes; its figures are a smoke test, not results.
+bench/results/<machine>-<date>.json (or --out) as each section ends; an interrupted run goes on with --resume.
+`--quick` shrinks epochs, trials and data so the whole run takes under three minutes; its figures are a smoke
+test, not results.
 """
 
 from __future__ import annotations
@@ -96,16 +97,14 @@ def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device, repeats: int
 
 def section_machine(plan: Plan, compute: hardware.Compute) -> dict:
     native = hardware.has_native_bf16(compute.device)
-    cpu = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     # Emulated bf16 runs ~100x slower than fp32: measure it on a small matrix only, or the run takes minutes.
     bf16_sizes = plan.matmul_sizes if native else (256,)
     return {
-        "cpu": cpu, "cpu_flags": hardware.reported_cpu_flags(),
+        "cpu": hardware.cpu_model(), "cpu_flags": hardware.reported_cpu_flags(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": str(compute.device),
         "gpu": torch.cuda.get_device_name(compute.device) if compute.device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(), "native_bf16": native,
-        "auto_precision": hardware.resolve_compute(str(compute.device), "auto").policy,
+        "auto_policy": hardware.resolve_compute(str(compute.device), "auto").policy,
         "peak_fp32_gflops": max(matmul_gflops(n, torch.float32, compute.device) for n in plan.matmul_sizes),
         "peak_bf16_gflops": max(matmul_gflops(n, torch.bfloat16, compute.device, 2) for n in bf16_sizes),
     }
@@ -415,25 +414,30 @@ def main() -> None:
     soft = 4.0 * F.one_hot(splits.y_train, splits.n_classes).float()
 
     out = args.out or Path("bench/results") / f"{platform.node() or 'machine'}-{time.strftime('%Y%m%d')}.json"
-    results = resumed(out, plan) if args.resume else {}
+    results = {"quick": args.quick, "plan": dataclasses.asdict(plan), "versions": versions(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+    if args.resume:
+        results = resumed(out, results, compute.device)
+    elif out.exists():
+        sys.exit(f"bench: {out} exists; pass --resume to finish that run, or another --out.")
     started = time.perf_counter() - results.get("seconds", 0.0)
-    results.update({"quick": args.quick, "plan": dataclasses.asdict(plan), "versions": versions(),
-                    "command": " ".join(sys.argv)})
-    results.setdefault("date", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
-    def run(section: str, measure, title: str | None = None, rows=lambda found: found["rows"]) -> None:
+    def run(section: str, measure, title: str | None = None, rows=lambda found: found["rows"],
+            show: bool = True) -> None:
         """`measure()` unless `--resume` found the section done; print its table; write the results so far."""
         if section not in results:
             results[section] = measure()
             results["seconds"] = time.perf_counter() - started
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=2, default=str))
-        print_table(title or section, rows(results[section]))
+        if show:
+            print_table(title or section, rows(results[section]))
 
-    run("machine", lambda: section_machine(plan, compute), rows=lambda found: [found])
+    run("machine", lambda: section_machine(plan, compute), show=False)  # printed once students raised its peak
     if "students" in sections:
         run("students", lambda: section_students(plan, compute, splits, soft, results["machine"]),
             "student epoch (seconds, GFLOP/s, % of fp32 matmul peak)", rows=lambda found: found)
+    print_table("machine", [results["machine"]])
     if "teacher" in sections:
         run("teacher", lambda: section_teacher(plan, splits, results["machine"]), "teacher training",
             rows=lambda found: [found])
@@ -466,18 +470,25 @@ def main() -> None:
                                                        studies={"quickstart study": study_trial_times(results)}),
                     "several students in one batched model")
                 print(json.dumps(results["batched"]["study_bounds"]))
-    print(f"\n{results['seconds']:.0f} s; written {out}")
+    print(f"\n{results['seconds']:.0f} s; results in {out}")
 
 
-def resumed(out: Path, plan: Plan) -> dict:
-    """The sections an interrupted run of the same plan wrote to `out`; none if there is no such file."""
+def resumed(out: Path, started: dict, device: torch.device) -> dict:
+    """The sections an interrupted run wrote to `out`, if it ran the same plan with the same versions, device,
+    CPU and threads as this one (`started`); else this run refuses to mix them."""
     if not out.exists():
-        return {}
+        print(f"nothing to resume in {out}: a fresh run")
+        return started
     found = json.loads(out.read_text())
-    if found.get("plan") != json.loads(json.dumps(dataclasses.asdict(plan))):  # tuples read back as lists
-        sys.exit(f"bench: {out} holds a run of another plan (--quick or not); give another --out or drop --resume.")
+    machine = found.get("machine", {})
+    now = {"device": str(device), "cpu": hardware.cpu_model(), "cpu_flags": hardware.reported_cpu_flags(),
+           "torch_threads": torch.get_num_threads()}
+    differ = [key for key in ("quick", "plan", "versions") if found.get(key) != json.loads(json.dumps(started[key]))]
+    differ += [key for key, value in now.items() if key in machine and machine[key] != value]
+    if differ:
+        sys.exit(f"bench: {out} was measured with another {', '.join(differ)}; give another --out to start afresh.")
     print(f"resuming {out}: keeping {', '.join(k for k in SECTIONS if k in found)}")
-    return found
+    return {**found, "resumed_with": [*found.get("resumed_with", []), started["command"]]}
 
 
 def print_table(title: str, rows: list[dict]) -> None:
