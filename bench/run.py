@@ -51,9 +51,11 @@ SECTIONS = ("machine", "students", "teacher", "precision", "overhead", "batched"
 # reports it; `precision = "auto"` reads whether the hardware has bf16 natively and, for a student, its
 # multiply-adds (kdtune.hardware): the precision section checks that rule against what it measures.
 BF16_TOLERANCE_POINTS = 0.3
-# The precision section's students: the three widths, and 16 and 128 on either side of the size from
-# which `auto` trains a student in bf16 (width 128 on 28 x 28 images).
-PRECISION_WIDTHS = (16, 64, 128, 512, 2048)
+# The precision section's students: one-layer MLPs at the three widths, and 16 and 128 on either side
+# of the size from which `auto` trains a student in bf16 (width 128 on 28 x 28 images); CNN students either
+# side of it too (88,592 and 128,380 multiply-adds), and one well above.
+PRECISION_STUDENTS = (("mlp", 16), ("mlp", 64), ("mlp", 128), ("mlp", 512), ("mlp", 2048),
+                      ("cnn", 4), ("cnn", 5), ("cnn", 16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,11 +284,12 @@ def section_precision(plan: Plan, spec: Spec, splits, machine: dict) -> dict:
     teacher_logits = predict(teacher_model, splits.x_train)
     loss = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
     rows = [{"model": "teacher", **with_auto(teacher_row, auto)}]
-    architecture = Architecture("mlp", 1, splits.input_shape, splits.n_classes)
-    for width in PRECISION_WIDTHS:
+    for family, width in PRECISION_STUDENTS:
+        architecture = Architecture(family, 1, splits.input_shape, splits.n_classes)
         row, _ = measured(functools.partial(architecture.build, width), student_schedule, loss, teacher_logits,
                           "constant", "none")
-        rows.append({"model": f"student_{width}", "multiply_adds": architecture.multiply_adds(width),
+        rows.append({"model": f"student_{width}" if family == "mlp" else f"{family}_student_{width}",
+                     "multiply_adds": architecture.multiply_adds(width),
                      **with_auto(row, architecture.compute_for(width, auto))})
     return {"rows": rows, "auto_policy": auto.policy}
 
