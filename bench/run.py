@@ -51,11 +51,11 @@ SECTIONS = ("machine", "students", "teacher", "precision", "overhead", "batched"
 # reports it; `precision = "auto"` reads whether the hardware has bf16 natively and, for a student, its
 # multiply-adds (kdtune.hardware): the precision section checks that rule against what it measures.
 BF16_TOLERANCE_POINTS = 0.3
-# The precision section's students: one-layer MLPs at the three widths, and 16 and 128 on either side
-# of the size from which `auto` trains a student in bf16 (width 128 on 28 x 28 images); CNN students either
-# side of it too (88,592 and 128,380 multiply-adds), and one well above.
-PRECISION_STUDENTS = (("mlp", 16), ("mlp", 64), ("mlp", 128), ("mlp", 512), ("mlp", 2048),
-                      ("cnn", 4), ("cnn", 5), ("cnn", 16))
+# The precision section's students: one-layer MLPs at the three widths, narrower ones, and 128 and 256
+# either side of the size from which `auto` trains a student in bf16 (width 256 on 28 x 28 images); CNN
+# students either side of it too (175,224 and 229,124 multiply-adds), and one well above.
+PRECISION_STUDENTS = (("mlp", 16), ("mlp", 64), ("mlp", 128), ("mlp", 256), ("mlp", 512), ("mlp", 2048),
+                      ("cnn", 6), ("cnn", 7), ("cnn", 16))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,13 +5,14 @@ GPUs). On a CPU with AVX2 only, PyTorch emulates it: a bf16 matmul measured 1.4 
 this project's 2-core machine, so `auto` must never pick it there.
 
 Where bf16 is native it still does not pay for every model. A narrow student's training step is bound by
-per-operation dispatch, not by its matmuls, and autocast adds a cast per weight per step: on a 2-core Zen 4
-(avx512_bf16, 2 threads) bf16 ran a width-16 student at 0.72x fp32's speed, width 32 at 1.07x and width 64
-between 0.72x and 1.33x over three runs, but width 128 at 1.24x, 512 at 1.3-1.5x, 2048 at 1.8x and the teacher
-CNN at 1.8x (bench/results/zen4-20261129.json). So `auto` trains a student in bf16 only from
-`AUTO_BF16_MIN_MULTIPLY_ADDS` multiply-adds per input (a one-layer MLP on 28 x 28 images of width 128 has
-101,632), and the teacher, the large model of the pair, always. The line was measured on one-layer MLPs; the
-teacher CNN measured 1.8x, and small CNN students are assumed to follow the same count.
+per-operation dispatch, not by its matmuls, and autocast adds a cast per weight per step. On a 2-core Zen 4
+(avx512_bf16, 1 and 2 threads; bench/results/zen4-*-20261129.json), over several runs each, bf16 ran one-layer MLP
+students of width 16 at 0.72-0.97x fp32's speed, width 64 at 0.72-1.33x and width 128 at 0.97-1.36x: noise
+around 1, sometimes slower. From width 256 it was faster in every run (1.12-1.62x), 512 at 1.3-1.8x, 2048 at
+1.6-1.8x, the teacher CNN at 1.65-1.8x; small CNN students at 88-128 k multiply-adds at 1.00x, one at 1.03 M at
+1.42x. So `auto` trains a student in bf16 only from `AUTO_BF16_MIN_MULTIPLY_ADDS` multiply-adds per input (a
+one-layer MLP on 28 x 28 images of width 256 has 203,264), and the teacher, the large model of the pair,
+always.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kdtune.spec import SpecError
 # /proc/cpuinfo flags of x86 CPUs that multiply bf16 in hardware.
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # `auto` trains students with fewer multiply-adds per input than this in fp32 (see the module's docstring)
-AUTO_BF16_MIN_MULTIPLY_ADDS = 100_000
+AUTO_BF16_MIN_MULTIPLY_ADDS = 200_000
 # The flags worth printing beside a timing: they decide which kernels PyTorch can use.
 REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 

@@ -53,8 +53,8 @@ def test_an_explicit_precision_holds_for_students_of_every_size(cpu_with_bf16, p
 
 
 @pytest.mark.parametrize("family, width, expected", [
-    ("mlp", 64, "fp32"), ("mlp", 128, "bf16"),  # 784 x width + width x 10 multiply-adds: 50,816 and 101,632
-    ("cnn", 4, "fp32"), ("cnn", 5, "bf16")])  # 88,592 and 128,380
+    ("mlp", 128, "fp32"), ("mlp", 256, "bf16"),  # 784 x width + width x 10 multiply-adds: 101,632 and 203,264
+    ("cnn", 6, "fp32"), ("cnn", 7, "bf16")])  # 175,224 and 229,124
 def test_auto_resolves_a_student_by_its_counted_multiply_adds(cpu_with_bf16, family, width, expected):
     architecture = student.Architecture(family, 1, (1, 28, 28), 10)
     assert architecture.compute_for(width, hardware.resolve_compute("cpu", "auto")).precision == expected
@@ -111,13 +111,13 @@ def test_a_student_trains_in_the_autocast_dtype_and_keeps_fp32_weights(autocast_
 
 
 @pytest.mark.parametrize("precision, width, recorded, expected", [
-    ("auto", 128, None, torch.bfloat16), ("auto", 16, None, torch.float32), ("fp32", 128, None, torch.float32),
+    ("auto", 256, None, torch.bfloat16), ("auto", 16, None, torch.float32), ("fp32", 256, None, torch.float32),
     ("bf16", 16, None, torch.bfloat16), ("auto", 16, "bf16", torch.bfloat16)],
     ids=["auto-wide", "auto-narrow", "fp32", "bf16", "auto-study-from-before-sizes"])
 def test_a_trial_trains_in_the_precision_the_policy_picks(cpu_with_bf16, tiny_spec, monkeypatch, precision, width,
                                                           recorded, expected):
     """End to end: the spec's precision, resolved for this (claimed) CPU and the trial's student (28 x 28 images:
-    width 128 is 101,632 multiply-adds, width 16 12,704), reaches the student, its validation logits and the
+    width 256 is 203,264 multiply-adds, width 16 12,704), reaches the student, its validation logits and the
     trial's record. An auto study that recorded plain bf16, before auto went by size, stays all bf16."""
     spec = replace(load_spec(tiny_spec(student_epochs=1, width=str(width), search="control_arms = false")),
                    precision=precision)
