@@ -57,7 +57,9 @@ def card(found: dict, chosen, checked: dict, latency: dict, rebuild: dict, multi
         "test_accuracy": {"this_model": tuned["test_accuracy"][seed_index],
                           "this_model_val_accuracy": tuned["val_accuracy"][seed_index],
                           "tuned": accuracy(tuned), "no_distillation": accuracy(twin),
-                          "gain": band["gain"], "teacher": found["teacher"]["test_accuracy"]},
+                          "gain": band["gain"], "teacher": found["teacher"]["test_accuracy"],
+                          # None: a report made before it recorded its students' precision
+                          "precision": tuned.get("precision")},
         "finding": band["finding"], "front_verdict": found["front_verdict"], "verdict": found["verdict"],
         "teacher": {"cache_id": found["teacher"]["cache_id"], "n_parameters": found["teacher"]["n_parameters"]},
         "data_fingerprint": found["data_fingerprint"], "report_created": found["created"],
@@ -111,6 +113,9 @@ def to_markdown(c: dict) -> str:
         f"| tuned, over {len(c['seeds'])} seeds | {interval(acc['tuned'])} |",
         f"| same student without distillation | {interval(acc['no_distillation'])} |",
         f"| teacher | {100 * acc['teacher']:.2f}% |", "",
+        *(["The students' accuracies were read in bf16 autocast, the precision they trained in; the exported "
+           "student computes in fp32, so its predictions can differ from these on a few images.", ""]
+          if acc.get("precision") == "bf16" else []),
         f"Distillation gain, paired over seeds: {100 * gain['mean']:+.2f} points (95% CI "
         f"{100 * gain['ci95_low']:+.2f} to {100 * gain['ci95_high']:+.2f}): {c['finding']}.", "",
         f"**The report's verdict.** {c['verdict']}", "",

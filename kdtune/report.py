@@ -134,7 +134,8 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
                 "run_files": [saved_runs.path_of(runs_folder(spec), context_of(config), config.as_params(), seed).name
                               for seed in seeds],
                 "val_curves": [r.val_curve for _, r in runs],
-                "n_parameters": architecture.n_parameters(config.width)}
+                "n_parameters": architecture.n_parameters(config.width),
+                "precision": compute_for(config.width).precision}  # trained and tested in it
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:

@@ -224,16 +224,20 @@ def test_the_card_speaks_of_the_chosen_seed():
              "front_verdict": "f", "data_fingerprint": "d", "created": "c", "versions": {"torch": "x"},
              "teacher": {"cache_id": "t", "n_parameters": 3, "test_accuracy": 0.9}}
     timed = {"1": {"median_ms": 0.1, "p95_ms": 0.2}, "256": {"median_ms": 1.0, "p95_ms": 2.0}}
-    card = model_card.card(found, export.choose(found), {"n_images": 1, "max_abs_logit_difference": 0.0,
-                                                         "same_predictions": 1.0},
-                           {"pytorch": timed, "onnxruntime": timed},
-                           {"config": chosen_band["rows"]["tuned"]["config"], "class_names": None,
-                            "architecture": Architecture("mlp", 1, (1, 28, 28), 10).as_record(),
-                            "input": model_card.describe_input((1, 28, 28))}, 1000)
+    card_inputs = ({"n_images": 1, "max_abs_logit_difference": 0.0, "same_predictions": 1.0},
+                   {"pytorch": timed, "onnxruntime": timed},
+                   {"config": chosen_band["rows"]["tuned"]["config"], "class_names": None,
+                    "architecture": Architecture("mlp", 1, (1, 28, 28), 10).as_record(),
+                    "input": model_card.describe_input((1, 28, 28))}, 1000)
+    card = model_card.card(found, export.choose(found), *card_inputs)
     assert card["seed"] == 2 and card["test_accuracy"]["this_model"] == 0.82  # the seed best on validation
     assert card["test_accuracy"]["this_model_val_accuracy"] == 0.7
     assert card["test_accuracy"]["tuned"]["ci95_low"] < 0.81 < card["test_accuracy"]["tuned"]["ci95_high"]
     assert "| this model (seed 2) | 82.00% |" in model_card.to_markdown(card)
+    assert "autocast" not in model_card.to_markdown(card)  # a report that does not say so read them in fp32
+    chosen_band["rows"]["tuned"]["precision"] = "bf16"
+    card = model_card.card(found, export.choose(found), *card_inputs)
+    assert card["test_accuracy"]["precision"] == "bf16" and "read in bf16 autocast" in model_card.to_markdown(card)
 
 
 def test_an_image_file_is_read_in_the_student_s_colour_mode(tmp_path):

@@ -270,8 +270,10 @@ def test_under_auto_each_student_of_a_report_trains_and_is_tested_in_its_own_pre
 
     monkeypatch.setattr(student, "fit", recording_fit)
     monkeypatch.setattr(report, "accuracy", recording_test_accuracy)
-    report.evaluate(evaluated.spec, evaluated.splits, evaluated.cached, the_study, by_size, echo=lambda _: None,
-                    budget=Budget(max_params=795 * 64 + 10))
+    found = report.evaluate(evaluated.spec, evaluated.splits, evaluated.cached, the_study, by_size,
+                            echo=lambda _: None, budget=Budget(max_params=795 * 64 + 10))
+    assert found["rows"]["reference"]["precision"] == "bf16"  # what the card tells the user
+    assert found["rows"]["tuned"]["precision"] == ("bf16" if from_before_sizes else "fp32")
     if from_before_sizes:  # every student in bf16, as the study's trials were
         assert trained and {dtype for _, dtype in trained + tested} == {torch.bfloat16}
         return
