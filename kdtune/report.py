@@ -110,7 +110,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         return saved_runs.trained(
             runs_folder(spec), context_of(config), config.as_params(), seed, compute.device,
             build=lambda: architecture.build(config.width),
-            train=lambda: student.train(config, architecture, spec.student, data, seed, compute))
+            train=lambda: student.train(config, architecture, spec.student, data, seed, compute_for(config.width)))
 
     def train_over_seeds(name: str, config: StudentConfig) -> list[saved_runs.Run]:
         fetched = [run_for(config, seed) for seed in seeds]
