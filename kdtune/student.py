@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kdtune import counting, models, user_code
+from kdtune import batched, counting, models, user_code
 from kdtune.hardware import Compute
 from kdtune.losses import LOSSES
 from kdtune.spec import SearchSpec, StudentSpec
-from kdtune.train import FitResult, fit
+from kdtune.train import FitResult, LossFn, fit
 from kdtune.transfer import StudentData
 
 # name -> builder(input_shape, n_classes, width, depth); a study's students are all of one family and depth. A
@@ -143,11 +143,60 @@ def train(config: StudentConfig, architecture: Architecture, schedule: StudentSp
     for this student (`Architecture.compute_for`; resolving it again changes nothing).
     """
     compute = architecture.compute_for(config.width, compute)
-    if not config.distils:
-        data = data.labelled_only()
-    torch.manual_seed(seed)
-    model = architecture.build(config.width)
-    loss_fn = functools.partial(LOSSES[config.loss], temperature=config.temperature, label_weight=config.label_weight)
+    model, loss_fn = initial(config, architecture, seed)
+    data = training_data(config, data)
     result = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, loss_fn=loss_fn, schedule=schedule,
                  seed=seed, teacher_logits=data.teacher_logits, report=report, autocast_dtype=compute.autocast_dtype)
     return model, result
+
+
+def initial(config: StudentConfig, architecture: Architecture, seed: int) -> tuple[nn.Module, LossFn]:
+    """The student's initial weights, drawn from `seed` (every student of a width starts alike), and its loss."""
+    torch.manual_seed(seed)
+    model = architecture.build(config.width)
+    return model, functools.partial(LOSSES[config.loss], temperature=config.temperature,
+                                    label_weight=config.label_weight)
+
+
+def training_data(config: StudentConfig, data: StudentData) -> StudentData:
+    """What the student learns from: without distillation, the labelled images only."""
+    return data if config.distils else data.labelled_only()
+
+
+# Students this wide or narrower train several at once (see `kdtune.batched`), up to BATCH_SIZE together.
+# Measured on 2 cores (bench/batched.py, docs/performance.md): batching pays most where a step is dispatch, not
+# arithmetic; from width 256 on the stack's matmuls are big enough alone and it stops paying.
+BATCH_MAX_WIDTH = 128
+
+
+def trains_together(architecture: Architecture, compute: Compute, width: int) -> bool:
+    """Whether students of this width train batched: built-in MLPs (one stack holds them) in fp32 (bf16 would
+    round the stacked matmuls differently from a student alone) up to BATCH_MAX_WIDTH."""
+    return (architecture.family == "mlp" and width <= BATCH_MAX_WIDTH
+            and architecture.compute_for(width, compute).autocast_dtype is None)
+
+
+def batch_key(config: StudentConfig, architecture: Architecture, compute: Compute) -> tuple | None:
+    """Students with equal keys can train in one batch (`train_together`); None: this one trains alone."""
+    if not trains_together(architecture, compute, config.width):
+        return None
+    return (config.distils, architecture.compute_for(config.width, compute))
+
+
+def train_together(configs: list[StudentConfig], architecture: Architecture, schedule: StudentSpec,
+                   data: StudentData, seed: int, compute: Compute,
+                   reports: list[Callable[[int, float], None] | None]) -> list[tuple[nn.Module, batched.Outcome]]:
+    """`train` for students of one `batch_key`, in one batch: each comes back as it would alone (within float
+    rounding), with its outcome; a student whose outcome has an error has no trained weights.
+
+    Ctrl-C or SIGTERM raises `batched.BatchInterrupted` with every student's result so far.
+    """
+    keys = {batch_key(config, architecture, compute) for config in configs}
+    if len(keys) != 1 or None in keys:
+        raise ValueError(f"students of batch keys {keys} cannot train in one batch")
+    members = [batched.Student(*initial(config, architecture, seed), report)
+               for config, report in zip(configs, reports)]
+    data = training_data(configs[0], data)
+    outcomes = batched.fit_together(members, data.x_train, data.y_train, data.x_val, data.y_val, schedule=schedule,
+                                    seed=seed, teacher_logits=data.teacher_logits)
+    return [(member.model, outcome) for member, outcome in zip(members, outcomes)]
