@@ -87,8 +87,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"Study {spec.name!r} in {spec.storage_url}: {already} finished trials, running to {args.trials}. "
               f"Teacher validation accuracy {cached.val_accuracy:.4f}.")
         if args.jobs == 1:
-            target.run(the_study, study.make_objective(spec, splits, cached, compute), n_trials=args.trials,
-                      timeout=args.timeout)
+            objective = study.make_objective(spec, splits, cached, compute, args.trials)
+            target.run(the_study, objective, n_trials=args.trials, timeout=args.timeout)
         else:
             exit_codes = workers.run_workers(spec, n_trials=args.trials, timeout=args.timeout, n_workers=args.jobs)
             if EXIT_USAGE in exit_codes:

@@ -48,6 +48,15 @@ def give_first_heartbeats(study: optuna.Study) -> None:
             session.add(models.TrialHeartbeatModel(trial_id=trial_id))
 
 
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """A context manager that beats for `trial` while it runs, as Optuna's trial loop does for the trial it
+    runs: for trials asked beside it (kdtune's batch mates), so that a killed worker's trials all go stale and
+    are retried. Nothing on storages without heartbeats."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, study._storage)
+
+
 def live_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.Trial:
     """A live `Trial` handle on a trial of `study`, for APIs that take one (optuna-dashboard's `save_note`).
     Building it only reads the trial: kdtune's TPE sampler does nothing before a trial."""

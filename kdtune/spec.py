@@ -148,6 +148,9 @@ class Spec:
     artifacts: str = ""  # where the study's teacher travels: a folder or s3://bucket; empty: studies/<name>/artifacts
     # also time every trial's width in ONNX Runtime, as the student ships (kdtune[export]; ~0.7 s per new width)
     onnxruntime_latency: bool = False
+    # narrow students (MLPs up to student.BATCH_MAX_WIDTH, fp32) train up to this many trials at once, each
+    # still its own trial with its own result (kdtune.batched); 1 trains every trial alone
+    batch_students: int = 8
     data: DataSpec = field(default_factory=DataSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
@@ -176,6 +179,7 @@ AUGMENTATIONS = ("none", "shift")
 # spec's seed (study.sampler_seed: the trials run, 1,000,003 per worker and up to that again for a process joining
 # a running study; report: 1..n_seeds): seeds below 2**31 leave 2**31 for them, room for 2,000 workers.
 MAX_SEED = 2**31 - 1
+MAX_BATCH_STUDENTS = 64
 
 
 def load_spec(path: Path | None = None, **overrides: object) -> Spec:
@@ -215,6 +219,8 @@ def validate(spec: Spec) -> None:
     check(spec.device == "auto" or spec.device == "cpu" or spec.device.startswith("cuda"),
           f"device must be auto, cpu or cuda[:N], but got device={spec.device!r}.")
     choose(dict.fromkeys(PRECISIONS), spec.precision, "precision")
+    check(1 <= spec.batch_students <= MAX_BATCH_STUDENTS, f"batch_students must lie in [1, {MAX_BATCH_STUDENTS}], "
+          f"but got batch_students={spec.batch_students}.")
     check(0.0 < spec.data.val_fraction < 0.5, f"data.val_fraction must lie in (0, 0.5), "
           f"but got {spec.data.val_fraction=}.")
     choose(dict.fromkeys(DATA_FORMATS), spec.data.format, "data.format")

@@ -7,16 +7,19 @@ and validation tensors only: the test set is not passed in.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
+from torch import nn
 
-from kdtune import bands, cost, dashboard, front, health, student
+from kdtune import bands, batched, cost, dashboard, front, health, student, target
 from kdtune.bands import Band
 from kdtune.budget import Budget
 from kdtune.data import Splits
@@ -32,6 +35,7 @@ from kdtune.target import FINISHED, TRIAL_FAILURES
 from kdtune.teacher import CachedTeacher
 from kdtune.train import FitResult, StopTraining, TrainingDiverged, TrainingInterrupted, predict
 from kdtune.transfer import StudentData
+from kdtune.trial_log import log_failed_trial
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 WORKER_SEED_STRIDE = 1_000_003  # a prime far above any trial count
@@ -116,8 +120,28 @@ def study_bands(study: optuna.Study, spec: Spec, architecture: student.Architect
     return size_bands
 
 
-def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
-                   compute: Compute) -> Callable[[optuna.Trial], float]:
+@dataclass
+class Member:
+    """A trial about to train its student: its band, configuration, size and precision."""
+
+    trial: optuna.Trial
+    band: Band
+    config: StudentConfig
+    n_parameters: int
+    trained_in: Compute
+
+
+# How a member's training ended: its model (None when it has no trained weights), its result, and what ended it
+# otherwise (TrainingDiverged, TrainingInterrupted), if anything.
+Trained = tuple[nn.Module | None, FitResult, BaseException | None]
+
+
+def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: Compute,
+                   n_trials: int | None = None) -> Callable[[optuna.Trial], float]:
+    """The objective of `target.run`. Given the run's `n_trials`, a trial of a band whose students train
+    together (`student.trains_together`) asks for up to `spec.batch_students - 1` more trials of its band
+    (`target.batch_mates`), trains their students with its own in one batch and tells each its result: every
+    one of them still its own trial, with its own pruning, heartbeat and record."""
     data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
     architecture = student.Architecture.of(spec.student, data.input_shape, data.n_classes)
     teacher_val_logits = teacher.logits["val"].to(compute.device)
@@ -125,43 +149,123 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher,
     size_bands: list[Band] = []  # read from the study at its first trial
     study_compute: list[Compute] = []  # likewise
 
-    def objective(trial: optuna.Trial) -> float:
-        if not size_bands:
-            size_bands.extend(study_bands(trial.study, spec, architecture, teacher))
-            study_compute.append(students_compute(trial.study, compute))
-        band = assign_band(trial, size_bands)
+    def start(trial: optuna.Trial, band: Band) -> Member:
         with uninterrupted():  # every write to the storage: a stop signal waits for it (see interrupts)
             config = suggest(trial, spec.search, trial.user_attrs.get("loss", spec.student.loss), band)
-        n_parameters = architecture.n_parameters(config.width)
-        trained_in = architecture.compute_for(config.width, study_compute[0])
+        member = Member(trial, band, config, architecture.n_parameters(config.width),
+                        architecture.compute_for(config.width, study_compute[0]))
         # before training: pruned trials too
         costs = cost.of_student(architecture, config.width, onnxruntime=spec.onnxruntime_latency)
         with uninterrupted():
             # `worker`: `status` shows where a running trial runs
-            for name, value in {"loss": config.loss, "worker": WORKER_ID, "n_parameters": n_parameters,
-                                "precision": trained_in.precision, **costs}.items():
+            for name, value in {"loss": config.loss, "worker": WORKER_ID, "n_parameters": member.n_parameters,
+                                "precision": member.trained_in.precision, **costs}.items():
                 trial.set_user_attr(name, value)
+        return member
+
+    def train_alone(member: Member) -> Trained:
         try:
-            model, result = student.train(config, architecture, spec.student, data, spec.seed, trained_in,
-                                          report=pruning(trial))
+            model, result = student.train(member.config, architecture, spec.student, data, spec.seed,
+                                          member.trained_in, report=pruning(member.trial))
+        except (TrainingDiverged, TrainingInterrupted) as ended:  # no model, but the epochs trained before
+            return None, ended.result, ended
+        return model, result, None
+
+    def train_group(group: list[Member]) -> list[Trained]:
+        with uninterrupted():  # the dashboard and `status` show which trials train together
+            for member in group:
+                member.trial.set_user_attr("trained_with", [m.trial.number for m in group])
+        try:
+            together = student.train_together([m.config for m in group], architecture, spec.student, data,
+                                              spec.seed, study_compute[0], [pruning(m.trial) for m in group])
+        except batched.BatchInterrupted as interrupted:
+            return [(None, outcome.result, TrainingInterrupted(outcome.result)) for outcome in interrupted.outcomes]
+        return [(None if outcome.error else model, outcome.result, outcome.error) for model, outcome in together]
+
+    def train(members: list[Member]) -> list[Trained]:
+        """Each group of members that can train together in one batch, the others alone. After Ctrl-C, the
+        members not yet trained end as interrupted too, with no epochs."""
+        groups: dict[object, list[Member]] = {}
+        for member in members:
+            key = student.batch_key(member.config, architecture, study_compute[0])
+            groups.setdefault(len(groups) if key is None else key, []).append(member)
+        trained: dict[int, Trained] = {}
+        for group in groups.values():
+            if any(isinstance(ended, KeyboardInterrupt) for _, _, ended in trained.values()):
+                outcomes = [(None, result, TrainingInterrupted(result)) for result in
+                            (FitResult(0.0, 0, 0.0) for _ in group)]
+            else:
+                outcomes = [train_alone(group[0])] if len(group) == 1 else train_group(group)
+            trained.update((member.trial.number, outcome) for member, outcome in zip(group, outcomes))
+        return [trained[member.trial.number] for member in members]
+
+    def conclude(member: Member, trained: Trained) -> float:
+        """The trial's value, or the exception that ends it (pruned, failed, interrupted), its record kept."""
+        model, result, ended = trained
+        trial, config = member.trial, member.config
+        try:
+            if ended is not None:
+                raise ended
             if result.stopped_early:
                 raise optuna.TrialPruned(result.stopped_early)
             health.check_learnt(result.val_accuracy, data.n_classes)
-        except (optuna.TrialPruned, health.StuckAtChance) as ended:
-            record_end(trial, config, band, n_parameters, result, ended)
+        except (optuna.TrialPruned, health.StuckAtChance, TrainingDiverged, TrainingInterrupted) as reason:
+            record_end(trial, config, member.band, member.n_parameters, result, reason)
             raise
-        except (TrainingDiverged, TrainingInterrupted) as ended:  # no model, but the epochs trained before
-            record_end(trial, config, band, n_parameters, ended.result, ended)
-            raise
-        record_end(trial, config, band, n_parameters, result)
-        student_val_logits = predict(model, data.x_val, trained_in.autocast_dtype)
+        record_end(trial, config, member.band, member.n_parameters, result)
+        student_val_logits = predict(model, data.x_val, member.trained_in.autocast_dtype)
         with uninterrupted():
             for name, value in health.measure(student_val_logits, teacher_val_logits, data.y_val,
                                               config.temperature).items():
                 trial.set_user_attr(name, value)
         return result.val_accuracy
 
+    def objective(trial: optuna.Trial) -> float:
+        if not size_bands:
+            size_bands.extend(study_bands(trial.study, spec, architecture, teacher))
+            study_compute.append(students_compute(trial.study, compute))
+        band = assign_band(trial, size_bands)
+        first = start(trial, band)
+        n_mates = 0 if n_trials is None else mates_wanted(trial.study, first, n_trials)
+        if n_mates == 0:
+            return conclude(first, train_alone(first))
+        with target.batch_mates(trial, n_mates, n_trials, {bands.TRIAL_KEY: band.index}) as mates:
+            members = [first] + [start(mate, band) for mate in mates]
+            trained = train(members)
+            for member, outcome in zip(members[1:], trained[1:]):
+                tell(member.trial, functools.partial(conclude, member, outcome))
+        return conclude(first, trained[0])
+
+    def mates_wanted(the_study: optuna.Study, first: Member, n_trials: int) -> int:
+        """How many trials to ask beside `first`: none unless its band trains together, and no more than take
+        the band to its share of the run's trials (every band gets an equal share, see `assign_band`)."""
+        if spec.batch_students == 1 or not student.trains_together(architecture, study_compute[0],
+                                                                   first.band.max_width):
+            return 0
+        in_band = sum(bands.of_trial(t) == first.band.index for t in the_study.get_trials(
+            deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING)))
+        share = -(-n_trials // len(size_bands))
+        return max(0, min(spec.batch_students - 1, share - in_band))
+
     return objective
+
+
+def tell(trial: optuna.Trial, conclude: Callable[[], float]) -> None:
+    """Store a batch mate's end (`conclude()`: its value, or the exception that ends it) as Optuna's trial loop
+    stores the trial it runs: complete with its value, pruned, or failed and logged."""
+    study = trial.study
+    try:
+        value = conclude()
+    except optuna.TrialPruned:
+        with uninterrupted():
+            study.tell(trial, state=TrialState.PRUNED)
+    except (*TRIAL_FAILURES, TrainingInterrupted) as failure:
+        log_failed_trial(trial, failure)
+        with uninterrupted():
+            study.tell(trial, state=TrialState.FAIL)
+    else:
+        with uninterrupted():
+            study.tell(trial, value)
 
 
 def students_compute(study: optuna.Study, compute: Compute) -> Compute:

@@ -8,16 +8,20 @@ first makes sure the study still needs it (`wait_for_a_place`); one that is not 
 from __future__ import annotations
 
 import time
+import warnings
+from contextlib import ExitStack, closing, contextmanager, nullcontext
+from typing import Iterator
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
+from tqdm import tqdm
 
 from kdtune import health
 from kdtune.errors import STORAGE_ERRORS
-from kdtune.interrupts import StopRequest
-from kdtune.optuna_compat import give_first_heartbeats
+from kdtune.interrupts import StopRequest, uninterrupted
+from kdtune.optuna_compat import give_first_heartbeats, heartbeat
 from kdtune.train import TrainingDiverged
 from kdtune.trial_log import quiet_trial_log
 
@@ -50,18 +54,21 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
     deadline = None if timeout is None else time.monotonic() + timeout
     stop = StopRequest()
     callbacks = [MaxTrialsCallback(n_trials, states=FINISHED), stop.stop_after_trial]
+    progress = None
     if progress_bar:  # the process that shows the progress warns; other workers stay quiet
         teacher_behind = health.TeacherBehindWarning()
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # a resumed study's controls
             teacher_behind(study, trial)
-        callbacks.append(teacher_behind)
+        progress = Progress(study, n_trials)
+        callbacks += [teacher_behind, progress]
 
     def needed_objective(trial: optuna.Trial) -> float:
         with stop.inside_objective():
             wait_for_a_place(trial, n_trials)
             return objective(trial)
 
-    with stop.installed(), quiet_trial_log(expected=(KeyboardInterrupt, *TRIAL_FAILURES), silent=(SurplusTrial,)):
+    with stop.installed(), quiet_trial_log(expected=(KeyboardInterrupt, *TRIAL_FAILURES), silent=(SurplusTrial,)), \
+            closing(progress) if progress else nullcontext():
         while (n_missing := n_trials - n_finished(study)) > 0:
             stop.raise_if_requested()
             seconds_left = None if deadline is None else deadline - time.monotonic()
@@ -69,8 +76,7 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
                 return
             try:
                 study.optimize(needed_objective, n_trials=n_missing, timeout=seconds_left, catch=TRIAL_FAILURES,
-                               callbacks=callbacks,
-                               show_progress_bar=progress_bar)
+                               callbacks=callbacks)
             except UnboundLocalError as error:
                 # Optuna 5.0.0: when the storage fails as a trial ends, _run_trial's clean-up raises
                 # UnboundLocalError over the storage error; surface the storage error (the CLI prints one line)
@@ -85,6 +91,24 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
                 return
 
 
+class Progress:
+    """An Optuna callback: the run's progress bar, the study's finished trials out of the run's target. Optuna's
+    own bar counts the trials its loop runs, and would miss the batch mates kdtune stores itself."""
+
+    def __init__(self, study: optuna.Study, n_trials: int) -> None:
+        self.bar = tqdm(total=n_trials, initial=min(n_finished(study), n_trials))
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.bar.n = min(n_finished(study), self.bar.total)
+        if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            best = study.best_trial
+            self.bar.set_description(f"Best trial: {best.number}. Best value: {best.value:.6g}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def wait_for_a_place(trial: optuna.Trial, n_trials: int) -> None:
     """Let this trial train only if the trials numbered before it cannot reach `n_trials` without it.
 
@@ -93,8 +117,7 @@ def wait_for_a_place(trial: optuna.Trial, n_trials: int) -> None:
     enqueued again, and this trial gives its place to that retry.
     """
     while True:
-        earlier = [t for t in trial.study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
-                   if t.number < trial.number]
+        earlier = earlier_trials(trial)
         if sum(t.state in FINISHED for t in earlier) >= n_trials:
             surplus(trial, "other workers finished the study while it started")
         if len(earlier) < n_trials:
@@ -104,6 +127,56 @@ def wait_for_a_place(trial: optuna.Trial, n_trials: int) -> None:
         if trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             surplus(trial, "it gave its place to a waiting retry")
         time.sleep(PLACE_POLL_SECONDS)
+
+
+@contextmanager
+def batch_mates(trial: optuna.Trial, n_wanted: int, n_trials: int, band_attrs: dict) -> Iterator[list[optuna.Trial]]:
+    """Up to `n_wanted` more trials, asked now to train beside `trial` (`band_attrs`: the user attributes that
+    place them in its band, set before the sampler proposes anything), each with its heartbeat while the block
+    runs: a killed worker's mates go stale and are retried like any trial.
+
+    Only as many as the study still needs (`trial` has its place: see `wait_for_a_place`), and none while a
+    queued trial waits (a control arm or a retry goes first, alone). A mate the block leaves unfinished (it
+    raised) is failed as it ends, so that none stays RUNNING.
+    """
+    study = trial.study
+    mates: list[optuna.Trial] = []
+    with ExitStack() as heartbeats:
+        try:
+            while len(mates) < n_wanted and has_room(study, n_trials):
+                with uninterrupted(), warnings.catch_warnings():
+                    # Optuna warns that heartbeats are meant for its own loop: `heartbeat` gives this one its own
+                    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed", UserWarning)
+                    mate = study.ask()
+                    mates.append(mate)
+                    heartbeats.enter_context(heartbeat(study, mate))
+                    for key, value in band_attrs.items():
+                        mate.set_user_attr(key, value)
+                # another worker asked at the same moment, and it holds the place: this one is surplus
+                if len(earlier_trials(mate)) >= n_trials:
+                    with uninterrupted():
+                        mate.set_user_attr("fail_reason", "surplus: another worker took its place")
+                        study.tell(mate, state=TrialState.FAIL)
+                    mates.pop()
+                    break
+            yield mates
+        finally:
+            with uninterrupted():
+                for mate in mates:
+                    if study.get_trials(deepcopy=False)[mate.number].state == TrialState.RUNNING:
+                        study.tell(mate, state=TrialState.FAIL)
+
+
+def has_room(study: optuna.Study, n_trials: int) -> bool:
+    """Whether a trial asked now would have its place, with no queued trial waiting to go first."""
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))
+    return (not any(t.state == TrialState.WAITING for t in trials)) and len(trials) < n_trials
+
+
+def earlier_trials(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
+    """The finished and running trials numbered before `trial`: those that reach the target before it."""
+    return [t for t in trial.study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
+            if t.number < trial.number]
 
 
 def surplus(trial: optuna.Trial, reason: str) -> None:

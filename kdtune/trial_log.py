@@ -12,6 +12,8 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator
 
+import optuna
+
 from kdtune.optuna_compat import TRIAL_LOOP_LOGGER_NAME
 
 OPTUNA_TRIAL_LOGGER = logging.getLogger(TRIAL_LOOP_LOGGER_NAME)
@@ -47,3 +49,11 @@ def quiet_trial_log(expected: tuple[type[BaseException], ...],
         yield
     finally:
         OPTUNA_TRIAL_LOGGER.removeFilter(quiet)
+
+
+def log_failed_trial(trial: optuna.Trial, error: BaseException) -> None:
+    """Log a failed trial that kdtune stored itself (a batch mate, see `kdtune.study`) as Optuna's trial loop
+    logs the trials it runs, so that `quiet_trial_log` treats both alike."""
+    OPTUNA_TRIAL_LOGGER.warning(f"Trial {trial.number} failed with parameters: {trial.params} because of the "
+                                f"following error: {error!r}.", exc_info=(type(error), error, error.__traceback__))
+    OPTUNA_TRIAL_LOGGER.warning(f"Trial {trial.number} failed with value None.")

@@ -99,8 +99,8 @@ def run_trials(job: WorkerJob) -> None:
     the_study = study.open_study(spec, create=False, worker=job.worker)
     cached = study_setup.teacher_of(the_study, spec, splits, compute)  # set up by the parent: never a second teacher
     try:
-        target.run(the_study, study.make_objective(spec, splits, cached, compute), n_trials=job.n_trials,
-                  timeout=job.timeout, progress_bar=job.worker == 0)
+        objective = study.make_objective(spec, splits, cached, compute, job.n_trials)
+        target.run(the_study, objective, n_trials=job.n_trials, timeout=job.timeout, progress_bar=job.worker == 0)
     except KeyboardInterrupt:
         pass  # optuna has marked the running trial failed; finished trials are in the storage
 

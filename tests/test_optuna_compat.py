@@ -5,7 +5,7 @@ from contextlib import closing
 
 import optuna
 
-from kdtune.optuna_compat import give_first_heartbeats, live_trial, stale_trial_numbers
+from kdtune.optuna_compat import give_first_heartbeats, heartbeat, live_trial, stale_trial_numbers
 
 
 def test_stale_trials_are_running_trials_whose_heartbeat_stopped(tmp_path):
@@ -71,3 +71,20 @@ def test_first_heartbeats_leave_a_storage_without_heartbeats_alone():
     the_study.ask()
     give_first_heartbeats(the_study)
     assert stale_trial_numbers(the_study) == set()
+
+
+def test_a_trial_asked_beside_the_loop_s_own_beats_while_its_heartbeat_runs(tmp_path):
+    """A batch mate (kdtune.study) is asked, not run by Optuna's loop: its heartbeat is kdtune's to start."""
+    database = tmp_path / "s.db"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{database}", heartbeat_interval=1, grace_period=60)
+    the_study = optuna.create_study(storage=storage)
+    mate = the_study.ask()
+    with heartbeat(the_study, mate):
+        pass  # the thread beats once as it starts
+    assert heartbeats(database) == [(mate.number, 1)]
+
+
+def test_a_storage_without_heartbeats_gives_a_heartbeat_that_does_nothing():
+    the_study = optuna.create_study()
+    with heartbeat(the_study, the_study.ask()):
+        pass

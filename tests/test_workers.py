@@ -132,6 +132,39 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(tiny_spec, workdir, stora
     assert all(next(t for t in trials if t.number == n).value == v for n, v in finished_before.items())
 
 
+def test_a_killed_worker_s_batched_trials_are_each_failed_and_retried(tiny_spec, workdir):
+    """Narrow students train several trials at once: killing their worker leaves every one of those trials
+    stale, and each is failed and retried like a trial trained alone."""
+    url = f"sqlite:///{workdir}/shared.db"
+    spec = str(tiny_spec("batches", width="[8, 64]", student_epochs=40, pruner="none",
+                         search='bands = "none"\ncontrol_arms = false', extra=FAST_HEARTBEAT))
+    assert run_cli("teacher", "--spec", spec, cwd=workdir).returncode == 0
+    tune = start_tune(workdir, spec, "--trials", "12", "--jobs", "2", "--storage", url)
+    deadline, victim = time.monotonic() + 120, None
+    while victim is None and time.monotonic() < deadline and tune.poll() is None:
+        time.sleep(0.2)
+        running = running_workers(url, "batches")
+        batches = {pid: [n for n, p in running.items() if p == pid] for pid in set(running.values())}
+        if len(batches) == 2 and max(len(numbers) for numbers in batches.values()) >= 2:
+            candidate = max(batches, key=lambda pid: len(batches[pid]))
+            trials = load_study(url, "batches").get_trials(states=(TrialState.RUNNING,))
+            if all("trained_with" in t.user_attrs for t in trials if t.number in batches[candidate]):
+                victim = candidate  # its batch is training: kill it mid-batch
+    assert victim is not None, "the two workers never trained at the same time, one of them a batch"
+    os.kill(victim, signal.SIGKILL)
+    killed = sorted(n for n, pid in running_workers(url, "batches").items() if pid == victim)
+    _, stderr = tune.communicate(timeout=300)
+
+    assert tune.returncode == 0, stderr[-2000:]
+    trials = {t.number: t for t in load_study(url, "batches").get_trials()}
+    assert len(killed) >= 2 and all(trials[n].user_attrs["trained_with"] == killed for n in killed)
+    for number in killed:
+        assert trials[number].state == TrialState.FAIL
+        retries = [t for t in trials.values() if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == number]
+        assert len(retries) == 1 and retries[0].state in FINISHED and retries[0].params == trials[number].params
+    assert len([t for t in trials.values() if t.state in FINISHED]) == 12
+
+
 def test_a_database_restart_mid_run_loses_no_finished_trial(tiny_spec, workdir, postgres_server):
     """The server goes away and comes back mid-run: `tune` recovers or stops with one line (which of the two
     depends on what it was doing at that instant), every trial finished before stays as it was, and the same

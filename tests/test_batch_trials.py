@@ -1,0 +1,102 @@
+"""Narrow students' trials trained together: each is still its own trial, with the result it gets alone, its own
+pruning, and its own retry when its worker is killed."""
+
+import os
+import signal
+
+import optuna
+import pytest
+from conftest import CPU_FP32, FOREGROUND, signal_handlers
+from optuna.trial import TrialState
+
+from kdtune import data, study, target, teacher
+from kdtune.spec import load_spec
+from kdtune.student import Architecture, StudentConfig, train
+from kdtune.transfer import StudentData
+
+ONE_NARROW_BAND = 'bands = "none"\ncontrol_arms = false'  # widths 8 to 64: every trial can batch
+
+
+@pytest.fixture
+def narrow(tiny_spec):
+    spec = load_spec(tiny_spec("narrow", student_epochs=4, pruner="none", search=ONE_NARROW_BAND))
+    splits = data.prepare(spec.data, spec.seed)
+    return spec, splits, teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
+
+
+def trained_alone(spec, splits, cached, trial):
+    """The trial's student trained alone, as `tune` trains it with batching off."""
+    student_data = StudentData.build(splits, cached.logits["train"], spec.transfer, spec.seed, CPU_FP32.device)
+    architecture = Architecture.of(spec.student, student_data.input_shape, student_data.n_classes)
+    return train(StudentConfig.from_trial(trial), architecture, spec.student, student_data, spec.seed, CPU_FP32)
+
+
+def test_trials_trained_together_record_what_each_student_gets_alone(narrow):
+    spec, splits, cached = narrow
+    the_study = study.open_study(spec, create=True)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 6), n_trials=6, timeout=None,
+               progress_bar=False)
+    trials = the_study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    assert all(t.user_attrs["trained_with"] == list(range(6)) for t in trials)
+    assert len({t.params["width"] for t in trials}) > 1, "students of several widths share the batch"
+    for trial in trials:
+        _, result = trained_alone(spec, splits, cached, trial)
+        assert (trial.value, trial.user_attrs["n_epochs"]) == (result.val_accuracy, result.n_epochs)
+        assert [trial.intermediate_values[epoch] for epoch in range(result.n_epochs)] == result.val_curve
+
+
+def test_batch_size_one_trains_every_trial_alone(tiny_spec):
+    spec = load_spec(tiny_spec("alone", student_epochs=2, search=ONE_NARROW_BAND), batch_students=1)
+    splits = data.prepare(spec.data, spec.seed)
+    cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
+    the_study = study.open_study(spec, create=True)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 2), n_trials=2, timeout=None,
+               progress_bar=False)
+    assert not any("trained_with" in t.user_attrs for t in the_study.get_trials())
+
+
+class PruneTrialTwoAfterItsSecondEpoch(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return trial.number == 2 and max(trial.intermediate_values) == 1
+
+
+def test_a_pruned_trial_leaves_its_batch_and_the_others_end_as_alone(narrow):
+    spec, splits, cached = narrow
+    the_study = study.open_study(spec, create=True)
+    the_study.pruner = PruneTrialTwoAfterItsSecondEpoch()
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 4), n_trials=4, timeout=None,
+               progress_bar=False)
+    trials = the_study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED, TrialState.COMPLETE]
+    assert trials[2].user_attrs["n_epochs"] == 2 and trials[2].value == trials[2].intermediate_values[1]
+    assert all(t.user_attrs["trained_with"] == [0, 1, 2, 3] for t in trials)
+    for trial in (trials[0], trials[1], trials[3]):
+        assert trial.value == trained_alone(spec, splits, cached, trial)[1].val_accuracy
+
+
+def test_a_stop_during_a_batch_fails_every_trial_of_it_and_keeps_their_epochs(narrow, monkeypatch):
+    spec, splits, cached = narrow
+    the_study = study.open_study(spec, create=True)
+    report = optuna.Trial.report
+
+    def report_and_stop(trial, value, step):
+        if step == 1 and trial.number == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        report(trial, value, step)
+
+    monkeypatch.setattr(optuna.Trial, "report", report_and_stop)
+    with signal_handlers(FOREGROUND), pytest.raises(KeyboardInterrupt):
+        target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 3), n_trials=3, timeout=None,
+                   progress_bar=False)
+    trials = the_study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3, "none stays RUNNING"
+    # each trial's epochs up to the stop: trial 1 reported its second epoch as the signal came
+    assert [t.user_attrs["n_epochs"] for t in trials] == [2, 2, 1]
+
+
+def test_the_progress_bar_counts_every_trial_of_a_batch(narrow, capsys):
+    spec, splits, cached = narrow
+    the_study = study.open_study(spec, create=True)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 5), n_trials=5, timeout=None)
+    assert "5/5" in capsys.readouterr().err.splitlines()[-1]
