@@ -1,10 +1,11 @@
-"""Would training several trials' students at once pay? Measure it per width and K, then bound the study's gain.
+"""What training several trials' students at once buys: kdtune's batched trainer (`kdtune.batched`, as a study
+runs a batch of narrow trials) against the same students one after another, per width and K, then the bound on
+a study's gain.
 
-K one-hidden-layer students of one width train as one model: their first layers concatenated into one wide
-matmul, their output layers one batched matmul, and one loss over all K, each student with its own temperature
-and lambda (a sum, so each student's gradient is its own). Adam is elementwise, so this is K independent
-students on the same batches (kdtune's trials share the shuffling seed): each one's validation curve is checked
-against the same student trained alone by kdtune's own `fit`.
+K one-hidden-layer students of one width, each with its own temperature and lambda, train in one stacked model;
+each one's validation curve is checked against the same student trained alone by kdtune's own `fit`. fp32
+only: kdtune batches fp32 students only. Widths above the study's limit (`student.BATCH_MAX_WIDTH`) are
+measured too, to show where the limit comes from.
 
 The study-level bound is Amdahl's law over the time real studies spent in trials of the widths that batch.
 
@@ -26,11 +27,10 @@ from pathlib import Path
 import optuna
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from kdtune import batched as kdtune_batched
 from kdtune import data, hardware
-from kdtune.hardware import autocast
-from kdtune.losses import UNLABELLED, hinton_loss
+from kdtune.losses import hinton_loss
 from kdtune.models import StudentMLP
 from kdtune.provenance import versions
 from kdtune.spec import StudentSpec, load_spec
@@ -45,78 +45,29 @@ KS = (4, 8, 16, 32)
 QUICK_WIDTHS, QUICK_KS = (64,), (8,)
 
 
-class BatchedStudents(nn.Module):
-    """K StudentMLPs of one width as one module: (B, ...) -> (B, K, C), starting from the students' weights."""
-
-    def __init__(self, students: list[StudentMLP]):
-        super().__init__()
-        first, second = [s[1] for s in students], [s[3] for s in students]
-        self.k, self.width = len(students), first[0].out_features
-        self.first = nn.Linear(first[0].in_features, self.k * self.width)
-        with torch.no_grad():
-            self.first.weight.copy_(torch.cat([layer.weight for layer in first]))
-            self.first.bias.copy_(torch.cat([layer.bias for layer in first]))
-        self.second_weight = nn.Parameter(torch.stack([layer.weight.T for layer in second]).detach().clone())
-        self.second_bias = nn.Parameter(torch.stack([layer.bias for layer in second]).detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = torch.relu(self.first(x.flatten(1))).view(len(x), self.k, self.width).transpose(0, 1)
-        # the bias inside the matmul, as nn.Linear adds it (under bf16 autocast too)
-        return torch.baddbmm(self.second_bias[:, None], hidden, self.second_weight).transpose(0, 1)
-
-
-def batched_hinton_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                        temperatures: torch.Tensor, label_weights: torch.Tensor) -> torch.Tensor:
-    """The sum over K students of kdtune's hinton_loss, each with its own T and lambda, in one pass:
-    logits (B, K, C), teacher_logits (B, C), labels (B,), temperatures and label_weights (K,)."""
-    n, k, _ = logits.shape
-    n_labelled = (labels != UNLABELLED).sum().clamp(min=1)
-    hard = F.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(n, k), ignore_index=UNLABELLED,
-                           reduction="none").sum(dim=0) / n_labelled
-    scale = temperatures[None, :, None]
-    soft = F.kl_div(F.log_softmax(logits / scale, dim=2), F.log_softmax(teacher_logits[:, None] / scale, dim=2),
-                    reduction="none", log_target=True).sum(dim=(0, 2)) / n
-    return (label_weights * hard + (1 - label_weights) * temperatures**2 * soft).sum()
-
-
 def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]], splits, soft: torch.Tensor,
-                  n_epochs: int, seed: int, dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
-    """(seconds, each student's validation accuracy after every epoch): kdtune's `fit` loop, K students wide."""
+                  n_epochs: int, seed: int) -> tuple[float, list[list[float]]]:
+    """(seconds, each student's validation accuracy after every epoch): kdtune's batched trainer, as a study runs
+    a batch of trials."""
+    members = [kdtune_batched.Student(student, functools.partial(hinton_loss, temperature=t, label_weight=w))
+               for student, (t, w) in zip(students, configs)]
+    schedule = StudentSpec(max_epochs=n_epochs, patience_epochs=n_epochs)
     started = time.perf_counter()
-    x, y = splits.x_train, splits.y_train
-    model = BatchedStudents(students).to(x.device)
-    temperatures, label_weights = (torch.tensor(column, device=x.device) for column in zip(*configs))
-    schedule = StudentSpec()
-    optimizer = torch.optim.Adam(model.parameters(), lr=schedule.learning_rate, fused=True)
-    shuffle = torch.Generator().manual_seed(seed)  # as `fit` shuffles: the same batches as each trained alone
-    curves: list[list[float]] = [[] for _ in students]
-    for _ in range(n_epochs):
-        model.train()
-        for batch in torch.randperm(len(x), generator=shuffle).to(x.device).split(schedule.batch_size):
-            with autocast(x.device, dtype):
-                loss = batched_hinton_loss(model(x[batch]), soft[batch], y[batch], temperatures, label_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        with torch.inference_mode(), autocast(x.device, dtype):
-            correct = (model(splits.x_val).argmax(dim=2) == splits.y_val[:, None]).float().mean(dim=0)
-        for curve, accuracy in zip(curves, correct.tolist()):
-            curve.append(accuracy)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-    return time.perf_counter() - started, curves
+    outcomes = kdtune_batched.fit_together(members, splits.x_train, splits.y_train, splits.x_val, splits.y_val,
+                                           schedule=schedule, seed=seed, teacher_logits=soft)
+    if splits.x_train.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, [outcome.result.val_curve for outcome in outcomes]
 
 
 def train_one_at_a_time(students: list[StudentMLP], configs: list[tuple[float, float]], splits, soft: torch.Tensor,
-                        n_epochs: int, seed: int, dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
+                        n_epochs: int, seed: int) -> tuple[float, list[list[float]]]:
     """The same students trained one after another by kdtune's `fit`, as a study trains its trials today."""
     seconds, curves = 0.0, []
     for student, (temperature, label_weight) in zip(students, configs):
         result = fit(student, splits.x_train, splits.y_train, splits.x_val, splits.y_val, seed=seed,
                      loss_fn=functools.partial(hinton_loss, temperature=temperature, label_weight=label_weight),
-                     schedule=StudentSpec(max_epochs=n_epochs, patience_epochs=n_epochs), teacher_logits=soft,
-                     autocast_dtype=dtype)
+                     schedule=StudentSpec(max_epochs=n_epochs, patience_epochs=n_epochs), teacher_logits=soft)
         seconds += result.seconds
         curves.append(result.val_curve)
     return seconds, curves
@@ -131,20 +82,18 @@ def students_and_configs(splits, k: int, width: int) -> tuple[list[StudentMLP], 
     return students, [(1.0 + 19.0 * i / k, (i % 5) / 4) for i in range(k)]
 
 
-def measure(splits, soft: torch.Tensor, k: int, width: int, n_epochs: int, dtype: torch.dtype | None = None) -> dict:
+def measure(splits, soft: torch.Tensor, k: int, width: int, n_epochs: int) -> dict:
     """K students of one width, batched against one at a time, fresh copies of the same students on each side,
     each side after a one-epoch warm-up."""
-    train_batched(*students_and_configs(splits, k, width), splits, soft, 1, 0, dtype)
-    batched_s, batched_curves = train_batched(*students_and_configs(splits, k, width), splits, soft, n_epochs, 0,
-                                              dtype)
-    train_one_at_a_time(*students_and_configs(splits, 1, width), splits, soft, 1, 0, dtype)
-    alone_s, alone_curves = train_one_at_a_time(*students_and_configs(splits, k, width), splits, soft, n_epochs, 0,
-                                                dtype)
+    train_batched(*students_and_configs(splits, k, width), splits, soft, 1, 0)
+    batched_s, batched_curves = train_batched(*students_and_configs(splits, k, width), splits, soft, n_epochs, 0)
+    train_one_at_a_time(*students_and_configs(splits, 1, width), splits, soft, 1, 0)
+    alone_s, alone_curves = train_one_at_a_time(*students_and_configs(splits, k, width), splits, soft, n_epochs, 0)
     differences = [abs(a - b) for one, other in zip(batched_curves, alone_curves) for a, b in zip(one, other)]
     model_flops, executed_flops = student_flops_per_epoch(len(splits.x_train), math.prod(splits.input_shape), width,
                                                           splits.n_classes)
     student_epochs = k * n_epochs
-    return {"width": width, "students": k, "epochs": n_epochs, "precision": "fp32" if dtype is None else "bf16",
+    return {"width": width, "students": k, "epochs": n_epochs,
             "student_epochs_per_s_alone": student_epochs / alone_s,
             "student_epochs_per_s_batched": student_epochs / batched_s, "speedup": alone_s / batched_s,
             "model_gflops_alone": model_flops * student_epochs / alone_s / 1e9,
@@ -179,26 +128,20 @@ def trial_times_of(storage: str, name: str) -> list[tuple[int, float]]:
 
 
 def with_pooled_speedups(rows: list[dict]) -> list[dict]:
-    """Each row's speed-up against the median one-at-a-time rate of its width and precision over every K: the
-    one-at-a-time rate does not depend on K, so its spread over K is the machine's noise."""
+    """Each row's speed-up against the median one-at-a-time rate of its width over every K: the one-at-a-time
+    rate does not depend on K, so its spread over K is the machine's noise."""
     for row in rows:
-        alone = statistics.median(r["student_epochs_per_s_alone"] for r in rows
-                                  if (r["width"], r["precision"]) == (row["width"], row["precision"]))
+        alone = statistics.median(r["student_epochs_per_s_alone"] for r in rows if r["width"] == row["width"])
         row["speedup_vs_median_alone"] = row["student_epochs_per_s_batched"] / alone
     return rows
 
 
 def section(splits, soft: torch.Tensor, n_epochs: int, *, widths: tuple[int, ...] = WIDTHS,
-            ks: tuple[int, ...] = KS, native_bf16: bool = False,
-            studies: dict[str, list[tuple[int, float]]] | None = None) -> dict:
-    """Every (width, K) measured; bf16 beside fp32 where it is native; each study's Amdahl bound at the best K
-    of every width up to 128 (the narrow students) and up to 512, against the pooled one-at-a-time rate."""
-    rows = [measure(splits, soft, k, width, n_epochs) for width in widths for k in ks]
-    if native_bf16:
-        rows += [measure(splits, soft, k, width, n_epochs, torch.bfloat16) for width in widths for k in ks]
-    rows = with_pooled_speedups(rows)
-    best = {width: max(r["speedup_vs_median_alone"] for r in rows if r["width"] == width and r["precision"] == "fp32")
-            for width in widths}
+            ks: tuple[int, ...] = KS, studies: dict[str, list[tuple[int, float]]] | None = None) -> dict:
+    """Every (width, K) measured; each study's Amdahl bound at the best K of every width up to 128 (the narrow
+    students) and up to 512, against the pooled one-at-a-time rate."""
+    rows = with_pooled_speedups([measure(splits, soft, k, width, n_epochs) for width in widths for k in ks])
+    best = {width: max(r["speedup_vs_median_alone"] for r in rows if r["width"] == width) for width in widths}
     limits = sorted({max(w for w in best if w <= limit) for limit in (128, 512) if any(w <= limit for w in best)})
     bounds = {name: [study_bound(times, {w: s for w, s in best.items() if w <= limit}) for limit in limits]
               for name, times in (studies or {}).items() if times}
@@ -228,7 +171,7 @@ def main() -> None:
     print(machine)
     started = time.perf_counter()
     found = section(splits, soft, 2 if args.quick else args.n_epochs, widths=QUICK_WIDTHS if args.quick else WIDTHS,
-                    ks=QUICK_KS if args.quick else KS, native_bf16=machine["native_bf16"], studies=studies)
+                    ks=QUICK_KS if args.quick else KS, studies=studies)
     for row in found["rows"]:
         print(row)
     print(json.dumps(found["study_bounds"], indent=1))

@@ -336,25 +336,29 @@ def summarize_study(the_study: optuna.Study, seconds: float) -> dict:
 
 def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute: hardware.Compute,
                   with_peer: bool = True) -> dict:
-    """The same 100-trial size-front search, three ways: kdtune with its pruner, kdtune unpruned, the common KD
-    loop (the same size bands, sampler, pruner and control arms in each); and kdtune's search as it was before
-    size bands (one band), whose wall time the front study must not exceed."""
+    """The same 100-trial size-front search, four ways: kdtune as `tune` runs it, kdtune training every trial
+    alone (no batched narrow students), kdtune unpruned, the common KD loop (the same size bands, sampler,
+    pruner and control arms in each); and kdtune's search as it was before size bands (one band), whose wall
+    time the front study must not exceed."""
     spec = dataclasses.replace(spec, student=dataclasses.replace(spec.student, max_epochs=plan.study_max_epochs))
     architecture = Architecture.of(spec.student, splits.input_shape, splits.n_classes)
     size_bands = bands.size_bands(spec.search, architecture, cached.n_parameters)
     rows = {}
-    for label, pruner, band_setting in (("kdtune", spec.search.pruner, spec.search.bands),
-                                        ("kdtune_unpruned", "none", spec.search.bands),
-                                        ("kdtune_one_band", spec.search.pruner, "none")):
+    for label, pruner, band_setting, batch_students in (
+            ("kdtune", spec.search.pruner, spec.search.bands, spec.batch_students),
+            ("kdtune_unbatched", spec.search.pruner, spec.search.bands, 1),
+            ("kdtune_unpruned", "none", spec.search.bands, spec.batch_students),
+            ("kdtune_one_band", spec.search.pruner, "none", spec.batch_students)):
         variant = dataclasses.replace(spec, name=label, storage=f"sqlite:///{folder}/{label}.db",
-                                      search=dataclasses.replace(spec.search, pruner=pruner, bands=band_setting))
+                                      search=dataclasses.replace(spec.search, pruner=pruner, bands=band_setting),
+                                      batch_students=batch_students)
         the_study = study.open_study(variant, create=True)
         variant_bands = bands.size_bands(variant.search, architecture, cached.n_parameters)
         bands.record(the_study, variant_bands)  # as `tune` records them
         study.enqueue_control_arms(the_study, variant.search, variant.student.loss, variant_bands)  # as `tune` does
         started = time.perf_counter()
-        target.run(the_study, study.make_objective(variant, splits, cached, compute), n_trials=plan.study_trials,
-                   timeout=None)
+        target.run(the_study, study.make_objective(variant, splits, cached, compute, plan.study_trials),
+                   n_trials=plan.study_trials, timeout=None)
         rows[label] = summarize_study(the_study, time.perf_counter() - started)
     if not with_peer:
         return rows
@@ -469,7 +473,6 @@ def main() -> None:
             if "batched" in sections:
                 sizes = {"widths": batched.QUICK_WIDTHS, "ks": batched.QUICK_KS} if args.quick else {}
                 run("batched", lambda: batched.section(splits, soft, plan.student_epochs, **sizes,
-                                                       native_bf16=results["machine"]["native_bf16"],
                                                        studies={"quickstart study": study_trial_times(results)}),
                     "several students in one batched model")
                 print(json.dumps(results["batched"]["study_bounds"]))
