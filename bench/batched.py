@@ -74,7 +74,8 @@ def train_one_at_a_time(students: list[StudentMLP], configs: list[tuple[float, f
 
 
 def students_and_configs(splits, k: int, width: int) -> tuple[list[StudentMLP], list[tuple[float, float]]]:
-    """K students as K trials of one width start (each its own initial weights) and K (T, lambda) proposals."""
+    """K students of one width and K (T, lambda) proposals. Each student starts from its own seed here (a study's
+    trials of a width all start from the study's): the time does not depend on the weights."""
     students = []
     for i in range(k):
         torch.manual_seed(i)

@@ -376,9 +376,10 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
 
 
 def study_trial_times(results: dict) -> list[tuple[int, float]]:
-    """(width, seconds) of every finished trial of this run's kdtune study, else of the quickstart study on disk."""
+    """(width, seconds) of every finished trial of this run's kdtune study trained one trial at a time (a batched
+    trial's seconds are its share of its batch's), else of the quickstart study on disk."""
     if "study" in results:
-        return results["study"]["kdtune"]["trials"]
+        return results["study"]["kdtune_unbatched"]["trials"]
     database = Path("studies/quickstart/study.db")
     if not database.exists():
         return []
