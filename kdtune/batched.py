@@ -37,7 +37,6 @@ class StackedMLP(nn.Module):
         super().__init__()
         dense = [[layer for layer in student if isinstance(layer, nn.Linear)] for student in students]
         self.width = max(layers[0].out_features for layers in dense)
-        self.depth = len(dense[0]) - 1
         n_layers = len(dense[0])
         self.weights = nn.ParameterList(
             nn.Parameter(torch.stack([self._padded(layers[i].weight, i, n_layers) for layers in dense]))
@@ -81,22 +80,24 @@ def keep_students(model: StackedMLP, optimizer: torch.optim.Adam, keep: list[int
     old_state = {name: optimizer.state[parameter] for name, parameter in model.named_parameters()}
     for parameters in (model.weights, model.biases):
         for i, parameter in enumerate(parameters):
-            parameters[i] = nn.Parameter(parameter.detach()[index].clone())
+            parameters[i] = nn.Parameter(parameter.detach()[index])
     kept = torch.optim.Adam(model.parameters(), **{key: value for key, value in optimizer.defaults.items()
                                                    if key in ("lr", "betas", "eps", "fused")})
     for name, parameter in model.named_parameters():
         state = old_state[name]
-        kept.state[parameter] = {key: value if key == "step" else value[index].clone() for key, value in state.items()}
+        kept.state[parameter] = {key: value if key == "step" else value[index] for key, value in state.items()}
     return kept
 
 
 @dataclass
 class Student:
-    """One student of a batch: its model (built as it would be alone), its loss, and its `report` callable."""
+    """One student of a batch: its model (built as it would be alone), its loss, its `report` callable, and
+    `ended`, called with its outcome as it leaves the batch (the others train on)."""
 
     model: StudentMLP
     loss_fn: LossFn
     report: Callable[[int, float], None] | None = None
+    ended: Callable[[Outcome], None] | None = None
 
 
 @dataclass
@@ -109,21 +110,24 @@ class Outcome:
 
 
 class BatchInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during a batched fit; `outcomes`: every student's result so far, in the batch's order."""
+    """Ctrl-C or SIGTERM during a batched fit; `interrupted`: the results so far of the students still in the
+    batch, by their index in it (the others had ended, and `ended` had them)."""
 
-    def __init__(self, outcomes: list[Outcome]) -> None:
+    def __init__(self, interrupted: dict[int, Outcome]) -> None:
         super().__init__()
-        self.outcomes = outcomes
+        self.interrupted = interrupted
 
 
 def fit_together(students: list[Student], x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
                  y_val: torch.Tensor, *, schedule: TrainSpec, seed: int,
                  teacher_logits: torch.Tensor | None = None) -> list[Outcome]:
     """`train.fit` for every student at once, fp32, constant learning rate, no augmentation (as kdtune trains
-    students): each model ends holding its best epoch's weights, as `fit` leaves it, unless its outcome has an
-    error. A student's `seconds` are its share of the batch's time: each epoch's time split evenly among the
-    students it trained."""
+    students): each model ends holding its best epoch's weights, on the data's device, as `fit` leaves it, unless
+    its outcome has an error. A student's `seconds` are its share of the batch's time: each epoch's time split
+    evenly among the students it trained."""
     device = x_train.device
+    for student in students:
+        student.model.to(device)
     model = StackedMLP([student.model for student in students]).to(device)
     # The fused kernel does Adam's whole update in one pass, as in `fit`.
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.learning_rate, fused=device.type in ("cpu", "cuda"))
@@ -131,6 +135,14 @@ def fit_together(students: list[Student], x_train: torch.Tensor, y_train: torch.
     outcomes = [Outcome(FitResult(0.0, 0, 0.0)) for _ in students]
     best = [(-1.0, 0, None)] * len(students)  # (accuracy, epoch, state) of each student's best epoch
     live = list(range(len(students)))  # the students still in the batch, by their index in `students`
+
+    def end(i: int) -> None:
+        if outcomes[i].error is None:
+            students[i].model.load_state_dict(best[i][2])
+            outcomes[i].result.val_accuracy = best[i][0]
+        if students[i].ended is not None:
+            students[i].ended(outcomes[i])
+
     try:
         for epoch in range(schedule.max_epochs):
             started = time.perf_counter()
@@ -168,15 +180,16 @@ def fit_together(students: list[Student], x_train: torch.Tensor, y_train: torch.
             if leaving:
                 staying = [k for k, i in enumerate(live) if i not in leaving]
                 live = [live[k] for k in staying]
+                if live:
+                    optimizer = keep_students(model, optimizer, staying)
+                for i in sorted(leaving):
+                    end(i)
                 if not live:
                     break
-                optimizer = keep_students(model, optimizer, staying)
+        while live:  # those that trained every epoch
+            end(live.pop(0))
     except KeyboardInterrupt:
-        raise BatchInterrupted(outcomes) from None
-    for student, outcome, (accuracy, _, state) in zip(students, outcomes, best):
-        if outcome.error is None:
-            student.model.load_state_dict(state)
-            outcome.result.val_accuracy = accuracy
+        raise BatchInterrupted({i: outcomes[i] for i in live}) from None
     return outcomes
 
 

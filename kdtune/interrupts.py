@@ -9,7 +9,8 @@ study stops after the trial it is storing, and a trial already created fails as 
 Inside the objective, too, a signal must not interrupt a write to the storage: a KeyboardInterrupt in the middle
 of a commit leaves the storage's session unusable, so every later write fails, the final one that marks the
 trial failed included (seen in one CI run in four: a stop during `trial.report`). The objective's writes run
-`uninterrupted()`: the signal waits until the write is done, then interrupts.
+`uninterrupted()`: the signal waits until the write is done, then interrupts. A trial that has finished
+training while others of its batch train on is stored `deferred()`: the signal waits for the next write.
 """
 
 from __future__ import annotations
@@ -89,6 +90,20 @@ def uninterrupted() -> Iterator[None]:
     """A write to the study's storage from inside the objective: a stop signal that comes meanwhile interrupts
     right after it, not in the middle of its commit. Outside a running study it does nothing."""
     request = _installed
+    outermost = request is not None and not request._writing  # inside `deferred`, the signal stays deferred
+    with deferred():
+        yield
+    if outermost and request._in_objective and request.requested and not request._delivered:
+        request._deliver()  # it came during the write
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Storing a trial that has finished training (a batch mate, as its siblings train on): a stop signal that
+    comes meanwhile does not interrupt it at all. It interrupts at the next write (`uninterrupted`) or, if none
+    comes, stops the study once the running trial is stored (`StopRequest.stop_after_trial`), so that a trial
+    that finished is never lost to a stop."""
+    request = _installed
     if request is None or request._writing:
         yield
         return
@@ -97,5 +112,3 @@ def uninterrupted() -> Iterator[None]:
         yield
     finally:
         request._writing = False
-    if request._in_objective and request.requested and not request._delivered:  # it came during the write
-        request._deliver()

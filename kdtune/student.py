@@ -163,9 +163,10 @@ def training_data(config: StudentConfig, data: StudentData) -> StudentData:
     return data if config.distils else data.labelled_only()
 
 
-# Students this wide or narrower train several at once (see `kdtune.batched`), up to BATCH_SIZE together.
+# Students this wide or narrower train several at once (see `kdtune.batched`), up to `batch_students` together.
 # Measured on 2 cores (bench/batched.py, docs/performance.md): batching pays most where a step is dispatch, not
-# arithmetic; from width 256 on the stack's matmuls are big enough alone and it stops paying.
+# arithmetic, and less with every doubling of the width; 128 takes in the two narrowest bands of the default
+# ladder on 28x28 images (up to 100,000 parameters), and a band whose widest students are wider is not batched.
 BATCH_MAX_WIDTH = 128
 
 
@@ -185,17 +186,22 @@ def batch_key(config: StudentConfig, architecture: Architecture, compute: Comput
 
 def train_together(configs: list[StudentConfig], architecture: Architecture, schedule: StudentSpec,
                    data: StudentData, seed: int, compute: Compute,
-                   reports: list[Callable[[int, float], None] | None]) -> list[tuple[nn.Module, batched.Outcome]]:
+                   reports: list[Callable[[int, float], None] | None],
+                   ended: list[Callable[[nn.Module, batched.Outcome], None]] | None = None,
+                   ) -> list[tuple[nn.Module, batched.Outcome]]:
     """`train` for students of one `batch_key`, in one batch: each comes back as it would alone (within float
-    rounding), with its outcome; a student whose outcome has an error has no trained weights.
+    rounding), with its outcome; a student whose outcome has an error has no trained weights. `ended[i]` has
+    student i's model and outcome as soon as it leaves the batch.
 
-    Ctrl-C or SIGTERM raises `batched.BatchInterrupted` with every student's result so far.
+    Ctrl-C or SIGTERM raises `batched.BatchInterrupted` with the results so far of the students still training.
     """
     keys = {batch_key(config, architecture, compute) for config in configs}
     if len(keys) != 1 or None in keys:
         raise ValueError(f"students of batch keys {keys} cannot train in one batch")
     members = [batched.Student(*initial(config, architecture, seed), report)
                for config, report in zip(configs, reports)]
+    for member, on_end in zip(members, ended or []):
+        member.ended = functools.partial(on_end, member.model)
     data = training_data(configs[0], data)
     outcomes = batched.fit_together(members, data.x_train, data.y_train, data.x_val, data.y_val, schedule=schedule,
                                     seed=seed, teacher_logits=data.teacher_logits)

@@ -24,7 +24,7 @@ from kdtune.bands import Band
 from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.hardware import Compute
-from kdtune.interrupts import uninterrupted
+from kdtune.interrupts import deferred, uninterrupted
 from kdtune.optuna_compat import stale_trial_numbers
 from kdtune.per_band import PerBandPruner, PerBandSampler
 from kdtune.provenance import versions
@@ -96,14 +96,19 @@ def assign_band(trial: optuna.Trial, size_bands: list[Band]) -> Band:
     trials that count or will (finished, running, waiting), the narrowest of equals: every band gets an equal
     share of the study's trials."""
     if bands.TRIAL_KEY not in trial.user_attrs:
-        others = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING,
-                                                                           TrialState.WAITING))
-                  if t.number != trial.number and bands.TRIAL_KEY in t.user_attrs]
-        counts = Counter(bands.of_trial(t) for t in others)
+        counts = trials_by_band(trial.study, excluding=trial.number)
         chosen = min(size_bands, key=lambda band: (counts[band.index], band.index))
         with uninterrupted():
             trial.set_user_attr(bands.TRIAL_KEY, chosen.index)
     return size_bands[trial.user_attrs[bands.TRIAL_KEY]]
+
+
+def trials_by_band(study: optuna.Study, excluding: int | None = None) -> Counter:
+    """How many trials of each band (by index) count or will (finished, running, waiting); trials not yet
+    placed in a band, and the trial numbered `excluding`, are not counted."""
+    return Counter(bands.of_trial(t) for t in study.get_trials(
+        deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))
+        if t.number != excluding and bands.TRIAL_KEY in t.user_attrs)
 
 
 def study_bands(study: optuna.Study, spec: Spec, architecture: student.Architecture,
@@ -140,8 +145,9 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
                    n_trials: int | None = None) -> Callable[[optuna.Trial], float]:
     """The objective of `target.run`. Given the run's `n_trials`, a trial of a band whose students train
     together (`student.trains_together`) asks for up to `spec.batch_students - 1` more trials of its band
-    (`target.batch_mates`), trains their students with its own in one batch and tells each its result: every
-    one of them still its own trial, with its own pruning, heartbeat and record."""
+    (`target.batch_mates`) and trains their students with its own in one batch: every one of them still its
+    own trial, with its own pruning, heartbeat and record. Each mate is stored as soon as its student leaves
+    the batch; the trial itself, as the objective returns."""
     data = StudentData.build(splits, teacher.logits["train"], spec.transfer, spec.seed, compute.device)
     architecture = student.Architecture.of(spec.student, data.input_shape, data.n_classes)
     teacher_val_logits = teacher.logits["val"].to(compute.device)
@@ -161,6 +167,8 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
             for name, value in {"loss": config.loss, "worker": WORKER_ID, "n_parameters": member.n_parameters,
                                 "precision": member.trained_in.precision, **costs}.items():
                 trial.set_user_attr(name, value)
+            if "trained_with" in trial.user_attrs:  # a retry inherits its batch's: it trains alone unless batched
+                trial.set_user_attr("trained_with", [trial.number])
         return member
 
     def train_alone(member: Member) -> Trained:
@@ -171,33 +179,44 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
             return None, ended.result, ended
         return model, result, None
 
-    def train_group(group: list[Member]) -> list[Trained]:
+    def train_group(group: list[Member], end: Callable[[Member, Trained], None]) -> bool:
+        """One batch; False if a stop interrupted it (its members still training then end interrupted)."""
         with uninterrupted():  # the dashboard and `status` show which trials train together
             for member in group:
                 member.trial.set_user_attr("trained_with", [m.trial.number for m in group])
-        try:
-            together = student.train_together([m.config for m in group], architecture, spec.student, data,
-                                              spec.seed, study_compute[0], [pruning(m.trial) for m in group])
-        except batched.BatchInterrupted as interrupted:
-            return [(None, outcome.result, TrainingInterrupted(outcome.result)) for outcome in interrupted.outcomes]
-        return [(None if outcome.error else model, outcome.result, outcome.error) for model, outcome in together]
 
-    def train(members: list[Member]) -> list[Trained]:
-        """Each group of members that can train together in one batch, the others alone. After Ctrl-C, the
-        members not yet trained end as interrupted too, with no epochs."""
+        def ended(member: Member, model: nn.Module, outcome: batched.Outcome) -> None:
+            end(member, (None if outcome.error else model, outcome.result, outcome.error))
+
+        try:
+            student.train_together([m.config for m in group], architecture, spec.student, data, spec.seed,
+                                   study_compute[0], [pruning(m.trial) for m in group],
+                                   [functools.partial(ended, m) for m in group])
+        except batched.BatchInterrupted as stop:
+            for index, outcome in stop.interrupted.items():
+                end(group[index], (None, outcome.result, TrainingInterrupted(outcome.result)))
+            return False
+        return True
+
+    def train(members: list[Member], end: Callable[[Member, Trained], None]) -> None:
+        """Each group of members that can train together in one batch, the others alone, each member's end
+        handed to `end` as soon as it has one. After a stop, the members not yet trained end interrupted."""
         groups: dict[object, list[Member]] = {}
         for member in members:
             key = student.batch_key(member.config, architecture, study_compute[0])
-            groups.setdefault(len(groups) if key is None else key, []).append(member)
-        trained: dict[int, Trained] = {}
+            groups.setdefault(("alone", member.trial.number) if key is None else key, []).append(member)
+        stopped = False
         for group in groups.values():
-            if any(isinstance(ended, KeyboardInterrupt) for _, _, ended in trained.values()):
-                outcomes = [(None, result, TrainingInterrupted(result)) for result in
-                            (FitResult(0.0, 0, 0.0) for _ in group)]
+            if stopped:
+                for member in group:
+                    result = FitResult(0.0, 0, 0.0)
+                    end(member, (None, result, TrainingInterrupted(result)))
+            elif len(group) == 1:
+                trained = train_alone(group[0])
+                end(group[0], trained)
+                stopped = isinstance(trained[2], TrainingInterrupted)
             else:
-                outcomes = [train_alone(group[0])] if len(group) == 1 else train_group(group)
-            trained.update((member.trial.number, outcome) for member, outcome in zip(group, outcomes))
-        return [trained[member.trial.number] for member in members]
+                stopped = not train_group(group, end)
 
     def conclude(member: Member, trained: Trained) -> float:
         """The trial's value, or the exception that ends it (pruned, failed, interrupted), its record kept."""
@@ -226,46 +245,45 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
             study_compute.append(students_compute(trial.study, compute))
         band = assign_band(trial, size_bands)
         first = start(trial, band)
-        n_mates = 0 if n_trials is None else mates_wanted(trial.study, first, n_trials)
-        if n_mates == 0:
+        if n_trials is None or spec.batch_students == 1 or not student.trains_together(
+                architecture, study_compute[0], band.max_width):
             return conclude(first, train_alone(first))
-        with target.batch_mates(trial, n_mates, n_trials, {bands.TRIAL_KEY: band.index}) as mates:
-            members = [first] + [start(mate, band) for mate in mates]
-            trained = train(members)
-            for member, outcome in zip(members[1:], trained[1:]):
-                tell(member.trial, functools.partial(conclude, member, outcome))
-        return conclude(first, trained[0])
+        share = -(-n_trials // len(size_bands))  # every band gets an equal share of the run (see assign_band)
+        first_end: list[Trained] = []
 
-    def mates_wanted(the_study: optuna.Study, first: Member, n_trials: int) -> int:
-        """How many trials to ask beside `first`: none unless its band trains together, and no more than take
-        the band to its share of the run's trials (every band gets an equal share, see `assign_band`)."""
-        if spec.batch_students == 1 or not student.trains_together(architecture, study_compute[0],
-                                                                   first.band.max_width):
-            return 0
-        in_band = sum(bands.of_trial(t) == first.band.index for t in the_study.get_trials(
-            deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING)))
-        share = -(-n_trials // len(size_bands))
-        return max(0, min(spec.batch_students - 1, share - in_band))
+        def end(member: Member, trained: Trained) -> None:
+            if member is first:
+                first_end.append(trained)  # Optuna's loop stores it as the objective returns
+                return
+            with deferred():  # a mate that finished is stored whatever comes; see interrupts
+                tell(member.trial, functools.partial(conclude, member, trained))
+
+        with target.batch_mates(trial, spec.batch_students - 1, n_trials, {bands.TRIAL_KEY: band.index},
+                                lambda: trials_by_band(trial.study)[band.index] < share) as mates:
+            train([first] + [start(mate, assign_band(mate, size_bands)) for mate in mates], end)
+            with deferred():
+                return conclude(first, first_end[0])
 
     return objective
 
 
-def tell(trial: optuna.Trial, conclude: Callable[[], float]) -> None:
-    """Store a batch mate's end (`conclude()`: its value, or the exception that ends it) as Optuna's trial loop
-    stores the trial it runs: complete with its value, pruned, or failed and logged."""
+def tell(trial: optuna.Trial, concluded: Callable[[], float]) -> None:
+    """Store a batch mate's end (`concluded()`: its value, or the exception that ends it) as Optuna's trial loop
+    stores the trial it runs: complete with its value, pruned, or failed and logged. A mate another worker has
+    failed meanwhile (it looked dead) stays failed: its retry is queued already."""
     study = trial.study
     try:
-        value = conclude()
+        value = concluded()
     except optuna.TrialPruned:
         with uninterrupted():
-            study.tell(trial, state=TrialState.PRUNED)
+            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
     except (*TRIAL_FAILURES, TrainingInterrupted) as failure:
         log_failed_trial(trial, failure)
         with uninterrupted():
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     else:
         with uninterrupted():
-            study.tell(trial, value)
+            study.tell(trial, value, skip_if_finished=True)
 
 
 def students_compute(study: optuna.Study, compute: Compute) -> Compute:

@@ -7,10 +7,11 @@ first makes sure the study still needs it (`wait_for_a_place`); one that is not 
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
-import warnings
 from contextlib import ExitStack, closing, contextmanager, nullcontext
-from typing import Iterator
+from typing import Callable, Iterator
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -23,7 +24,7 @@ from kdtune.errors import STORAGE_ERRORS
 from kdtune.interrupts import StopRequest, uninterrupted
 from kdtune.optuna_compat import give_first_heartbeats, heartbeat
 from kdtune.train import TrainingDiverged
-from kdtune.trial_log import quiet_trial_log
+from kdtune.trial_log import log_failed_trial, quiet_trial_log
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # How often a trial waiting for a place looks again. Every second costs one small query per waiting worker;
@@ -93,20 +94,34 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
 
 class Progress:
     """An Optuna callback: the run's progress bar, the study's finished trials out of the run's target. Optuna's
-    own bar counts the trials its loop runs, and would miss the batch mates kdtune stores itself."""
+    own bar counts the trials its loop runs, and would miss the batch mates kdtune stores itself. As Optuna's
+    bar does, it takes Optuna's log lines while it is open, written above the bar rather than through it."""
 
     def __init__(self, study: optuna.Study, n_trials: int) -> None:
         self.bar = tqdm(total=n_trials, initial=min(n_finished(study), n_trials))
+        self.log = TqdmHandler()
+        self.log.setFormatter(optuna.logging.create_default_formatter())
+        optuna.logging.disable_default_handler()
+        logging.getLogger("optuna").addHandler(self.log)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.bar.n = min(n_finished(study), self.bar.total)
-        if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        try:
             best = study.best_trial
             self.bar.set_description(f"Best trial: {best.number}. Best value: {best.value:.6g}", refresh=False)
+        except ValueError:  # no trial complete yet
+            pass
         self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
+        logging.getLogger("optuna").removeHandler(self.log)
+        optuna.logging.enable_default_handler()
+
+
+class TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
 
 
 def wait_for_a_place(trial: optuna.Trial, n_trials: int) -> None:
@@ -130,28 +145,32 @@ def wait_for_a_place(trial: optuna.Trial, n_trials: int) -> None:
 
 
 @contextmanager
-def batch_mates(trial: optuna.Trial, n_wanted: int, n_trials: int, band_attrs: dict) -> Iterator[list[optuna.Trial]]:
+def batch_mates(trial: optuna.Trial, n_wanted: int, n_trials: int, band_attrs: dict,
+                band_has_room: Callable[[], bool]) -> Iterator[list[optuna.Trial]]:
     """Up to `n_wanted` more trials, asked now to train beside `trial` (`band_attrs`: the user attributes that
     place them in its band, set before the sampler proposes anything), each with its heartbeat while the block
     runs: a killed worker's mates go stale and are retried like any trial.
 
-    Only as many as the study still needs (`trial` has its place: see `wait_for_a_place`), and none while a
-    queued trial waits (a control arm or a retry goes first, alone). A mate the block leaves unfinished (it
-    raised) is failed as it ends, so that none stays RUNNING.
+    Only as many as the study still needs (`trial` has its place: see `wait_for_a_place`) and the band's share
+    allows (`band_has_room`, asked before each), and none while a queued trial waits (a control arm or a retry
+    goes first). A trial queued by another worker as this one asked comes back as a mate all the same: it
+    keeps its own band and settings. A mate the block leaves unfinished (it raised) is failed as it ends, so
+    that none stays RUNNING.
     """
     study = trial.study
     mates: list[optuna.Trial] = []
     with ExitStack() as heartbeats:
         try:
-            while len(mates) < n_wanted and has_room(study, n_trials):
-                with uninterrupted(), warnings.catch_warnings():
-                    # Optuna warns that heartbeats are meant for its own loop: `heartbeat` gives this one its own
-                    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed", UserWarning)
+            while len(mates) < n_wanted and has_room(study, n_trials) and band_has_room():
+                with uninterrupted():
                     mate = study.ask()
                     mates.append(mate)
                     heartbeats.enter_context(heartbeat(study, mate))
-                    for key, value in band_attrs.items():
+                    queued = any(key in mate.user_attrs for key in band_attrs)
+                    for key, value in ({} if queued else band_attrs).items():
                         mate.set_user_attr(key, value)
+                if queued:
+                    break
                 # another worker asked at the same moment, and it holds the place: this one is surplus
                 if len(earlier_trials(mate)) >= n_trials:
                     with uninterrupted():
@@ -161,10 +180,18 @@ def batch_mates(trial: optuna.Trial, n_wanted: int, n_trials: int, band_attrs: d
                     break
             yield mates
         finally:
-            with uninterrupted():
-                for mate in mates:
-                    if study.get_trials(deepcopy=False)[mate.number].state == TrialState.RUNNING:
-                        study.tell(mate, state=TrialState.FAIL)
+            fail_unfinished(study, mates, sys.exc_info()[1])
+
+
+def fail_unfinished(study: optuna.Study, mates: list[optuna.Trial], error: BaseException | None) -> None:
+    """Fail the mates still RUNNING as their batch ends with `error`, logged as Optuna logs a failed trial."""
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    for mate in (mate for mate in mates if mate.number in running):
+        reason = error if error is not None else RuntimeError("its batch ended before it was stored")
+        with uninterrupted():
+            mate.set_user_attr("fail_reason", f"its batch ended: {reason!r}")
+            study.tell(mate, state=TrialState.FAIL, skip_if_finished=True)
+        log_failed_trial(mate, reason)
 
 
 def has_room(study: optuna.Study, n_trials: int) -> bool:

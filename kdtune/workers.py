@@ -102,7 +102,7 @@ def run_trials(job: WorkerJob) -> None:
         objective = study.make_objective(spec, splits, cached, compute, job.n_trials)
         target.run(the_study, objective, n_trials=job.n_trials, timeout=job.timeout, progress_bar=job.worker == 0)
     except KeyboardInterrupt:
-        pass  # optuna has marked the running trial failed; finished trials are in the storage
+        pass  # the running trials are marked failed (see target.run); finished trials are in the storage
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

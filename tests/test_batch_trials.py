@@ -100,3 +100,70 @@ def test_the_progress_bar_counts_every_trial_of_a_batch(narrow, capsys):
     the_study = study.open_study(spec, create=True)
     target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 5), n_trials=5, timeout=None)
     assert "5/5" in capsys.readouterr().err.splitlines()[-1]
+
+
+class PruneTrialOneAfterItsFirstEpoch(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return trial.number == 1
+
+
+def test_a_stop_keeps_the_trials_that_left_their_batch_before_it(narrow, monkeypatch):
+    """Trial 1 is pruned in epoch 1 and stored at once; the stop in epoch 3 fails only the trials still
+    training: a finished trial is never lost to a stop."""
+    spec, splits, cached = narrow
+    the_study = study.open_study(spec, create=True)
+    the_study.pruner = PruneTrialOneAfterItsFirstEpoch()
+    report = optuna.Trial.report
+
+    def report_and_stop(trial, value, step):
+        if step == 2 and trial.number == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        report(trial, value, step)
+
+    monkeypatch.setattr(optuna.Trial, "report", report_and_stop)
+    with signal_handlers(FOREGROUND), pytest.raises(KeyboardInterrupt):
+        target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 3), n_trials=3, timeout=None,
+                   progress_bar=False)
+    trials = the_study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.PRUNED, TrialState.FAIL]
+    assert [t.user_attrs["n_epochs"] for t in trials] == [3, 1, 2]
+
+
+def test_each_band_gets_its_share_when_its_trials_train_together(tiny_spec):
+    """Two narrow bands, six trials: three in each, each band's three in one batch."""
+    spec = load_spec(tiny_spec("shares", student_epochs=2, pruner="none",
+                               search="bands = [25000]\ncontrol_arms = false"))
+    splits = data.prepare(spec.data, spec.seed)
+    cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
+    the_study = study.open_study(spec, create=True)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 6), n_trials=6, timeout=None,
+               progress_bar=False)
+    trials = the_study.get_trials()
+    assert [t.user_attrs["band"] for t in trials] == [0, 0, 0, 1, 1, 1]
+    assert [t.user_attrs["trained_with"] for t in trials] == [[0, 1, 2]] * 3 + [[3, 4, 5]] * 3
+
+
+def test_a_trial_queued_as_a_mate_is_asked_keeps_its_own_band(tiny_spec, monkeypatch):
+    """Another worker queues a retry between this one's look at the queue and its ask: the retry comes back as
+    a mate, keeps its band and configuration, and no more mates are asked after it."""
+    spec = load_spec(tiny_spec("queued", student_epochs=2, pruner="none",
+                               search="bands = [25000]\ncontrol_arms = false"))
+    splits = data.prepare(spec.data, spec.seed)
+    cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
+    the_study = study.open_study(spec, create=True)
+    has_room = target.has_room
+    retried = {"temperature": 2.0, "lambda": 0.5, "width": 50}
+
+    def a_retry_appears(the_study, n_trials):
+        if len(the_study.get_trials()) == 1:  # the first trial is asking its mates
+            the_study.enqueue_trial(retried, user_attrs={"loss": "hinton", "band": 1})
+            return True
+        return has_room(the_study, n_trials)
+
+    monkeypatch.setattr(target, "has_room", a_retry_appears)
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 4), n_trials=4, timeout=None,
+               progress_bar=False)
+    first, retry = the_study.get_trials()[:2]
+    assert (first.user_attrs["band"], retry.user_attrs["band"]) == (0, 1)
+    assert retry.params == retried and retry.state == TrialState.COMPLETE
+    assert first.user_attrs["trained_with"] == retry.user_attrs["trained_with"] == [0, 1]

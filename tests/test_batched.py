@@ -108,7 +108,31 @@ def test_an_interrupted_batch_hands_back_every_student_s_epochs_so_far(data):
     students = [batched.Student(models[0], interrupted_in_second_epoch), batched.Student(models[1], plain)]
     with pytest.raises(batched.BatchInterrupted) as interrupted:
         batched.fit_together(students, data.x_train, data.y_train, data.x_val, data.y_val, schedule=SCHEDULE, seed=0)
-    assert [outcome.result.n_epochs for outcome in interrupted.value.outcomes] == [1, 1]
+    assert {i: outcome.result.n_epochs for i, outcome in interrupted.value.interrupted.items()} == {0: 1, 1: 1}
+
+
+def test_a_student_that_left_before_a_stop_keeps_its_end(data):
+    """Pruned in the first epoch, student 0 is handed over finished; the stop in the second epoch interrupts
+    student 1 only."""
+    models = [student.initial(config, Architecture("mlp", 1, (1, 28, 28), 10), 0)[0] for config in CONFIGS[:2]]
+    steps, ended = [], []
+
+    def interrupted_in_second_epoch(logits, teacher_logits, labels):
+        steps.append(1)
+        if len(steps) > len(data.x_train) // SCHEDULE.batch_size + 1:
+            raise KeyboardInterrupt
+        return plain(logits, teacher_logits, labels)
+
+    def prune_at_once(epoch, val_accuracy):
+        raise StopTraining("pruned after epoch 1")
+
+    students = [batched.Student(models[0], plain, prune_at_once, ended.append),
+                batched.Student(models[1], interrupted_in_second_epoch, None, ended.append)]
+    with pytest.raises(batched.BatchInterrupted) as interrupted:
+        batched.fit_together(students, data.x_train, data.y_train, data.x_val, data.y_val, schedule=SCHEDULE, seed=0)
+    assert list(interrupted.value.interrupted) == [1]
+    assert len(ended) == 1 and ended[0].result.stopped_early == "pruned after epoch 1"
+    assert ended[0].result.val_accuracy == ended[0].result.val_curve[0] > 0
 
 
 def test_only_fp32_mlps_up_to_the_width_limit_train_together():

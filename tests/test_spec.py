@@ -55,6 +55,7 @@ def test_cli_overrides_win_over_the_toml(tmp_path):
     ("[teacher]\naugment = 'flip'\n", "teacher.augment must be one of ['none', 'shift'], but got 'flip'."),
     ("[teacher]\naugment = true\n", "teacher.augment must be str, but got True."),
     ("[student]\nlr_schedule = 'cosine'\n", "unknown key student.lr_schedule"),
+    ("batch_students = 0\n", "batch_students must lie in [1, 64], but got batch_students=0."),
 ])
 def test_bad_values_name_the_key(tmp_path, text, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
