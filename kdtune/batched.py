@@ -119,12 +119,15 @@ class BatchInterrupted(KeyboardInterrupt):
 
 
 def fit_together(students: list[Student], x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-                 y_val: torch.Tensor, *, schedule: TrainSpec, seed: int,
-                 teacher_logits: torch.Tensor | None = None) -> list[Outcome]:
+                 y_val: torch.Tensor, *, schedule: TrainSpec, seed: int, teacher_logits: torch.Tensor | None = None,
+                 stop: Callable[[], bool] | None = None) -> list[Outcome]:
     """`train.fit` for every student at once, fp32, constant learning rate, no augmentation (as kdtune trains
     students): each model ends holding its best epoch's weights, on the data's device, as `fit` leaves it, unless
     its outcome has an error. A student's `seconds` are its share of the batch's time: each epoch's time split
-    evenly among the students it trained."""
+    evenly among the students it trained.
+
+    `stop()`, polled after each epoch once the students that left are ended, interrupts the students still
+    training (BatchInterrupted), as Ctrl-C does where nothing defers it."""
     device = x_train.device
     for student in students:
         student.model.to(device)
@@ -186,6 +189,8 @@ def fit_together(students: list[Student], x_train: torch.Tensor, y_train: torch.
                     end(i)
                 if not live:
                     break
+            if stop is not None and stop():
+                raise KeyboardInterrupt
         while live:  # those that trained every epoch
             end(live.pop(0))
     except KeyboardInterrupt:

@@ -9,8 +9,8 @@ study stops after the trial it is storing, and a trial already created fails as 
 Inside the objective, too, a signal must not interrupt a write to the storage: a KeyboardInterrupt in the middle
 of a commit leaves the storage's session unusable, so every later write fails, the final one that marks the
 trial failed included (seen in one CI run in four: a stop during `trial.report`). The objective's writes run
-`uninterrupted()`: the signal waits until the write is done, then interrupts. A trial that has finished
-training while others of its batch train on is stored `deferred()`: the signal waits for the next write.
+`uninterrupted()`: the signal waits until the write is done, then interrupts. Trials trained together run
+`deferred()`: the signal is polled between epochs, never raised.
 """
 
 from __future__ import annotations
@@ -97,12 +97,18 @@ def uninterrupted() -> Iterator[None]:
         request._deliver()  # it came during the write
 
 
+def stop_requested() -> bool:
+    """Whether a stop signal came during the study running in this process: code that runs `deferred` polls it
+    where stopping loses nothing."""
+    return _installed is not None and _installed.requested
+
+
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Storing a trial that has finished training (a batch mate, as its siblings train on): a stop signal that
-    comes meanwhile does not interrupt it at all. It interrupts at the next write (`uninterrupted`) or, if none
-    comes, stops the study once the running trial is stored (`StopRequest.stop_after_trial`), so that a trial
-    that finished is never lost to a stop."""
+    """A block that a stop signal never interrupts: trials trained together (kdtune.batched), where a
+    KeyboardInterrupt landing between one student's end and its record would lose a trial that had finished.
+    The block polls `stop_requested()` where stopping loses nothing; a stop it leaves pending stops the study
+    once the running trial is stored (`StopRequest.stop_after_trial`)."""
     request = _installed
     if request is None or request._writing:
         yield

@@ -188,12 +188,13 @@ def train_together(configs: list[StudentConfig], architecture: Architecture, sch
                    data: StudentData, seed: int, compute: Compute,
                    reports: list[Callable[[int, float], None] | None],
                    ended: list[Callable[[nn.Module, batched.Outcome], None]] | None = None,
-                   ) -> list[tuple[nn.Module, batched.Outcome]]:
+                   stop: Callable[[], bool] | None = None) -> list[tuple[nn.Module, batched.Outcome]]:
     """`train` for students of one `batch_key`, in one batch: each comes back as it would alone (within float
     rounding), with its outcome; a student whose outcome has an error has no trained weights. `ended[i]` has
     student i's model and outcome as soon as it leaves the batch.
 
-    Ctrl-C or SIGTERM raises `batched.BatchInterrupted` with the results so far of the students still training.
+    Ctrl-C or SIGTERM, or `stop()` (polled after each epoch), raises `batched.BatchInterrupted` with the results
+    so far of the students still training.
     """
     keys = {batch_key(config, architecture, compute) for config in configs}
     if len(keys) != 1 or None in keys:
@@ -204,5 +205,5 @@ def train_together(configs: list[StudentConfig], architecture: Architecture, sch
         member.ended = functools.partial(on_end, member.model)
     data = training_data(configs[0], data)
     outcomes = batched.fit_together(members, data.x_train, data.y_train, data.x_val, data.y_val, schedule=schedule,
-                                    seed=seed, teacher_logits=data.teacher_logits)
+                                    seed=seed, teacher_logits=data.teacher_logits, stop=stop)
     return [(member.model, outcome) for member, outcome in zip(members, outcomes)]

@@ -24,7 +24,7 @@ from kdtune.bands import Band
 from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.hardware import Compute
-from kdtune.interrupts import deferred, uninterrupted
+from kdtune.interrupts import deferred, stop_requested, uninterrupted
 from kdtune.optuna_compat import stale_trial_numbers
 from kdtune.per_band import PerBandPruner, PerBandSampler
 from kdtune.provenance import versions
@@ -191,7 +191,7 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
         try:
             student.train_together([m.config for m in group], architecture, spec.student, data, spec.seed,
                                    study_compute[0], [pruning(m.trial) for m in group],
-                                   [functools.partial(ended, m) for m in group])
+                                   [functools.partial(ended, m) for m in group], stop=stop_requested)
         except batched.BatchInterrupted as stop:
             for index, outcome in stop.interrupted.items():
                 end(group[index], (None, outcome.result, TrainingInterrupted(outcome.result)))
@@ -200,13 +200,15 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
 
     def train(members: list[Member], end: Callable[[Member, Trained], None]) -> None:
         """Each group of members that can train together in one batch, the others alone, each member's end
-        handed to `end` as soon as it has one. After a stop, the members not yet trained end interrupted."""
+        handed to `end` as soon as it has one. After a stop, the members not yet trained end interrupted; a
+        batch polls for a stop after every epoch (see `objective`)."""
         groups: dict[object, list[Member]] = {}
         for member in members:
             key = student.batch_key(member.config, architecture, study_compute[0])
             groups.setdefault(("alone", member.trial.number) if key is None else key, []).append(member)
         stopped = False
         for group in groups.values():
+            stopped = stopped or stop_requested()
             if stopped:
                 for member in group:
                     result = FitResult(0.0, 0, 0.0)
@@ -254,15 +256,16 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
         def end(member: Member, trained: Trained) -> None:
             if member is first:
                 first_end.append(trained)  # Optuna's loop stores it as the objective returns
-                return
-            with deferred():  # a mate that finished is stored whatever comes; see interrupts
+            else:
                 tell(member.trial, functools.partial(conclude, member, trained))
 
-        with target.batch_mates(trial, spec.batch_students - 1, n_trials, {bands.TRIAL_KEY: band.index},
-                                lambda: trials_by_band(trial.study)[band.index] < share) as mates:
+        # Trials trained together store each mate as its student ends, while the others train on: a stop
+        # signal landing between a student's end and its record would lose a finished trial, so none lands
+        # here. The batch polls for it after every epoch, and the trials still training end interrupted.
+        with deferred(), target.batch_mates(trial, spec.batch_students - 1, n_trials, {bands.TRIAL_KEY: band.index},
+                                            lambda: trials_by_band(trial.study)[band.index] < share) as mates:
             train([first] + [start(mate, assign_band(mate, size_bands)) for mate in mates], end)
-            with deferred():
-                return conclude(first, first_end[0])
+            return conclude(first, first_end[0])
 
     return objective
 
@@ -273,17 +276,20 @@ def tell(trial: optuna.Trial, concluded: Callable[[], float]) -> None:
     failed meanwhile (it looked dead) stays failed: its retry is queued already."""
     study = trial.study
     try:
-        value = concluded()
-    except optuna.TrialPruned:
-        with uninterrupted():
-            study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-    except (*TRIAL_FAILURES, TrainingInterrupted) as failure:
-        log_failed_trial(trial, failure)
-        with uninterrupted():
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-    else:
-        with uninterrupted():
-            study.tell(trial, value, skip_if_finished=True)
+        try:
+            value = concluded()
+        except optuna.TrialPruned:
+            with uninterrupted():
+                study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+        except (*TRIAL_FAILURES, TrainingInterrupted) as failure:
+            log_failed_trial(trial, failure)
+            with uninterrupted():
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        else:
+            with uninterrupted():
+                study.tell(trial, value, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass  # its record's first write found it failed
 
 
 def students_compute(study: optuna.Study, compute: Compute) -> Compute:
@@ -300,7 +306,10 @@ def pruning(trial: optuna.Trial) -> Callable[[int, float], None]:
     whose verdict stops the training."""
     def report(epoch: int, val_accuracy: float) -> None:
         with uninterrupted():
-            trial.report(val_accuracy, epoch)
+            try:
+                trial.report(val_accuracy, epoch)
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it: it looked dead
+                raise StopTraining(f"failed by another worker after epoch {epoch + 1}; retried") from None
             prune = trial.should_prune()
         if prune:
             raise StopTraining(f"pruned after epoch {epoch + 1} at val_accuracy={val_accuracy:.4f}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from contextlib import ExitStack, closing, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import optuna
@@ -69,7 +69,7 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
             return objective(trial)
 
     with stop.installed(), quiet_trial_log(expected=(KeyboardInterrupt, *TRIAL_FAILURES), silent=(SurplusTrial,)), \
-            closing(progress) if progress else nullcontext():
+            progress if progress else nullcontext():
         while (n_missing := n_trials - n_finished(study)) > 0:
             stop.raise_if_requested()
             seconds_left = None if deadline is None else deadline - time.monotonic()
@@ -95,14 +95,21 @@ def run(study: optuna.Study, objective, *, n_trials: int, timeout: float | None,
 class Progress:
     """An Optuna callback: the run's progress bar, the study's finished trials out of the run's target. Optuna's
     own bar counts the trials its loop runs, and would miss the batch mates kdtune stores itself. As Optuna's
-    bar does, it takes Optuna's log lines while it is open, written above the bar rather than through it."""
+    bar does, it takes Optuna's log lines while it is open (a context manager), written above the bar."""
 
     def __init__(self, study: optuna.Study, n_trials: int) -> None:
-        self.bar = tqdm(total=n_trials, initial=min(n_finished(study), n_trials))
+        self.study, self.n_trials = study, n_trials
+
+    def __enter__(self) -> Progress:
+        self.bar = tqdm(total=self.n_trials, initial=min(n_finished(self.study), self.n_trials))
         self.log = TqdmHandler()
         self.log.setFormatter(optuna.logging.create_default_formatter())
+        optuna_logger = logging.getLogger("optuna")
+        attached = list(optuna_logger.handlers)
         optuna.logging.disable_default_handler()
-        logging.getLogger("optuna").addHandler(self.log)
+        self.had_default_handler = len(optuna_logger.handlers) < len(attached)
+        optuna_logger.addHandler(self.log)
+        return self
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.bar.n = min(n_finished(study), self.bar.total)
@@ -113,10 +120,11 @@ class Progress:
             pass
         self.bar.refresh()
 
-    def close(self) -> None:
+    def __exit__(self, *exc_info) -> None:
         self.bar.close()
         logging.getLogger("optuna").removeHandler(self.log)
-        optuna.logging.enable_default_handler()
+        if self.had_default_handler:
+            optuna.logging.enable_default_handler()
 
 
 class TqdmHandler(logging.Handler):
@@ -169,8 +177,6 @@ def batch_mates(trial: optuna.Trial, n_wanted: int, n_trials: int, band_attrs: d
                     queued = any(key in mate.user_attrs for key in band_attrs)
                     for key, value in ({} if queued else band_attrs).items():
                         mate.set_user_attr(key, value)
-                if queued:
-                    break
                 # another worker asked at the same moment, and it holds the place: this one is surplus
                 if len(earlier_trials(mate)) >= n_trials:
                     with uninterrupted():
@@ -178,9 +184,14 @@ def batch_mates(trial: optuna.Trial, n_wanted: int, n_trials: int, band_attrs: d
                         study.tell(mate, state=TrialState.FAIL)
                     mates.pop()
                     break
+                if queued:
+                    break
             yield mates
-        finally:
-            fail_unfinished(study, mates, sys.exc_info()[1])
+        except BaseException as error:
+            fail_unfinished(study, mates, error)
+            raise
+        else:
+            fail_unfinished(study, mates, None)
 
 
 def fail_unfinished(study: optuna.Study, mates: list[optuna.Trial], error: BaseException | None) -> None:

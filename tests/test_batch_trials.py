@@ -75,7 +75,9 @@ def test_a_pruned_trial_leaves_its_batch_and_the_others_end_as_alone(narrow):
         assert trial.value == trained_alone(spec, splits, cached, trial)[1].val_accuracy
 
 
-def test_a_stop_during_a_batch_fails_every_trial_of_it_and_keeps_their_epochs(narrow, monkeypatch):
+def test_a_stop_during_a_batch_ends_its_epoch_then_fails_every_trial_still_training(narrow, monkeypatch):
+    """Ctrl-C as trial 1 reports its second epoch: the batch finishes that epoch for every student, then each
+    trial ends failed (none RUNNING) with its two epochs recorded."""
     spec, splits, cached = narrow
     the_study = study.open_study(spec, create=True)
     report = optuna.Trial.report
@@ -91,8 +93,7 @@ def test_a_stop_during_a_batch_fails_every_trial_of_it_and_keeps_their_epochs(na
                    progress_bar=False)
     trials = the_study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 3, "none stays RUNNING"
-    # each trial's epochs up to the stop: trial 1 reported its second epoch as the signal came
-    assert [t.user_attrs["n_epochs"] for t in trials] == [2, 2, 1]
+    assert [t.user_attrs["n_epochs"] for t in trials] == [2, 2, 2]
 
 
 def test_the_progress_bar_counts_every_trial_of_a_batch(narrow, capsys):
@@ -107,12 +108,7 @@ class PruneTrialOneAfterItsFirstEpoch(optuna.pruners.BasePruner):
         return trial.number == 1
 
 
-def test_a_stop_keeps_the_trials_that_left_their_batch_before_it(narrow, monkeypatch):
-    """Trial 1 is pruned in epoch 1 and stored at once; the stop in epoch 3 fails only the trials still
-    training: a finished trial is never lost to a stop."""
-    spec, splits, cached = narrow
-    the_study = study.open_study(spec, create=True)
-    the_study.pruner = PruneTrialOneAfterItsFirstEpoch()
+def stop_in_trial_0_s_third_report(monkeypatch):
     report = optuna.Trial.report
 
     def report_and_stop(trial, value, step):
@@ -121,12 +117,46 @@ def test_a_stop_keeps_the_trials_that_left_their_batch_before_it(narrow, monkeyp
         report(trial, value, step)
 
     monkeypatch.setattr(optuna.Trial, "report", report_and_stop)
+
+
+def stop_as_trial_1_is_stored(monkeypatch):
+    tell = optuna.Study.tell
+
+    def tell_and_stop(the_study, trial, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return tell(the_study, trial, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "tell", tell_and_stop)
+
+
+def stop_as_trial_1_leaves_the_stack(monkeypatch):
+    from kdtune import batched
+
+    keep_students = batched.keep_students
+
+    def keep_and_stop(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return keep_students(*args)
+
+    monkeypatch.setattr(batched, "keep_students", keep_and_stop)
+
+
+@pytest.mark.parametrize("stop, epochs", [(stop_in_trial_0_s_third_report, [3, 1, 3]),
+                                          (stop_as_trial_1_is_stored, [1, 1, 1]),
+                                          (stop_as_trial_1_leaves_the_stack, [1, 1, 1])])
+def test_a_stop_keeps_the_trials_that_left_their_batch_before_it(narrow, monkeypatch, stop, epochs):
+    """Trial 1 is pruned after its first epoch and stored at once; a stop, wherever it lands, fails only the
+    trials still training, at the end of the epoch it came in: a finished trial is never lost to a stop."""
+    spec, splits, cached = narrow
+    the_study = study.open_study(spec, create=True)
+    the_study.pruner = PruneTrialOneAfterItsFirstEpoch()
+    stop(monkeypatch)
     with signal_handlers(FOREGROUND), pytest.raises(KeyboardInterrupt):
         target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 3), n_trials=3, timeout=None,
                    progress_bar=False)
     trials = the_study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.PRUNED, TrialState.FAIL]
-    assert [t.user_attrs["n_epochs"] for t in trials] == [3, 1, 2]
+    assert [t.user_attrs["n_epochs"] for t in trials] == epochs
 
 
 def test_each_band_gets_its_share_when_its_trials_train_together(tiny_spec):
