@@ -149,8 +149,10 @@ class Spec:
     # also time every trial's width in ONNX Runtime, as the student ships (kdtune[export]; ~0.7 s per new width)
     onnxruntime_latency: bool = False
     # narrow students (MLPs up to student.BATCH_MAX_WIDTH, fp32) train up to this many trials at once, each
-    # still its own trial with its own result (kdtune.batched); 1 trains every trial alone
-    batch_students: int = 8
+    # still its own trial with its own result (kdtune.batched); 1 trains every trial alone. Off by default: it
+    # pays only where trials run to the end (pruner = "none"), since trials training together cannot prune
+    # each other (docs/performance.md)
+    batch_students: int = 1
     data: DataSpec = field(default_factory=DataSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     student: StudentSpec = field(default_factory=StudentSpec)

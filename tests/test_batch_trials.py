@@ -19,7 +19,7 @@ ONE_NARROW_BAND = 'bands = "none"\ncontrol_arms = false'  # widths 8 to 64: ever
 
 @pytest.fixture
 def narrow(tiny_spec):
-    spec = load_spec(tiny_spec("narrow", student_epochs=4, pruner="none", search=ONE_NARROW_BAND))
+    spec = load_spec(tiny_spec("narrow", student_epochs=4, pruner="none", search=ONE_NARROW_BAND), batch_students=8)
     splits = data.prepare(spec.data, spec.seed)
     return spec, splits, teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
 
@@ -46,8 +46,8 @@ def test_trials_trained_together_record_what_each_student_gets_alone(narrow):
         assert [trial.intermediate_values[epoch] for epoch in range(result.n_epochs)] == result.val_curve
 
 
-def test_batch_size_one_trains_every_trial_alone(tiny_spec):
-    spec = load_spec(tiny_spec("alone", student_epochs=2, search=ONE_NARROW_BAND), batch_students=1)
+def test_trials_train_alone_by_default(tiny_spec):
+    spec = load_spec(tiny_spec("alone", student_epochs=2, search=ONE_NARROW_BAND))
     splits = data.prepare(spec.data, spec.seed)
     cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
     the_study = study.open_study(spec, create=True)
@@ -75,19 +75,26 @@ def test_a_pruned_trial_leaves_its_batch_and_the_others_end_as_alone(narrow):
         assert trial.value == trained_alone(spec, splits, cached, trial)[1].val_accuracy
 
 
+def stop_in_report(number: int, step: int):
+    """Ctrl-C as trial `number` reports epoch `step` (0-based)."""
+    def install(monkeypatch):
+        report = optuna.Trial.report
+
+        def report_and_stop(trial, value, reported_step):
+            if (trial.number, reported_step) == (number, step):
+                os.kill(os.getpid(), signal.SIGINT)
+            report(trial, value, reported_step)
+
+        monkeypatch.setattr(optuna.Trial, "report", report_and_stop)
+    return install
+
+
 def test_a_stop_during_a_batch_ends_its_epoch_then_fails_every_trial_still_training(narrow, monkeypatch):
     """Ctrl-C as trial 1 reports its second epoch: the batch finishes that epoch for every student, then each
     trial ends failed (none RUNNING) with its two epochs recorded."""
     spec, splits, cached = narrow
     the_study = study.open_study(spec, create=True)
-    report = optuna.Trial.report
-
-    def report_and_stop(trial, value, step):
-        if step == 1 and trial.number == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        report(trial, value, step)
-
-    monkeypatch.setattr(optuna.Trial, "report", report_and_stop)
+    stop_in_report(1, 1)(monkeypatch)
     with signal_handlers(FOREGROUND), pytest.raises(KeyboardInterrupt):
         target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32, 3), n_trials=3, timeout=None,
                    progress_bar=False)
@@ -108,15 +115,6 @@ class PruneTrialOneAfterItsFirstEpoch(optuna.pruners.BasePruner):
         return trial.number == 1
 
 
-def stop_in_trial_0_s_third_report(monkeypatch):
-    report = optuna.Trial.report
-
-    def report_and_stop(trial, value, step):
-        if step == 2 and trial.number == 0:
-            os.kill(os.getpid(), signal.SIGINT)
-        report(trial, value, step)
-
-    monkeypatch.setattr(optuna.Trial, "report", report_and_stop)
 
 
 def stop_as_trial_1_is_stored(monkeypatch):
@@ -141,7 +139,7 @@ def stop_as_trial_1_leaves_the_stack(monkeypatch):
     monkeypatch.setattr(batched, "keep_students", keep_and_stop)
 
 
-@pytest.mark.parametrize("stop, epochs", [(stop_in_trial_0_s_third_report, [3, 1, 3]),
+@pytest.mark.parametrize("stop, epochs", [(stop_in_report(0, 2), [3, 1, 3]),
                                           (stop_as_trial_1_is_stored, [1, 1, 1]),
                                           (stop_as_trial_1_leaves_the_stack, [1, 1, 1])])
 def test_a_stop_keeps_the_trials_that_left_their_batch_before_it(narrow, monkeypatch, stop, epochs):
@@ -162,7 +160,7 @@ def test_a_stop_keeps_the_trials_that_left_their_batch_before_it(narrow, monkeyp
 def test_each_band_gets_its_share_when_its_trials_train_together(tiny_spec):
     """Two narrow bands, six trials: three in each, each band's three in one batch."""
     spec = load_spec(tiny_spec("shares", student_epochs=2, pruner="none",
-                               search="bands = [25000]\ncontrol_arms = false"))
+                               search="bands = [25000]\ncontrol_arms = false"), batch_students=8)
     splits = data.prepare(spec.data, spec.seed)
     cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
     the_study = study.open_study(spec, create=True)
@@ -177,7 +175,7 @@ def test_a_trial_queued_as_a_mate_is_asked_keeps_its_own_band(tiny_spec, monkeyp
     """Another worker queues a retry between this one's look at the queue and its ask: the retry comes back as
     a mate, keeps its band and configuration, and no more mates are asked after it."""
     spec = load_spec(tiny_spec("queued", student_epochs=2, pruner="none",
-                               search="bands = [25000]\ncontrol_arms = false"))
+                               search="bands = [25000]\ncontrol_arms = false"), batch_students=8)
     splits = data.prepare(spec.data, spec.seed)
     cached = teacher.load_or_train(spec, splits, CPU_FP32, echo=lambda _: None)
     the_study = study.open_study(spec, create=True)

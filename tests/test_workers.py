@@ -51,6 +51,16 @@ def running_workers(url, name):
     return {t.number: int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials if "worker" in t.user_attrs}
 
 
+def watch_running(url, name, tune, pick):
+    """What `pick` finds in the running trials ({trial number: worker pid}), polled while `tune` runs, for up to
+    two minutes; None if it never found anything."""
+    deadline, found = time.monotonic() + 120, None
+    while found is None and time.monotonic() < deadline and tune.poll() is None:
+        time.sleep(0.2)
+        found = pick(running_workers(url, name))
+    return found
+
+
 @pytest.fixture(scope="module")
 def postgres_server():
     binaries = postgres.server_binaries()
@@ -110,12 +120,9 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(tiny_spec, workdir, stora
     assert run_cli("teacher", "--spec", spec, cwd=workdir).returncode == 0
     # 12 trials: enough that both workers train together for seconds even when one starts late on a fast host
     tune = start_tune(workdir, spec, "--trials", "12", "--jobs", "2", "--storage", storage_url)
-    deadline, victim = time.monotonic() + 120, None
-    while victim is None and time.monotonic() < deadline and tune.poll() is None:
-        time.sleep(0.2)
-        running = running_workers(storage_url, "killed")
-        if len(set(running.values())) == 2:  # both workers are training: kill one mid-trial
-            victim = min(running)
+    # both workers are training: kill one mid-trial
+    victim = watch_running(storage_url, "killed", tune, lambda running: min(running)
+                           if len(set(running.values())) == 2 else None)
     assert victim is not None, "the two workers never trained at the same time"
     finished_before = {t.number: t.value for t in load_study(storage_url, "killed").get_trials(states=FINISHED)}
     os.kill(running_workers(storage_url, "killed")[victim], signal.SIGKILL)
@@ -136,20 +143,23 @@ def test_a_killed_worker_s_batched_trials_are_each_failed_and_retried(tiny_spec,
     """Narrow students train several trials at once: killing their worker leaves every one of those trials
     stale, and each is failed and retried like a trial trained alone."""
     url = f"sqlite:///{workdir}/shared.db"
-    spec = str(tiny_spec("batches", width="[8, 64]", student_epochs=40, pruner="none",
-                         search='bands = "none"\ncontrol_arms = false', extra=FAST_HEARTBEAT))
+    spec = tiny_spec("batches", width="[8, 64]", student_epochs=40, pruner="none",
+                     search='bands = "none"\ncontrol_arms = false', extra=FAST_HEARTBEAT)
+    spec.write_text("batch_students = 8\n" + spec.read_text())
+    spec = str(spec)
     assert run_cli("teacher", "--spec", spec, cwd=workdir).returncode == 0
     tune = start_tune(workdir, spec, "--trials", "12", "--jobs", "2", "--storage", url)
-    deadline, victim = time.monotonic() + 120, None
-    while victim is None and time.monotonic() < deadline and tune.poll() is None:
-        time.sleep(0.2)
-        running = running_workers(url, "batches")
+
+    def a_worker_training_a_batch(running):
         batches = {pid: [n for n, p in running.items() if p == pid] for pid in set(running.values())}
         if len(batches) == 2 and max(len(numbers) for numbers in batches.values()) >= 2:
             candidate = max(batches, key=lambda pid: len(batches[pid]))
             trials = load_study(url, "batches").get_trials(states=(TrialState.RUNNING,))
             if all("trained_with" in t.user_attrs for t in trials if t.number in batches[candidate]):
-                victim = candidate  # its batch is training: kill it mid-batch
+                return candidate  # its batch is training: kill it mid-batch
+        return None
+
+    victim = watch_running(url, "batches", tune, a_worker_training_a_batch)
     assert victim is not None, "the two workers never trained at the same time, one of them a batch"
     os.kill(victim, signal.SIGKILL)
     killed = sorted(n for n, pid in running_workers(url, "batches").items() if pid == victim)
