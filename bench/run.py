@@ -75,6 +75,8 @@ class Plan:
     precision_max_epochs: int | None  # None: the quickstart's own schedules, teacher and students
 
 
+# The study's batched variants: students per batch, as measured in bench/batched.py (docs/performance.md).
+BATCH_STUDENTS = 8
 FULL = Plan(student_epochs=5, repeats=3, teacher_images=5400, teacher_epochs=2, teacher_seeds=2, study_trials=100,
             study_images=5400, study_max_epochs=20, matmul_sizes=(1024, 2048, 4096), precision_seeds=3,
             precision_max_epochs=None)
@@ -336,18 +338,19 @@ def summarize_study(the_study: optuna.Study, seconds: float) -> dict:
 
 def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute: hardware.Compute,
                   with_peer: bool = True) -> dict:
-    """The same 100-trial size-front search, four ways: kdtune as `tune` runs it, kdtune training every trial
-    alone (no batched narrow students), kdtune unpruned, the common KD loop (the same size bands, sampler,
-    pruner and control arms in each); and kdtune's search as it was before size bands (one band), whose wall
-    time the front study must not exceed."""
+    """The same 100-trial size-front search, several ways: kdtune as `tune` runs it, with its narrow students'
+    trials trained together (`batch_students`), unpruned with and without them, the common KD loop (the same
+    size bands, sampler, pruner and control arms in each); and kdtune's search as it was before size bands (one
+    band), whose wall time the front study must not exceed."""
     spec = dataclasses.replace(spec, student=dataclasses.replace(spec.student, max_epochs=plan.study_max_epochs))
     architecture = Architecture.of(spec.student, splits.input_shape, splits.n_classes)
     size_bands = bands.size_bands(spec.search, architecture, cached.n_parameters)
     rows = {}
     for label, pruner, band_setting, batch_students in (
             ("kdtune", spec.search.pruner, spec.search.bands, spec.batch_students),
-            ("kdtune_unbatched", spec.search.pruner, spec.search.bands, 1),
+            ("kdtune_batched", spec.search.pruner, spec.search.bands, BATCH_STUDENTS),
             ("kdtune_unpruned", "none", spec.search.bands, spec.batch_students),
+            ("kdtune_unpruned_batched", "none", spec.search.bands, BATCH_STUDENTS),
             ("kdtune_one_band", spec.search.pruner, "none", spec.batch_students)):
         variant = dataclasses.replace(spec, name=label, storage=f"sqlite:///{folder}/{label}.db",
                                       search=dataclasses.replace(spec.search, pruner=pruner, bands=band_setting),
@@ -376,10 +379,10 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
 
 
 def study_trial_times(results: dict) -> list[tuple[int, float]]:
-    """(width, seconds) of every finished trial of this run's kdtune study trained one trial at a time (a batched
+    """(width, seconds) of every finished trial of this run's kdtune study, each trial trained alone (a batched
     trial's seconds are its share of its batch's), else of the quickstart study on disk."""
     if "study" in results:
-        return results["study"]["kdtune_unbatched"]["trials"]
+        return results["study"]["kdtune"]["trials"]
     database = Path("studies/quickstart/study.db")
     if not database.exists():
         return []
