@@ -179,8 +179,8 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
             return None, ended.result, ended
         return model, result, None
 
-    def train_group(group: list[Member], end: Callable[[Member, Trained], None]) -> bool:
-        """One batch; False if a stop interrupted it (its members still training then end interrupted)."""
+    def train_group(group: list[Member], end: Callable[[Member, Trained], None]) -> None:
+        """One batch; after a stop, its members still training end interrupted."""
         with uninterrupted():  # the dashboard and `status` show which trials train together
             for member in group:
                 member.trial.set_user_attr("trained_with", [m.trial.number for m in group])
@@ -195,8 +195,6 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
         except batched.BatchInterrupted as stop:
             for index, outcome in stop.interrupted.items():
                 end(group[index], (None, outcome.result, TrainingInterrupted(outcome.result)))
-            return False
-        return True
 
     def train(members: list[Member], end: Callable[[Member, Trained], None]) -> None:
         """Each group of members that can train together in one batch, the others alone, each member's end
@@ -206,19 +204,15 @@ def make_objective(spec: Spec, splits: Splits, teacher: CachedTeacher, compute: 
         for member in members:
             key = student.batch_key(member.config, architecture, study_compute[0])
             groups.setdefault(("alone", member.trial.number) if key is None else key, []).append(member)
-        stopped = False
         for group in groups.values():
-            stopped = stopped or stop_requested()
-            if stopped:
+            if stop_requested():  # it stays requested: every later group ends interrupted too
                 for member in group:
                     result = FitResult(0.0, 0, 0.0)
                     end(member, (None, result, TrainingInterrupted(result)))
             elif len(group) == 1:
-                trained = train_alone(group[0])
-                end(group[0], trained)
-                stopped = isinstance(trained[2], TrainingInterrupted)
+                end(group[0], train_alone(group[0]))
             else:
-                stopped = not train_group(group, end)
+                train_group(group, end)
 
     def conclude(member: Member, trained: Trained) -> float:
         """The trial's value, or the exception that ends it (pruned, failed, interrupted), its record kept."""
