@@ -26,7 +26,7 @@ from torch import nn
 
 from kdtune.models import StudentMLP
 from kdtune.spec import TrainSpec
-from kdtune.train import EVAL_BATCH_SIZE, FitResult, LossFn, StopTraining, TrainingDiverged
+from kdtune.train import EVAL_BATCH_SIZE, LR_SCHEDULES, FitResult, LossFn, StopTraining, TrainingDiverged
 
 
 class StackedMLP(nn.Module):
@@ -121,8 +121,8 @@ class BatchInterrupted(KeyboardInterrupt):
 def fit_together(students: list[Student], x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
                  y_val: torch.Tensor, *, schedule: TrainSpec, seed: int, teacher_logits: torch.Tensor | None = None,
                  stop: Callable[[], bool] | None = None) -> list[Outcome]:
-    """`train.fit` for every student at once, fp32, constant learning rate, no augmentation (as kdtune trains
-    students): each model ends holding its best epoch's weights, on the data's device, as `fit` leaves it, unless
+    """`train.fit` for every student at once, fp32, the schedule's learning rate, no augmentation (as kdtune
+    trains students): each model ends holding its best epoch's weights, on the data's device, as `fit` leaves it, unless
     its outcome has an error. A student's `seconds` are its share of the batch's time: each epoch's time split
     evenly among the students it trained.
 
@@ -150,12 +150,14 @@ def fit_together(students: list[Student], x_train: torch.Tensor, y_train: torch.
         for epoch in range(schedule.max_epochs):
             started = time.perf_counter()
             model.train()
+            for group in optimizer.param_groups:  # as `fit` sets it; a rebuilt optimizer gets it too
+                group["lr"] = schedule.learning_rate * LR_SCHEDULES[schedule.lr_schedule](epoch / schedule.max_epochs)
             order = torch.randperm(len(x_train), generator=shuffle).to(device)
             loss_sums = torch.zeros(len(live), device=device)
             for batch in order.split(schedule.batch_size):
                 logits = model(x_train[batch])
                 teacher = None if teacher_logits is None else teacher_logits[batch]
-                losses = torch.stack([students[i].loss_fn(logits[k], teacher, y_train[batch])
+                losses = torch.stack([students[i].loss_fn(logits[k], teacher, y_train[batch], epoch)
                                       for k, i in enumerate(live)])
                 optimizer.zero_grad(set_to_none=True)
                 losses.sum().backward()

@@ -69,13 +69,13 @@ class TrainSpec:
     patience_epochs: int = 3  # stop after this many epochs without a new best validation accuracy
     batch_size: int = 128
     learning_rate: float = 1e-3
+    # With "cosine", early stopping cuts the decay short: set patience_epochs = max_epochs to train it through.
+    lr_schedule: str = "constant"  # constant | cosine (per epoch, from learning_rate to ~0 after max_epochs)
 
 
 @dataclass(frozen=True)
 class TeacherSpec(TrainSpec):
-    # Teacher only: students learn the cached logits of fixed images, so they keep a constant rate, unshifted images.
-    # With "cosine", early stopping cuts the decay short: set patience_epochs = max_epochs to train it through.
-    lr_schedule: str = "constant"  # constant | cosine (per epoch, from learning_rate to ~0 after max_epochs)
+    # Teacher only: students learn the cached logits of fixed images, unshifted.
     augment: str = "none"  # none | shift (each training image moved up to 2 pixels each way; never flipped)
     # Where the teacher comes from (kdtune.teacher_sources): the built-in CNN, or "package.module:factory" called
     # with (input_shape, n_classes), trained here with the schedule above; `weights` (a state_dict file): that
@@ -92,11 +92,32 @@ class StudentSpec(TrainSpec):
     patience_epochs: int = 5
     # 256, not 128: measured 1.3x faster at width 1438 on 2 CPU cores, validation accuracy within seed noise.
     batch_size: int = 256
-    loss: str = "hinton"  # hinton | reference (see kdtune/losses.py)
+    # hinton | reference | dist | dkd | lskd | mse (kdtune/losses.py), or a list of them: the study then searches
+    # the form, each with its own parameters ([search] for hinton and reference, [search.<loss>] for the others)
+    loss: str | list = "hinton"
     # mlp | cnn (a small CNN whose channels scale with the width) | "package.module:factory", called with
     # (width, input_shape, n_classes) and returning an nn.Module (see kdtune.student)
     family: str = "mlp"
     depth: int = 1  # hidden layers of the mlp family, 1 to 3
+
+
+@dataclass(frozen=True)
+class WeightSearch:
+    """The search range of a loss form's `lambda`, sampled on a log scale: the published weights of the newer
+    forms sit near lambda = 0.01, which a uniform [0, 1] all but never samples."""
+
+    label_weight: Range  # TOML key: "lambda"
+
+
+@dataclass(frozen=True)
+class TemperatureSearch(WeightSearch):
+    temperature: Range  # sampled on a log scale
+
+
+@dataclass(frozen=True)
+class DKDSearch(TemperatureSearch):
+    alpha: Range  # the weight of TCKD (target vs the rest), sampled on a log scale
+    beta: Range  # the weight of NCKD (among the non-target classes), sampled on a log scale
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,21 @@ class SearchSpec:
     n_startup_trials: int = 5  # trials of a band that run to the end before the pruner judges others in it
     n_warmup_epochs: int = 2  # epochs of every trial that are never pruned
     control_arms: bool = True  # run the reference configuration and no-distillation students first
+    # Each loss form's own ranges, from its paper's settings (lambda = the CE weight / the sum of both weights;
+    # kdtune/losses.py cites each): DIST CE + 2 tau^2 (inter + intra), tau 1 to 4: lambda 1/3; DKD CE + 8 NCKD +
+    # TCKD at T 4: lambda 0.5; logit-standardised KD 0.1 CE + 9 KD at base T 2: lambda 0.011; logit MSE best with
+    # little or no CE.
+    dist: TemperatureSearch = TemperatureSearch(Range(0.05, 0.9), Range(1.0, 8.0))
+    dkd: DKDSearch = DKDSearch(Range(0.05, 0.9), Range(1.0, 8.0), Range(1.0, 1.0), Range(0.5, 16.0))
+    lskd: TemperatureSearch = TemperatureSearch(Range(0.003, 0.5), Range(1.0, 8.0))
+    mse: WeightSearch = WeightSearch(Range(0.003, 0.9))
+
+    def ranges_of(self, loss: str) -> dict[str, tuple[Range, bool]]:
+        """{user-facing name: (range, sampled on a log scale)} of the parameters the study samples for `loss`."""
+        if loss in ("hinton", "reference"):
+            return {"temperature": (self.temperature, True), "lambda": (self.label_weight, False)}
+        table = getattr(self, loss)
+        return {TOML_KEYS.get(f.name, f.name): (getattr(table, f.name), True) for f in dataclasses.fields(table)}
 
 
 @dataclass(frozen=True)
@@ -172,6 +208,8 @@ class Spec:
 
 # TOML names that differ from the Python field names (`lambda` is a Python keyword).
 TOML_KEYS = {"label_weight": "lambda"}
+# The loss forms with a [search.<loss>] table of their own; hinton and reference use [search] temperature, lambda.
+EXTRA_SEARCHES = ("dist", "dkd", "lskd", "mse")
 STUDENT_FAMILIES = ("mlp", "cnn")  # kdtune.student.FAMILIES
 PRUNERS = ("median", "successive-halving", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -241,13 +279,18 @@ def validate(spec: Spec) -> None:
         for name in ("max_epochs", "patience_epochs", "batch_size"):
             check(getattr(part, name) >= 1, f"{section}.{name} must be at least 1, but got {getattr(part, name)}.")
         check(part.learning_rate > 0, f"{section}.learning_rate must be positive, but got {part.learning_rate}.")
-    choose(dict.fromkeys(LR_SCHEDULES), spec.teacher.lr_schedule, "teacher.lr_schedule")
+        choose(dict.fromkeys(LR_SCHEDULES), part.lr_schedule, f"{section}.lr_schedule")
     check(spec.teacher.model == "builtin" or ":" in spec.teacher.model, "teacher.model must be \"builtin\" or "
           f"\"package.module:factory\", but got {spec.teacher.model!r}.")
     check(not (spec.teacher.logits and (spec.teacher.weights or spec.teacher.model != "builtin")), "teacher.logits "
           "is the whole teacher: drop teacher.model and teacher.weights, or teacher.logits.")
     choose(dict.fromkeys(AUGMENTATIONS), spec.teacher.augment, "teacher.augment")
-    choose(LOSSES, spec.student.loss, "student.loss")
+    losses = student_losses(spec.student)
+    check(bool(losses) and all(isinstance(loss, str) for loss in losses) and len(set(losses)) == len(losses),
+          "student.loss must be a loss name or a list of distinct "
+          f"ones, but got {spec.student.loss!r}.")
+    for loss in losses:
+        choose(LOSSES, loss, "student.loss")
     check(":" in spec.student.family or spec.student.family in STUDENT_FAMILIES, "student.family must be one of "
           f"{list(STUDENT_FAMILIES)} or \"package.module:factory\", but got {spec.student.family!r}.")
     check(1 <= spec.student.depth <= 3 and (spec.student.depth == 1 or spec.student.family == "mlp"),
@@ -261,6 +304,12 @@ def validate(spec: Spec) -> None:
         key = f"search.{TOML_KEYS.get(name, name)}"
         check(low_limit <= r.low <= r.high <= high_limit, f"{key} must satisfy {low_limit} <= low <= high <= "
               f"{high_limit}, but got [{r.low}, {r.high}].")
+    for loss in set(losses) & set(EXTRA_SEARCHES):
+        for name, (r, _) in search.ranges_of(loss).items():
+            low_limit = 1e-3 if name != "lambda" else 1e-6
+            high_limit = 1e3 if name != "lambda" else 1.0 - 1e-6  # log-scaled: 0 and 1 cannot be bounds
+            check(low_limit <= r.low <= r.high <= high_limit, f"search.{loss}.{name} must satisfy {low_limit} <= low "
+                  f"<= high <= {high_limit}, but got [{r.low}, {r.high}].")
     # suggest_int would silently truncate a fractional bound
     check(float(search.width.low).is_integer() and float(search.width.high).is_integer(), "search.width must be "
           f"whole numbers of hidden units, but got [{search.width.low}, {search.width.high}].")
@@ -287,6 +336,11 @@ def validate(spec: Spec) -> None:
           f"{spec.report.n_seeds}.")
 
 
+def student_losses(student: StudentSpec) -> list[str]:
+    """The loss forms a study's students train with: one, or the list the study searches."""
+    return list(student.loss) if isinstance(student.loss, list) else [student.loss]
+
+
 def choose(registry: dict, name: str, key: str):
     """registry[name], or a SpecError listing the names that exist."""
     if name not in registry:
@@ -305,7 +359,9 @@ def to_toml_dict(spec: Spec) -> dict:
     return convert(spec)
 
 
-def _build(cls, table: object, prefix: str):
+def _build(cls, table: object, prefix: str, base: object = None):
+    """`cls` from a TOML table; `base`, a default instance of it, gives the keys the table leaves out (a loss
+    form's [search.<loss>] table has defaults of its own, not of its class)."""
     if not isinstance(table, dict):
         raise SpecError(f"[{prefix.rstrip('.')}] must be a table, but got {table!r}.")
     fields = {TOML_KEYS.get(f.name, f.name): f for f in dataclasses.fields(cls)}
@@ -313,15 +369,16 @@ def _build(cls, table: object, prefix: str):
     if unknown:
         raise SpecError(f"unknown key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(fields))}.")
     hints = typing.get_type_hints(cls)
-    values = {f.name: _coerce(hints[f.name], table[key], prefix + key) for key, f in fields.items() if key in table}
+    values = {f.name: _coerce(hints[f.name], table[key], prefix + key, f.default)
+              for key, f in fields.items() if key in table}
     if cls is Spec and "name" not in values:
         raise SpecError("the spec needs a name.")
-    return cls(**values)
+    return cls(**values) if base is None else dataclasses.replace(base, **values)
 
 
-def _coerce(hint, value, key: str):
+def _coerce(hint, value, key: str, default: object = None):
     if dataclasses.is_dataclass(hint) and hint is not Range:
-        return _build(hint, value, key + ".")
+        return _build(hint, value, key + ".", default if dataclasses.is_dataclass(default) else None)
     if hint is Range:
         bounds = value if isinstance(value, list) else [value, value]
         if len(bounds) != 2 or not all(_is_number(b) for b in bounds):

@@ -16,9 +16,9 @@ from torch import nn
 
 from kdtune import batched, counting, models, user_code
 from kdtune.hardware import Compute
-from kdtune.losses import LOSSES
+from kdtune.losses import DKD_WARMUP_SHARE, EXTRA_PARAMETERS, LOSSES, WITHOUT_TEMPERATURE
 from kdtune.spec import SearchSpec, StudentSpec
-from kdtune.train import FitResult, LossFn, fit
+from kdtune.train import FitResult, LossFn, every_epoch, fit
 from kdtune.transfer import StudentData
 
 # name -> builder(input_shape, n_classes, width, depth); a study's students are all of one family and depth. A
@@ -35,20 +35,29 @@ class StudentConfig:
     label_weight: float  # the user-facing `lambda`, a Python keyword: named so in as_params/from_params only
     width: int
     loss: str = "hinton"
+    # the loss form's own parameters (losses.EXTRA_PARAMETERS), as (name, value) pairs: DKD's alpha and beta
+    extras: tuple[tuple[str, float], ...] = ()
 
     def as_params(self) -> dict:
-        """The user-facing names, as in the study, the spec and the report."""
-        return {"temperature": self.temperature, "lambda": self.label_weight, "width": self.width, "loss": self.loss}
+        """The user-facing names, as in the spec and the report."""
+        return {"temperature": self.temperature, "lambda": self.label_weight, "width": self.width, "loss": self.loss,
+                **dict(self.extras)}
 
     @classmethod
     def from_params(cls, params: dict) -> StudentConfig:
         """The inverse of `as_params`."""
-        return cls(params["temperature"], params["lambda"], params["width"], params["loss"])
+        loss = params["loss"]
+        return cls(params["temperature"], params["lambda"], params["width"], loss,
+                   tuple((name, params[name]) for name in EXTRA_PARAMETERS.get(loss, ())))
 
     @classmethod
     def from_trial(cls, trial) -> StudentConfig:
-        """A study's trial (an Optuna FrozenTrial): its params, and its loss, which is a user attribute."""
-        return cls.from_params({**trial.params, "loss": trial.user_attrs["loss"]})
+        """A study's trial (an Optuna FrozenTrial): its params under their Optuna names (`optuna_name`), and
+        its loss, which is a user attribute (and a param too where the study searches it)."""
+        loss = trial.user_attrs["loss"]
+        names = ["lambda", *EXTRA_PARAMETERS.get(loss, ())] + ([] if loss in WITHOUT_TEMPERATURE else ["temperature"])
+        return cls.from_params({"temperature": 1.0, "width": trial.params["width"], "loss": loss,
+                                **{name: trial.params[optuna_name(loss, name)] for name in names}})
 
     @property
     def distils(self) -> bool:
@@ -57,10 +66,17 @@ class StudentConfig:
         return self.label_weight < 1.0
 
     def within(self, search: SearchSpec) -> bool:
-        """Whether the study's search space holds this configuration."""
-        return all(r.low <= value <= r.high for r, value in ((search.temperature, self.temperature),
-                                                             (search.label_weight, self.label_weight),
-                                                             (search.width, self.width)))
+        """Whether the study's search space holds this configuration (the ranges of its own loss form)."""
+        params = self.as_params()
+        return search.width.low <= self.width <= search.width.high and all(
+            r.low <= params[name] <= r.high for name, (r, _) in search.ranges_of(self.loss).items())
+
+
+def optuna_name(loss: str, name: str) -> str:
+    """The Optuna param of a user-facing parameter of a student of `loss`: hinton's and the reference's keep the
+    names studies have always had; another form's are its own (`dkd_lambda`), since each form samples them from
+    ranges of its own, on a log scale, and Optuna keeps one distribution per param name."""
+    return name if loss in ("hinton", "reference") or name == "width" else f"{loss}_{name}"
 
 
 # The seed project's configuration, its loss form included: every study runs it first and the report tests it.
@@ -143,19 +159,27 @@ def train(config: StudentConfig, architecture: Architecture, schedule: StudentSp
     for this student (`Architecture.compute_for`; resolving it again changes nothing).
     """
     compute = architecture.compute_for(config.width, compute)
-    model, loss_fn = initial(config, architecture, seed)
+    model, loss_fn = initial(config, architecture, seed, schedule.max_epochs)
     data = training_data(config, data)
     result = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, loss_fn=loss_fn, schedule=schedule,
-                 seed=seed, teacher_logits=data.teacher_logits, report=report, autocast_dtype=compute.autocast_dtype)
+                 seed=seed, teacher_logits=data.teacher_logits, report=report, autocast_dtype=compute.autocast_dtype,
+                 lr_schedule=schedule.lr_schedule)
     return model, result
 
 
-def initial(config: StudentConfig, architecture: Architecture, seed: int) -> tuple[nn.Module, LossFn]:
-    """The student's initial weights, drawn from `seed` (every student of a width starts alike), and its loss."""
+def initial(config: StudentConfig, architecture: Architecture, seed: int,
+            max_epochs: int) -> tuple[nn.Module, LossFn]:
+    """The student's initial weights, drawn from `seed` (every student of a width starts alike), and its loss,
+    DKD's warmed up over the first DKD_WARMUP_SHARE of `max_epochs`."""
     torch.manual_seed(seed)
     model = architecture.build(config.width)
-    return model, functools.partial(LOSSES[config.loss], temperature=config.temperature,
-                                    label_weight=config.label_weight)
+    form = functools.partial(LOSSES[config.loss], temperature=config.temperature, label_weight=config.label_weight,
+                             **dict(config.extras))
+    if config.loss != "dkd":
+        return model, every_epoch(form)
+    n_warmup_epochs = max(1, round(DKD_WARMUP_SHARE * max_epochs))
+    return model, lambda logits, teacher_logits, labels, epoch: form(
+        logits, teacher_logits, labels, warmup=min(1.0, (epoch + 1) / n_warmup_epochs))
 
 
 def training_data(config: StudentConfig, data: StudentData) -> StudentData:
@@ -199,7 +223,7 @@ def train_together(configs: list[StudentConfig], architecture: Architecture, sch
     keys = {batch_key(config, architecture, compute) for config in configs}
     if len(keys) != 1 or None in keys:
         raise ValueError(f"students of batch keys {keys} cannot train in one batch")
-    members = [batched.Student(*initial(config, architecture, seed), report)
+    members = [batched.Student(*initial(config, architecture, seed, schedule.max_epochs), report)
                for config, report in zip(configs, reports)]
     for member, on_end in zip(members, ended or []):
         member.ended = functools.partial(on_end, member.model)

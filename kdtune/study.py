@@ -28,7 +28,7 @@ from kdtune.interrupts import deferred, stop_requested, uninterrupted
 from kdtune.optuna_compat import stale_trial_numbers
 from kdtune.per_band import PerBandPruner, PerBandSampler
 from kdtune.provenance import versions
-from kdtune.spec import TRANSPOSED_FORMATS, Range, SearchSpec, Spec, SpecError, to_toml_dict
+from kdtune.spec import TRANSPOSED_FORMATS, SearchSpec, Spec, SpecError, to_toml_dict
 from kdtune.storage import open_storage, sqlite_holds_studies, sqlite_path
 from kdtune.student import StudentConfig
 from kdtune.target import FINISHED, TRIAL_FAILURES
@@ -50,35 +50,37 @@ STUDENT_SOURCE_KEY = "student_source_sha256"
 RECORD_VERSION_KEY, RECORD_VERSION = "record_version", 3
 
 
-def suggest(trial: optuna.Trial, search: SearchSpec, loss: str, band: Band) -> StudentConfig:
-    """The sampler's proposal, its width within the trial's band; the Optuna params are named as
-    `StudentConfig.as_params` names them."""
-    def suggest_float(name: str, r: Range, log: bool) -> float:
-        return trial.suggest_float(name, r.low, r.high, log=log and not r.fixed)
-
+def suggest(trial: optuna.Trial, search: SearchSpec, loss: str | list, band: Band) -> StudentConfig:
+    """The sampler's proposal, its width within the trial's band. A list of losses is searched: the form is a
+    categorical param, and each form samples its own params from its own ranges (`SearchSpec.ranges_of`), under
+    the names `student.optuna_name` gives them."""
+    if isinstance(loss, list):
+        loss = trial.suggest_categorical("loss", loss) if len(loss) > 1 else loss[0]
+    params = {name: trial.suggest_float(student.optuna_name(loss, name), r.low, r.high, log=log and not r.fixed)
+              for name, (r, log) in search.ranges_of(loss).items()}
     return StudentConfig.from_params({
-        "temperature": suggest_float("temperature", search.temperature, log=True),
-        "lambda": suggest_float("lambda", search.label_weight, log=False),
-        "width": trial.suggest_int("width", band.min_width, band.max_width, log=band.min_width < band.max_width),
-        "loss": loss})
+        "temperature": 1.0, **params, "loss": loss,
+        "width": trial.suggest_int("width", band.min_width, band.max_width, log=band.min_width < band.max_width)})
 
 
-def control_arms(search: SearchSpec, loss: str, size_bands: list[Band],
+def control_arms(search: SearchSpec, loss: str | list, size_bands: list[Band],
                  reference: bool = True) -> list[tuple[StudentConfig, str]]:
     """(config, control) of the trials every study runs first: the seed project's configuration (with
     `reference`: students of its family), and the student without distillation (lambda = 1, in the spec's
-    `loss`) at the middle width of every size band; a study of one band, at its smallest, middle and largest
+    `loss`, hinton's where the study searches the form: at lambda = 1 every form is the same) at the middle
+    width of every size band; a study of one band, at its smallest, middle and largest
     width, as before bands. Arms outside the search ranges and bands are left out."""
     widths = {band.middle_width() for band in size_bands}
     if len(size_bands) == 1:
         widths |= {size_bands[0].min_width, size_bands[0].max_width}
     arms = [(student.REFERENCE, "reference")] if reference else []
-    arms += [(StudentConfig(search.temperature.low, 1.0, w, loss), "no_distillation") for w in sorted(widths)]
+    alone = "hinton" if isinstance(loss, list) else loss
+    arms += [(StudentConfig(search.temperature.low, 1.0, w, alone), "no_distillation") for w in sorted(widths)]
     return [(config, control) for config, control in arms
             if config.within(search) and bands.band_of_width(size_bands, config.width) is not None]
 
 
-def enqueue_control_arms(study: optuna.Study, search: SearchSpec, loss: str, size_bands: list[Band],
+def enqueue_control_arms(study: optuna.Study, search: SearchSpec, loss: str | list, size_bands: list[Band],
                          reference: bool = True) -> None:
     """Queue the control arms ahead of the sampler, each in its band, unless the spec turns them off. Arms are
     queued in order, so a set-up interrupted part-way leaves the first few: only the rest are queued."""

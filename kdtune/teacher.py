@@ -29,7 +29,7 @@ from kdtune.hardware import Compute
 from kdtune.models import n_parameters
 from kdtune.provenance import sha256_file, versions
 from kdtune.spec import Spec, SpecError, TeacherSpec
-from kdtune.train import FitResult, accuracy_of_logits, fit, predict
+from kdtune.train import FitResult, accuracy_of_logits, every_epoch, fit, predict
 
 CACHE_ROOT = Path("studies/.teacher-cache")
 PARTS = ("train", "val", "test")
@@ -174,7 +174,7 @@ def _trained(model: torch.nn.Module, spec: Spec, splits: Splits, compute: Comput
             bar.update()
 
         result = fit(model, x_train, y_train, x_val, y_val, schedule=spec.teacher, seed=spec.seed,
-                     loss_fn=lambda logits, _, labels: F.cross_entropy(logits, labels), report=show,
+                     loss_fn=every_epoch(lambda logits, _, labels: F.cross_entropy(logits, labels)), report=show,
                      autocast_dtype=compute.autocast_dtype, lr_schedule=spec.teacher.lr_schedule,
                      augment=spec.teacher.augment)
     return model, result

@@ -19,8 +19,13 @@ from torch import nn
 from kdtune.hardware import autocast
 from kdtune.spec import TrainSpec
 
-# (logits, teacher_logits or None, labels) -> scalar loss
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+# (logits, teacher_logits or None, labels, epoch) -> scalar loss; the epoch counts from 0 (DKD warms up over it)
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, int], torch.Tensor]
+
+
+def every_epoch(loss: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]) -> LossFn:
+    """A loss that is the same in every epoch, as a LossFn."""
+    return lambda logits, teacher_logits, labels, epoch: loss(logits, teacher_logits, labels)
 EVAL_BATCH_SIZE = 4096
 MAX_SHIFT_PIXELS = 2
 
@@ -117,7 +122,8 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: t
                 images = x_train[batch] if transform is None else transform(x_train[batch], augment_rng)
                 with autocast(x_train.device, autocast_dtype):
                     logits = model(images)
-                    loss = loss_fn(logits, None if teacher_logits is None else teacher_logits[batch], y_train[batch])
+                    loss = loss_fn(logits, None if teacher_logits is None else teacher_logits[batch], y_train[batch],
+                                   epoch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

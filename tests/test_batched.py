@@ -47,6 +47,17 @@ def test_students_trained_together_end_as_each_does_alone(data, depth):
         assert_same_student(student.train(config, architecture, SCHEDULE, data, 0, CPU_FP32), outcome)
 
 
+def test_students_of_the_newer_loss_forms_on_a_cosine_schedule_train_together_as_alone(data):
+    """Each student's own loss, DKD's warm-up by epoch included, and the schedule's learning rate per epoch."""
+    architecture = Architecture("mlp", 1, (1, 28, 28), 10)
+    cosine = StudentSpec(max_epochs=4, patience_epochs=10, batch_size=64, lr_schedule="cosine")
+    configs = [StudentConfig(4.0, 0.5, 16, "dkd", (("alpha", 1.0), ("beta", 8.0))), StudentConfig(2.0, 0.3, 24, "dist"),
+               StudentConfig(2.0, 0.02, 33, "lskd"), StudentConfig(1.0, 0.1, 20, "mse")]
+    together = student.train_together(configs, architecture, cosine, data, 0, CPU_FP32, [None] * len(configs))
+    for config, outcome in zip(configs, together):
+        assert_same_student(student.train(config, architecture, cosine, data, 0, CPU_FP32), outcome)
+
+
 def test_a_pruned_student_leaves_the_batch_and_the_others_go_on_undisturbed(data, monkeypatch):
     architecture = Architecture("mlp", 1, (1, 28, 28), 10)
 
@@ -78,14 +89,14 @@ def test_patience_ends_each_student_on_its_own(data):
         assert_same_student(one, outcome)
 
 
-def plain(logits, teacher_logits, labels):
+def plain(logits, teacher_logits, labels, epoch):
     return torch.nn.functional.cross_entropy(logits, labels)
 
 
 def test_a_diverging_student_fails_alone_and_the_others_are_unharmed(data):
-    models = [student.initial(config, Architecture("mlp", 1, (1, 28, 28), 10), 0)[0] for config in CONFIGS[:2]]
+    models = [student.initial(config, Architecture("mlp", 1, (1, 28, 28), 10), 0, 10)[0] for config in CONFIGS[:2]]
 
-    def poisoned(logits, teacher_logits, labels):  # NaN from the first step of the first epoch on
+    def poisoned(logits, teacher_logits, labels, epoch):  # NaN from the first step of the first epoch on
         return torch.nn.functional.cross_entropy(logits, labels) * float("nan")
 
     outcomes = batched.fit_together([batched.Student(models[0], poisoned), batched.Student(models[1], plain)],
@@ -96,10 +107,10 @@ def test_a_diverging_student_fails_alone_and_the_others_are_unharmed(data):
 
 
 def test_an_interrupted_batch_hands_back_every_student_s_epochs_so_far(data):
-    models = [student.initial(config, Architecture("mlp", 1, (1, 28, 28), 10), 0)[0] for config in CONFIGS[:2]]
+    models = [student.initial(config, Architecture("mlp", 1, (1, 28, 28), 10), 0, 10)[0] for config in CONFIGS[:2]]
     calls = []
 
-    def interrupted_in_second_epoch(logits, teacher_logits, labels):
+    def interrupted_in_second_epoch(logits, teacher_logits, labels, epoch):
         calls.append(1)
         if len(calls) > len(data.x_train) // SCHEDULE.batch_size + 1:
             raise KeyboardInterrupt
@@ -114,14 +125,14 @@ def test_an_interrupted_batch_hands_back_every_student_s_epochs_so_far(data):
 def test_a_student_that_left_before_a_stop_keeps_its_end(data):
     """Pruned in the first epoch, student 0 is handed over finished; the stop in the second epoch interrupts
     student 1 only."""
-    models = [student.initial(config, Architecture("mlp", 1, (1, 28, 28), 10), 0)[0] for config in CONFIGS[:2]]
+    models = [student.initial(config, Architecture("mlp", 1, (1, 28, 28), 10), 0, 10)[0] for config in CONFIGS[:2]]
     steps, ended = [], []
 
-    def interrupted_in_second_epoch(logits, teacher_logits, labels):
+    def interrupted_in_second_epoch(logits, teacher_logits, labels, epoch):
         steps.append(1)
         if len(steps) > len(data.x_train) // SCHEDULE.batch_size + 1:
             raise KeyboardInterrupt
-        return plain(logits, teacher_logits, labels)
+        return plain(logits, teacher_logits, labels, epoch)
 
     def prune_at_once(epoch, val_accuracy):
         raise StopTraining("pruned after epoch 1")

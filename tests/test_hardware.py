@@ -12,7 +12,7 @@ from kdtune import data, hardware, student, study, target, teacher
 from kdtune.losses import hinton_loss
 from kdtune.models import StudentMLP
 from kdtune.spec import StudentSpec, load_spec
-from kdtune.train import fit, predict
+from kdtune.train import every_epoch, fit, predict
 
 CPU = torch.device("cpu")
 
@@ -97,7 +97,7 @@ def test_a_student_trains_in_the_autocast_dtype_and_keeps_fp32_weights(autocast_
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 3, (64,))
     model = StudentMLP((1, 8, 8), 3, 16)
     seen = record_linear_output_dtypes(model)
-    loss_fn = functools.partial(hinton_loss, temperature=2.0, label_weight=0.5)
+    loss_fn = every_epoch(functools.partial(hinton_loss, temperature=2.0, label_weight=0.5))
     result = fit(model, x, y, x, y, loss_fn=loss_fn, schedule=StudentSpec(max_epochs=2, batch_size=32), seed=0,
                  teacher_logits=torch.randn(64, 3), autocast_dtype=autocast_dtype)
     assert result.n_epochs == 2

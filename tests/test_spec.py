@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from kdtune.spec import Range, SpecError, load_spec, to_toml_dict
+from kdtune.spec import Range, SearchSpec, SpecError, load_spec, to_toml_dict
 
 
 def write(tmp_path, text, name="s"):
@@ -36,7 +36,15 @@ def test_cli_overrides_win_over_the_toml(tmp_path):
     ("[student]\nmax_epochs = '3'\n", "student.max_epochs must be int"),
     ("[search]\ntemperature = [5, 1]\n", "search.temperature must satisfy"),
     ("[search]\nlambda = [0, 2]\n", "search.lambda must satisfy"),
-    ("[student]\nloss = 'kl'\n", "student.loss must be one of ['hinton', 'reference']"),
+    ("[student]\nloss = 'kl'\n", "student.loss must be one of ['dist', 'dkd', 'hinton', 'lskd', 'mse', 'reference']"),
+    ("[student]\nloss = ['dkd', 'kl']\n", "student.loss must be one of ['dist', "),
+    ("[student]\nloss = ['dkd', 'dkd']\n", "student.loss must be a loss name or a list of distinct ones"),
+    ("[student]\nloss = []\n", "student.loss must be a loss name or a list of distinct ones"),
+    ("[student]\nloss = ['dkd', 3]\n", "student.loss must be a loss name or a list of distinct ones"),
+    ("[student]\nloss = ['dkd']\n[search.dkd]\nlambda = [0, 0.5]\n", "search.dkd.lambda must satisfy 1e-06 <= low"),
+    ("[student]\nloss = 'mse'\n[search.mse]\ntemperature = 2.0\n", "unknown key search.mse.temperature"),
+    ("[student]\nloss = 'dist'\n[search.dist]\ntemperature = [0, 4]\n", "search.dist.temperature must satisfy"),
+    ("[student]\nlr_schedule = 'step'\n", "student.lr_schedule must be one of ['constant', 'cosine']"),
     ("[search]\npruner = 'asha'\n", "search.pruner must be one of"),
     ("[data]\nval_fraction = 0.9\n", "data.val_fraction must lie in"),
     ("[data]\nformat = 'npz'\n", "data.path is required"),
@@ -54,7 +62,6 @@ def test_cli_overrides_win_over_the_toml(tmp_path):
     ("[teacher]\nlr_schedule = 'step'\n", "teacher.lr_schedule must be one of ['constant', 'cosine'], but got 'step'."),
     ("[teacher]\naugment = 'flip'\n", "teacher.augment must be one of ['none', 'shift'], but got 'flip'."),
     ("[teacher]\naugment = true\n", "teacher.augment must be str, but got True."),
-    ("[student]\nlr_schedule = 'cosine'\n", "unknown key student.lr_schedule"),
     ("batch_students = 0\n", "batch_students must lie in [1, 64], but got batch_students=0."),
 ])
 def test_bad_values_name_the_key(tmp_path, text, message):
@@ -121,3 +128,11 @@ def test_every_committed_example_spec_is_valid(path):
     assert spec.name == path.stem
     for reference in (spec.teacher.model, spec.student.family):
         assert reference in ("builtin", "mlp", "cnn") or reference.startswith("studies.user_models:")
+
+
+def test_a_loss_forms_table_keeps_the_forms_own_defaults_for_the_keys_it_leaves_out(tmp_path):
+    spec = load_spec(write(tmp_path, '[student]\nloss = ["hinton", "dkd"]\n[search.dkd]\nbeta = [1, 4]\n'))
+    assert spec.student.loss == ["hinton", "dkd"]
+    assert spec.search.dkd.beta == Range(1.0, 4.0)
+    assert spec.search.dkd.temperature == SearchSpec().dkd.temperature == Range(1.0, 8.0)
+    assert spec.search.ranges_of("dkd")["beta"] == (Range(1.0, 4.0), True)

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from kdtune import bands, data, health, study, study_setup, target, teacher
 from kdtune.spec import SpecError, load_spec
-from kdtune.student import Architecture
+from kdtune.student import Architecture, StudentConfig
 
 
 @pytest.fixture
@@ -40,6 +40,46 @@ def test_trials_carry_the_three_params_curves_and_records(setup):
     attrs = the_study.user_attrs
     assert attrs["teacher_cache_id"] == cached.cache_id and attrs["data_fingerprint"] == splits.fingerprint
     assert attrs["spec"]["search"]["lambda"] == [0.0, 1.0] and "optuna" in attrs["versions"]
+
+
+@pytest.mark.parametrize("loss", ["hinton", "dist", "dkd", "lskd", "mse"])
+def test_each_searched_loss_form_samples_its_own_params_from_its_own_ranges(loss):
+    search = load_spec().search
+    band = bands.Band(0, 16, 64, 1_000, 100_000)
+    the_study = optuna.create_study(direction="maximize")
+    the_study.enqueue_trial({"loss": loss})
+    trial = the_study.ask()
+    config = study.suggest(trial, search, ["hinton", "dist", "dkd", "lskd", "mse"], band)
+    trial.set_user_attr("loss", config.loss)
+    the_study.tell(trial, 0.5)
+    frozen = the_study.trials[0]
+    expected = {"hinton": {"temperature", "lambda"}, "dist": {"dist_temperature", "dist_lambda"},
+                "dkd": {"dkd_temperature", "dkd_lambda", "dkd_alpha", "dkd_beta"},
+                "lskd": {"lskd_temperature", "lskd_lambda"}, "mse": {"mse_lambda"}}[loss]
+    assert set(frozen.params) == expected | {"loss", "width"}
+    assert config.loss == loss and config.within(search)
+    if loss != "hinton":  # log-scaled, from the form's own table
+        assert frozen.distributions[f"{loss}_lambda"].log
+        assert frozen.distributions[f"{loss}_lambda"].low == getattr(search, loss).label_weight.low
+    assert StudentConfig.from_trial(frozen) == config, "the report rebuilds each trial's student from its record"
+
+
+def test_a_study_searching_the_loss_form_trains_and_records_every_form(tiny_spec, setup):
+    _, splits, cached = setup
+    path = tiny_spec("forms")
+    path.write_text(path.read_text().replace("[student]\n", '[student]\nloss = ["hinton", "dkd", "mse"]\n'))
+    spec = load_spec(path)
+    the_study = study.open_study(spec, create=True)
+    study_setup.set_up(the_study, spec, splits, CPU_FP32, echo=lambda _: None)  # queues the control arms
+    arms = the_study.get_trials(states=(TrialState.WAITING,))
+    assert {t.user_attrs["loss"] for t in arms} == {"hinton"}, "trained alone, every form is hinton's"
+    for loss in ("dkd", "mse"):  # wide and label-weighted enough to learn in 3 epochs of the tiny data
+        the_study.enqueue_trial({"loss": loss, f"{loss}_lambda": 0.5, "width": 49})
+    target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32), n_trials=len(arms) + 2, timeout=None)
+    finished = the_study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert sorted(t.user_attrs["loss"] for t in finished) == sorted(["hinton"] * len(arms) + ["dkd", "mse"])
+    for trial in finished:
+        assert StudentConfig.from_trial(trial).loss == trial.user_attrs["loss"]
 
 
 def test_fixed_params_stay_fixed(tiny_spec, setup):
