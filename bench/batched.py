@@ -35,7 +35,7 @@ from kdtune.models import StudentMLP
 from kdtune.provenance import versions
 from kdtune.spec import StudentSpec, load_spec
 from kdtune.target import FINISHED
-from kdtune.train import fit
+from kdtune.train import every_epoch, fit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from flops import student_flops_per_epoch  # noqa: E402
@@ -66,7 +66,8 @@ def train_one_at_a_time(students: list[StudentMLP], configs: list[tuple[float, f
     seconds, curves = 0.0, []
     for student, (temperature, label_weight) in zip(students, configs):
         result = fit(student, splits.x_train, splits.y_train, splits.x_val, splits.y_val, seed=seed,
-                     loss_fn=functools.partial(hinton_loss, temperature=temperature, label_weight=label_weight),
+                     loss_fn=every_epoch(functools.partial(hinton_loss, temperature=temperature,
+                                                               label_weight=label_weight)),
                      schedule=StudentSpec(max_epochs=n_epochs, patience_epochs=n_epochs), teacher_logits=soft)
         seconds += result.seconds
         curves.append(result.val_curve)

@@ -37,7 +37,7 @@ from kdtune.provenance import versions
 from kdtune.spec import Spec, StudentSpec, TeacherSpec, load_spec
 from kdtune.storage import open_storage
 from kdtune.student import Architecture
-from kdtune.train import accuracy, fit, predict
+from kdtune.train import accuracy, every_epoch, fit, predict
 
 sys.path.insert(0, str(Path(__file__).parent))
 import batched  # noqa: E402
@@ -120,7 +120,7 @@ def kdtune_student_epoch(splits, soft, width: int, epochs: int, seed: int, dtype
     n = n_images or len(splits.x_train)
     torch.manual_seed(seed)
     model = StudentMLP(splits.input_shape, splits.n_classes, width)
-    loss_fn = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
+    loss_fn = every_epoch(functools.partial(hinton_loss, temperature=4.0, label_weight=0.5))
     schedule = StudentSpec(max_epochs=epochs, patience_epochs=epochs)
     result = fit(model, splits.x_train[:n], splits.y_train[:n], splits.x_val, splits.y_val, loss_fn=loss_fn,
                  schedule=schedule, seed=seed, teacher_logits=soft[:n], autocast_dtype=dtype)
@@ -210,9 +210,8 @@ def section_teacher(plan: Plan, splits, machine: dict) -> dict:
         model = TeacherCNN(splits.input_shape, splits.n_classes)
         epochs, n_val = (schedule.max_epochs, len(splits.x_val)) if n_images == n else (1, 128)
         result = fit(model, x[:n_images], y[:n_images], splits.x_val[:n_val], splits.y_val[:n_val],
-                     schedule=dataclasses.replace(
-            schedule, max_epochs=epochs), seed=seed, loss_fn=lambda z, _, labels: F.cross_entropy(z, labels),
-            autocast_dtype=dtype)
+                     schedule=dataclasses.replace(schedule, max_epochs=epochs), seed=seed,
+                     loss_fn=every_epoch(lambda z, _, labels: F.cross_entropy(z, labels)), autocast_dtype=dtype)
         return n_images * epochs / result.seconds, result.val_curve[-1]
 
     def naive_run(seed: int) -> tuple[float, float]:
@@ -281,10 +280,10 @@ def section_precision(plan: Plan, spec: Spec, splits, machine: dict) -> dict:
                 "auto_speedup": row["bf16_speedup"] if picked.autocast_dtype is not None else 1.0}
 
     teacher_row, teacher_model = measured(lambda: TeacherCNN(splits.input_shape, splits.n_classes), teacher_schedule,
-                                          lambda z, _, labels: F.cross_entropy(z, labels), None,
+                                          every_epoch(lambda z, _, labels: F.cross_entropy(z, labels)), None,
                                           teacher_schedule.lr_schedule, teacher_schedule.augment)
     teacher_logits = predict(teacher_model, splits.x_train)
-    loss = functools.partial(hinton_loss, temperature=4.0, label_weight=0.5)
+    loss = every_epoch(functools.partial(hinton_loss, temperature=4.0, label_weight=0.5))
     rows = [{"model": "teacher", **with_auto(teacher_row, auto)}]
     for family, width in PRECISION_STUDENTS:
         architecture = Architecture(family, 1, splits.input_shape, splits.n_classes)
