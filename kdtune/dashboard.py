@@ -80,7 +80,7 @@ def trial_note(number: int, config: StudentConfig, *, n_parameters: int, n_epoch
         f"threads): {costs['latency_ms_batch1']:.3g} ms at batch 1, {costs['latency_ms_batch256']:.3g} ms at batch 256"]
     return "\n".join([
         f"### Trial {number}: temperature {config.temperature:.3g}, lambda {config.label_weight:.3g}, "
-        f"width {config.width}",
+        f"width {config.width}, loss {config.loss_label}",
         "",
         f"- outcome: {outcome}",
         *([f"- size band: {band} (judged among its trials only)"] if band else []),
@@ -101,7 +101,7 @@ def note_study(the_study: optuna.Study) -> None:
         config = StudentConfig.from_trial(best)
         summary = [f"**Best so far** (of {len(finished)} finished trials, by validation accuracy): trial "
                    f"{best.number}, temperature {config.temperature:.3g}, lambda "
-                   f"{config.label_weight:.3g}, width {config.width}, "
+                   f"{config.label_weight:.3g}, width {config.width}, loss {config.loss_label}, "
                    f"{best.user_attrs.get('n_parameters', 0):,} parameters, validation accuracy "
                    f"{100 * best.value:.2f}%."]
     else:

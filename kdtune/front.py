@@ -62,7 +62,7 @@ def best_per_band(study: optuna.Study, budget: Budget = Budget()) -> list[dict]:
             "latency_ms": trial.user_attrs.get("latency_ms_batch1"),
             "latency_ms_onnxruntime": trial.user_attrs.get("latency_ms_batch1_onnxruntime"),
             "val_accuracy": trial.value,
-            "temperature": config.temperature, "lambda": config.label_weight})
+            "temperature": config.temperature, "lambda": config.label_weight, "loss": config.loss_label})
     return entries
 
 
@@ -70,11 +70,12 @@ def to_markdown(entries: list[dict]) -> str:
     """The front as a table: the dashboard's study note, `best`'s text output."""
     onnx = any(e.get("latency_ms_onnxruntime") is not None for e in entries)  # onnxruntime_latency = true
     latency = "latency (ms, batch 1: PyTorch / ONNX Runtime)" if onnx else "latency (ms, batch 1)"
-    lines = [f"| band | trials finished (complete) | best trial | width | parameters | {latency} | T "
-             "| lambda | val accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| band | trials finished (complete) | best trial | loss | width | parameters | {latency} | T "
+             "| lambda | val accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         timed = _or_dash(e["latency_ms"]) + (f" / {_or_dash(e.get('latency_ms_onnxruntime'))}" if onnx else "")
-        lines.append(f"| {e['band_label']} | {e['n_finished']} ({e['n_complete']}) | {e['trial']} | {e['width']} | "
+        lines.append(f"| {e['band_label']} | {e['n_finished']} ({e['n_complete']}) | {e['trial']} | "
+                     f"{e.get('loss', 'hinton')} | {e['width']} | "
                      f"{e['n_parameters']:,} | {timed} | {e['temperature']:.3g} | "
                      f"{e['lambda']:.3g} | {100 * e['val_accuracy']:.2f}% |")
     return "\n".join(lines)

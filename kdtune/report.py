@@ -9,7 +9,12 @@ Band by band (kdtune.bands: a study is a question about students of each size):
    configuration, are evaluated on the test set; the study records that it was read, for which
    configurations, and when. The overall winner is the band winner with the best validation mean.
 3. The distillation gain is paired over seeds: same seed, same initial weights and batch order, with and
-   without the teacher; each band gets its gain, interval and finding, the front its verdict by size.
+   without the teacher; each band gets its gain, interval and finding, the front its verdict by size. This is
+   the report's primary comparison, one per band, read on its own 95% interval.
+4. Where a band's winner uses another loss form than Hinton's, it is also compared with the band's best
+   Hinton-loss configuration (chosen on validation over the same fresh seeds), paired on the test set. These
+   secondary comparisons, one per such band, are corrected together for multiplicity (Holm), so that a study
+   searching several forms does not find a "better loss" by chance in one band of many.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from pathlib import Path
 import optuna
 
 from kdtune import cost, figures, front, runtime, saved_runs, student
+from kdtune.bands import Band
 from kdtune.budget import Budget
 from kdtune.data import Splits
 from kdtune.hardware import Compute
-from kdtune.losses import UNLABELLED
+from kdtune.losses import UNLABELLED, WITHOUT_TEMPERATURE
 from kdtune.provenance import machine, versions
 from kdtune.spec import Spec, SpecError, to_toml_dict
 from kdtune.student import REFERENCE, StudentConfig
@@ -45,7 +51,7 @@ def runs_folder(spec: Spec) -> Path:
 
 def twin_of(winner: StudentConfig) -> StudentConfig:
     """The same student trained without distillation: the counterfactual of a gain."""
-    return dataclasses.replace(winner, label_weight=1.0, loss="hinton")
+    return dataclasses.replace(winner, label_weight=1.0, loss="hinton", extras=())
 
 
 def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -67,6 +73,27 @@ def top_configurations(trials: list[optuna.trial.FrozenTrial], n: int) -> list[t
         if len(found) == n:
             break
     return [(number, config) for config, number in found.items()]
+
+
+def paired_p_value(differences: list[float]) -> float:
+    """The two-sided p-value of the paired t-test that the mean difference is zero."""
+    mean = statistics.fmean(differences)
+    if len(set(differences)) == 1:  # no spread: certain, either way
+        return 1.0 if mean == 0 else 0.0
+    from scipy.special import stdtr  # the Student-t distribution function (see mean_interval on the import)
+    t = mean / (statistics.stdev(differences) / math.sqrt(len(differences)))
+    return float(2 * stdtr(len(differences) - 1, -abs(t)))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the family-wise error of the comparisons whose
+    adjusted p is below alpha stays below alpha (Holm 1979)."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def pick_winner(candidates: list[dict]) -> dict:
@@ -145,29 +172,48 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     # 1. each band's winner, chosen on validation accuracy over seeds among the band's own top trials; 2. the
     # test set, read for the band winner and its twin
     bands_found, candidates, teacher_test = [], [], accuracy_of_logits(teacher.logits["test"], splits.y_test)
+    def candidate(band: Band, number: int, config: StudentConfig) -> tuple[dict, list[saved_runs.Run]]:
+        """A configuration retrained over the report's seeds, and its validation accuracy over them."""
+        runs = train_over_seeds(f"{band.label}: trial {number}", config)
+        vals = [r.val_accuracy for _, r in runs]
+        return {"trial": number, "band": band.index, "config": config.as_params(), "val_mean": statistics.fmean(vals),
+                "val_std": statistics.stdev(vals), "n_parameters": architecture.n_parameters(config.width)}, runs
+
+    def paired(rows: dict, arm: str) -> dict:
+        """The tuned winner's test accuracy minus `arm`'s, seed by seed, with its interval."""
+        differences = [a - b for a, b in zip(rows["tuned"]["test_accuracy"], rows[arm]["test_accuracy"])]
+        mean, low, high = mean_interval(differences)
+        return {"mean": mean, "ci95_low": low, "ci95_high": high, "paired_differences": differences}
+
     for band, trials in front.complete_by_band(study, budget):
         top = top_configurations(trials, spec.report.n_candidates)
         band_candidates, candidate_runs = [], {}
         for number, config in top:
-            candidate_runs[number] = train_over_seeds(f"{band.label}: trial {number}", config)
-            vals = [r.val_accuracy for _, r in candidate_runs[number]]
-            band_candidates.append({"trial": number, "band": band.index, "config": config.as_params(),
-                                    "val_mean": statistics.fmean(vals), "val_std": statistics.stdev(vals),
-                                    "n_parameters": architecture.n_parameters(config.width)})
+            found, candidate_runs[number] = candidate(band, number, config)
+            band_candidates.append(found)
         winner = pick_winner(band_candidates)
         winner_config = dict(top)[winner["trial"]]
-        twin = twin_of(winner_config)
         rows = {"tuned": test_row("tuned", winner_config, candidate_runs[winner["trial"]]),
-                "no_distillation": test_row(f"{band.label}: no distillation", twin)}
-        differences = [a - b for a, b in zip(rows["tuned"]["test_accuracy"], rows["no_distillation"]["test_accuracy"])]
-        gain, low, high = mean_interval(differences)
+                "no_distillation": test_row(f"{band.label}: no distillation", twin_of(winner_config))}
+        gain = paired(rows, "no_distillation")
         candidates += band_candidates
-        bands_found.append({
+        found = {
             "band": band.index, "band_label": band.label, "min_params": band.min_params,
             "max_params": band.max_params, "winner_trial": winner["trial"], "winner_val_mean": winner["val_mean"],
-            "rows": rows, "gain": {"mean": gain, "ci95_low": low, "ci95_high": high, "paired_differences": differences},
+            "loss": winner_config.loss, "rows": rows, "gain": gain,
             "latency": cost.of_student(architecture, winner_config.width, onnxruntime=not runtime.missing_packages()),
-            "finding": finding(gain, low, high, winner_config.distils)})
+            "finding": finding(gain["mean"], gain["ci95_low"], gain["ci95_high"], winner_config.distils)}
+        # 4. a winner of another loss form against the band's best Hinton-loss configuration
+        if winner_config.distils and winner_config.loss != "hinton":
+            hinton = best_hinton(band_candidates, trials)
+            if hinton is not None:
+                number, config = hinton["trial"], StudentConfig.from_params(hinton["config"])
+                if number not in candidate_runs:  # not among the band's top: retrained over the seeds
+                    hinton, candidate_runs[number] = candidate(band, number, config)
+                rows["best_hinton"] = test_row(f"{band.label}: best hinton", config, candidate_runs[number])
+                found["vs_hinton"] = {"trial": number, "val_mean": hinton["val_mean"], **paired(rows, "best_hinton")}
+        bands_found.append(found)
+    compare_with_hinton(bands_found)
 
     # 3. the overall winner, the best band winner on validation, also against the seed project's configuration
     overall = best_band(bands_found)
@@ -190,11 +236,58 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         "verdict": verdict(overall["gain"]["mean"], overall["gain"]["ci95_low"], overall["gain"]["ci95_high"],
                            teacher_lead=teacher_test - rows["no_distillation"]["test_mean"],
                            winner_distils=winner_config.distils),
-        "front_verdict": front_verdict(bands_found),
+        "front_verdict": front_verdict(bands_found), "loss_verdict": loss_verdict(bands_found),
         "seconds": round(time.perf_counter() - started, 1), "spec": to_toml_dict(spec),
         "data_fingerprint": splits.fingerprint, "versions": versions(), "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def best_hinton(band_candidates: list[dict], trials: list[optuna.trial.FrozenTrial]) -> dict | None:
+    """The band's best distilling Hinton-loss configuration: the best such candidate over the report's seeds,
+    else the band's best such trial by its search value (as a candidate entry still to be retrained), else
+    None (the study did not try Hinton's loss in this band)."""
+    of_hinton = [c for c in band_candidates if c["config"]["loss"] == "hinton" and c["config"]["lambda"] < 1.0]
+    if of_hinton:
+        return pick_winner(of_hinton)
+    searched = [t for t in trials if (config := StudentConfig.from_trial(t)).loss == "hinton" and config.distils]
+    if not searched:
+        return None
+    [(number, config)] = top_configurations(searched, 1)
+    return {"trial": number, "config": config.as_params()}
+
+
+def compare_with_hinton(bands_found: list[dict], alpha: float = 0.05) -> None:
+    """Each band's comparison of its winner with its best Hinton-loss configuration, in place: the paired
+    t-test's p-value, Holm-adjusted over the bands that have one, and its finding."""
+    compared = [b for b in bands_found if "vs_hinton" in b]
+    p_values = [paired_p_value(b["vs_hinton"]["paired_differences"]) for b in compared]
+    for b, p, adjusted in zip(compared, p_values, holm(p_values)):
+        mean = b["vs_hinton"]["mean"]
+        b["vs_hinton"].update(p_value=p, p_holm=adjusted, n_compared=len(compared), finding=(
+            f"{b['loss']} beats Hinton's loss" if adjusted < alpha and mean > 0 else
+            f"{b['loss']} is behind Hinton's loss" if adjusted < alpha else
+            f"{b['loss']} does not beat Hinton's loss distinguishably"))
+
+
+def loss_verdict(bands_found: list[dict]) -> str:
+    """Which loss forms won the bands, and whether any beats Hinton's, in a sentence or two."""
+    others = [b for b in bands_found if b.get("loss", "hinton") != "hinton"]
+    if not others:
+        return "Every band's winner uses Hinton's loss."
+    compared = [b for b in others if "vs_hinton" in b]
+    beats = [b for b in compared if b["vs_hinton"]["finding"].endswith("beats Hinton's loss")]
+    said = (f"{len(others)} of {len(bands_found)} band winners use another loss form than Hinton's ("
+            + ", ".join(f"{b['band_label']}: {b['loss']}" for b in others) + ").")
+    if not compared:
+        return said + " The study tried no distilling Hinton-loss configuration in those bands to compare with."
+    detail = "; ".join(f"{b['band_label']}: {100 * b['vs_hinton']['mean']:+.2f} points, Holm-adjusted p = "
+                       f"{b['vs_hinton']['p_holm']:.2g}" for b in compared)
+    if not beats:
+        return (f"{said} None of them beats the band's best Hinton-loss configuration distinguishably on the test "
+                f"set ({detail}): at these sizes another loss form is no better than Hinton's.")
+    return (f"{said} Against the band's best Hinton-loss configuration, with Holm's correction over the "
+            f"{len(compared)} comparisons, {len(beats)} beat it ({detail}).")
 
 
 def best_band(bands_found: list[dict]) -> dict:
@@ -213,10 +306,12 @@ def record_test_read(study: optuna.Study, rows: dict) -> None:
 def temperature_by_band(study: optuna.Study, budget: Budget = Budget(), n_top: int = 5) -> dict:
     """Does the best temperature depend on the student's size here? (Hinton et al. 2015: small students
     preferred T of about 2.5-4, large ones anything above 8.) The temperatures of each size band's top
-    distilling trials, and whether the narrowest and the widest band's ranges are apart."""
+    distilling trials, and whether the narrowest and the widest band's ranges are apart. Hinton-loss trials
+    only: another form's temperature (DIST's tau, LS-KD's base temperature) is another quantity."""
     found = []
     for band, trials in front.complete_by_band(study, budget):
-        distilling = [t for t in trials if StudentConfig.from_trial(t).distils and not t.user_attrs.get("control")]
+        distilling = [t for t in trials if (config := StudentConfig.from_trial(t)).distils and config.loss == "hinton"
+                      and not t.user_attrs.get("control")]
         if len(distilling) < 3:  # too few to speak of a range
             continue
         temps = sorted(t.params["temperature"] for t in sorted(distilling, key=lambda t: t.value)[-n_top:])
@@ -347,34 +442,55 @@ def front_section(report: dict) -> str:
     teacher = report["teacher"]
     lines = [
         "## The size front on the test set (read only here: each band's winner and its twin)", "",
-        "| size band | winner | T | lambda | width | parameters | latency ms (batch 1 / 256) | tuned | "
-        "no distillation | gain, points (95% CI) | finding |", "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| teacher | | | | | {_teacher_size(teacher)} | | {100 * teacher['test_accuracy']:.2f}% | | | |",
+        "| size band | winner | loss | T | lambda | width | parameters | latency ms (batch 1 / 256) | tuned | "
+        "no distillation | gain, points (95% CI) | finding | against the best Hinton-loss configuration |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| teacher | | | | | | {_teacher_size(teacher)} | | {100 * teacher['test_accuracy']:.2f}% | | | | |",
     ]
     for b in report["front"]:
         tuned, twin, gain, latency = b["rows"]["tuned"], b["rows"]["no_distillation"], b["gain"], b["latency"]
         config = StudentConfig.from_params(tuned["config"])
         lines.append(
-            f"| {b['band_label']} | trial {b['winner_trial']} | {config.temperature:.3g} | {config.label_weight:.3g} "
+            f"| {b['band_label']} | trial {b['winner_trial']} | {config.loss_label} | {_temperature(config)} | "
+            f"{config.label_weight:.3g} "
             f"| {config.width} | {tuned['n_parameters']:,} | {latency['latency_ms_batch1']:.3g} / "
             f"{latency['latency_ms_batch256']:.3g}" + (
                 f" (ONNX Runtime {latency['latency_ms_batch1_onnxruntime']:.3g} / "
                 f"{latency['latency_ms_batch256_onnxruntime']:.3g})" if "latency_ms_batch1_onnxruntime" in latency
                 else "") + f" | {100 * tuned['test_mean']:.2f} ± {100 * tuned['test_std']:.2f}% "
             f"| {100 * twin['test_mean']:.2f} ± {100 * twin['test_std']:.2f}% | {100 * gain['mean']:+.2f} "
-            f"({100 * gain['ci95_low']:+.2f} to {100 * gain['ci95_high']:+.2f}) | {b['finding']} |")
+            f"({100 * gain['ci95_low']:+.2f} to {100 * gain['ci95_high']:+.2f}) | {b['finding']} | "
+            f"{_against_hinton(b)} |")
     latency = report["front"][0]["latency"]
     lines += ["", f"Latency per call, median of {cost.N_TIMED_CALLS}: eager PyTorch, fp32, on {latency['latency_cpu']} "
               f"with {latency['latency_threads']} thread(s)"
               + ("; in parentheses ONNX Runtime, the student exported as it ships (`kdtune export`)."
                  if "latency_ms_batch1_onnxruntime" in latency else "."), "",
               f"**Verdict by size.** {report['front_verdict']}"]
+    if "loss_verdict" in report:  # reports before loss forms were searched
+        lines += ["", "The gain over the twin is each band's primary comparison (its own 95% interval); the "
+                  "comparison with the band's best Hinton-loss configuration (paired over the same seeds) is "
+                  "Holm-corrected over the bands that have one.", "", f"**Loss forms.** {report['loss_verdict']}"]
     return "\n".join(lines)
+
+
+def _against_hinton(band: dict) -> str:
+    if band.get("loss", "hinton") == "hinton":
+        return "the winner uses it"
+    if "vs_hinton" not in band:
+        return "none tried in this band"
+    h = band["vs_hinton"]
+    return (f"trial {h['trial']}: {100 * h['mean']:+.2f} ({100 * h['ci95_low']:+.2f} to {100 * h['ci95_high']:+.2f}),"
+            f" Holm p = {h['p_holm']:.2g}: {h['finding']}")
+
+
+def _temperature(config: StudentConfig) -> str:
+    return "-" if config.loss in WITHOUT_TEMPERATURE else f"{config.temperature:.3g}"
 
 
 def _config_cells(params: dict) -> str:
     config = StudentConfig.from_params(params)
-    return f"{config.temperature:.3g} | {config.label_weight:.3g} | {config.width} | {config.loss}"
+    return f"{_temperature(config)} | {config.label_weight:.3g} | {config.width} | {config.loss_label}"
 
 
 def write(report: dict, spec: Spec, study: optuna.Study) -> list[Path]:

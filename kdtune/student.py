@@ -60,6 +60,12 @@ class StudentConfig:
                                 **{name: trial.params[optuna_name(loss, name)] for name in names}})
 
     @property
+    def loss_label(self) -> str:
+        """The loss form with its own parameters, for tables and notes: "dkd (alpha 1, beta 8)"."""
+        extras = ", ".join(f"{name} {value:.3g}" for name, value in self.extras)
+        return f"{self.loss} ({extras})" if extras else self.loss
+
+    @property
     def distils(self) -> bool:
         """Whether the teacher's soft targets weigh in the loss form kdtune tunes (hinton); lambda = 1 is the
         student trained alone, on the labelled images only (see `train`)."""

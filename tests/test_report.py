@@ -313,3 +313,78 @@ def test_a_budget_keeps_the_report_to_the_bands_and_candidates_within_it(banded,
     assert [b["band"] for b in within["front"]] == [0]
     assert all(c["n_parameters"] <= BANDS[0].max_params for c in within["candidates"])
     assert within["budget"] == f"at most {BANDS[0].max_params:,} parameters"
+
+
+# ------------------------------------------------------------------------------- loss forms against Hinton's
+
+def test_holm_adjusts_step_down_and_keeps_the_order_given():
+    # sorted 0.01, 0.02, 0.04 -> 3 * 0.01, max(0.03, 2 * 0.02), max(0.04, 1 * 0.04)
+    assert report.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert report.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_the_paired_p_value_is_the_paired_t_tests():
+    from scipy.stats import ttest_1samp
+    differences = [0.01, 0.03, -0.005, 0.02]
+    assert report.paired_p_value(differences) == pytest.approx(ttest_1samp(differences, 0.0).pvalue)
+    assert report.paired_p_value([0.0, 0.0]) == 1.0 and report.paired_p_value([0.01, 0.01]) == 0.0
+
+
+def add_form_trial(study: optuna.Study, value: float, config: StudentConfig, band: int) -> None:
+    """A finished trial of any loss form, its params under the names and ranges the study samples them with."""
+    search = load_spec().search
+    params, distributions = {"width": config.width}, {"width": SEARCH_DISTRIBUTIONS["width"]}
+    for name, (r, log) in search.ranges_of(config.loss).items():
+        params[student.optuna_name(config.loss, name)] = config.as_params()[name]
+        distributions[student.optuna_name(config.loss, name)] = FloatDistribution(r.low, r.high, log=log)
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value, user_attrs={
+        "loss": config.loss, "n_parameters": 795 * config.width + 10, "band": band}))
+
+
+@pytest.fixture(scope="module")
+def forms(tmp_path_factory) -> Evaluated:
+    """Two bands whose top three trials use other loss forms than Hinton's, and whose one Hinton-loss trial
+    ranks last: each band's winner is compared with that trial, retrained over the report's seeds."""
+    study = optuna.create_study(direction="maximize")
+    bands.record(study, BANDS)
+    dkd = (("alpha", 1.0), ("beta", 8.0))
+    for value, config in ((0.99, StudentConfig(4.0, 0.5, 8, "dkd", dkd)), (0.9, StudentConfig(2.0, 0.5, 12, "dist")),
+                          (0.8, StudentConfig(1.0, 0.5, 16, "mse")), (0.1, StudentConfig(4.0, 0.5, 10)),
+                          (0.9, StudentConfig(2.0, 0.5, 30, "lskd")), (0.8, StudentConfig(2.0, 0.5, 40, "dist")),
+                          (0.7, StudentConfig(1.0, 0.5, 50, "mse")), (0.2, StudentConfig(4.0, 0.5, 24))):
+        add_form_trial(study, value, config, band=int(config.width > 20))
+    return evaluate_recording(tmp_path_factory.mktemp("forms"), study)
+
+
+def test_each_bands_winner_of_another_form_is_compared_with_its_best_hinton_configuration_holm_corrected(forms):
+    seeds, front = forms.report["seeds"], forms.report["front"]
+    hinton_trials = {t.user_attrs["band"]: t for t in forms.study.trials if t.user_attrs["loss"] == "hinton"}
+    for found in front:
+        winner = StudentConfig.from_params(found["rows"]["tuned"]["config"])
+        assert found["loss"] == winner.loss != "hinton"
+        compared = found["vs_hinton"]
+        hinton = StudentConfig.from_trial(hinton_trials[found["band"]])
+        assert compared["trial"] == hinton_trials[found["band"]].number
+        assert found["rows"]["best_hinton"]["config"] == hinton.as_params()
+        assert compared["paired_differences"] == pytest.approx(
+            [forms.test_accuracy(winner, seed) - forms.test_accuracy(hinton, seed) for seed in seeds])
+        assert compared["n_compared"] == 2
+    p_values = [report.paired_p_value(b["vs_hinton"]["paired_differences"]) for b in front]
+    assert [b["vs_hinton"]["p_holm"] for b in front] == pytest.approx(report.holm(p_values))
+    [read] = forms.study.user_attrs["test_reads"]
+    assert {name for name in read["configs"] if name.endswith("best_hinton")} == {
+        f"{b['band_label']}: best_hinton" for b in front}
+    markdown = report.to_markdown(forms.report)
+    assert "**Loss forms.** 2 of 2 band winners use another loss form than Hinton's" in markdown
+    assert all(f"| {b['band_label']} | trial {b['winner_trial']} | {b['loss']}" in markdown for b in front)
+
+
+def test_the_loss_verdict_says_plainly_when_no_form_beats_hintons():
+    bands_found = [{"band_label": "a", "loss": "dist", "vs_hinton": {"paired_differences": [0.01, -0.01, 0.0],
+                                                                     "mean": 0.0}},
+                   {"band_label": "b", "loss": "hinton"}]
+    report.compare_with_hinton(bands_found)
+    said = report.loss_verdict(bands_found)
+    assert said.startswith("1 of 2 band winners use another loss form than Hinton's (a: dist).")
+    assert "None of them beats the band's best Hinton-loss configuration distinguishably" in said
+    assert report.loss_verdict([{"band_label": "b", "loss": "hinton"}]) == "Every band's winner uses Hinton's loss."
