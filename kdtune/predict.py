@@ -1,10 +1,10 @@
 """`kdtune predict`: an exported student on new images, through ONNX Runtime, the runtime it ships in.
 
 Images come as an .npz (`images`, optionally `labels`; or kdtune's own `x_test`/`y_test`), an .npy of images,
-or one image file (PNG, JPEG, ... read with Pillow, as grey or colour as the student was trained). They must be
-uint8 pixels of the size the student was trained on, oriented as kdtune read its training images; channels on
-the last axis or the second, as training takes them. A student of feature vectors takes float vectors (N, D)
-from an .npz or .npy.
+or one image file (PNG, JPEG, ... read with Pillow, as grey or colour as the student was trained; 16-bit grey
+scaled to 8 bits by its bit depth, as image folders are). They must be uint8 pixels of the size the student was
+trained on, oriented as kdtune read its training images; channels on the last axis or the second, as training
+takes them. A student of feature vectors takes float vectors (N, D) from an .npz or .npy.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtune import data, export, runtime
+from kdtune import data, export, image_folder, runtime
 from kdtune.readers import DataError
 from kdtune.spec import SpecError
 
@@ -36,14 +36,10 @@ def read_images(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarra
         except (ValueError, EOFError, OSError) as error:
             raise DataError(f"{path} is not a readable .npy file ({error}).") from error
     try:
-        from PIL import Image, UnidentifiedImageError
+        import PIL  # noqa: F401 (read_image imports it where it decodes; here only to say how to install it)
     except ImportError:
         raise SpecError(f"reading the image file {path} needs Pillow: {runtime.INSTALL_HINT}") from None
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB" if colour else "L"))[None], None
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"{path} is not an image Pillow can read ({error}); give a PNG or JPEG, or an .npz.") from error
+    return image_folder.read_image(path, colour, remedy="give a PNG or JPEG, or an .npz or .npy of images")[None], None
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

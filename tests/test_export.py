@@ -266,3 +266,28 @@ def test_predict_takes_images_with_their_channels_first_or_last_as_training_does
     assert np.array_equal(predict.check_samples(grey[:, None], (1, 5, 4), tmp_path), grey)  # (N, 1, H, W)
     with pytest.raises(DataError, match=r"must be \(N, 5, 4, 3\) or \(N, 3, 5, 4\).* but are \(3, 5, 4\)"):
         predict.check_samples(colour[..., 0].repeat(2, axis=0)[:3], (3, 5, 4), tmp_path)  # 3 grey images, not 1
+
+
+def test_predict_reads_a_16_bit_grey_png_as_the_same_picture_at_8_bits(exported):
+    from kdtune import predict
+
+    workdir, _, _, _, folder = exported
+    pixels = np.load(workdir / "tiny.npz")["x_test"][0]
+    Image.fromarray(pixels).save(workdir / "8-bit.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(workdir / "16-bit.png")  # 255 -> 65535
+    assert np.array_equal(predict.read_images(workdir / "16-bit.png")[0][0], pixels)
+    assert np.array_equal(predict.read_images(workdir / "16-bit.png", colour=True)[0][0],
+                          np.repeat(pixels[..., None], 3, axis=-1))
+    eight, sixteen = (cli_in_process("predict", "--model", str(folder), name, cwd=workdir)
+                      for name in ("8-bit.png", "16-bit.png"))
+    assert eight.returncode == sixteen.returncode == 0, eight.stderr + sixteen.stderr
+    assert sixteen.stdout == eight.stdout  # "image 0: class c (probability p)"
+
+
+@pytest.mark.parametrize("dtype, mode", [(np.int32, "I"), (np.float32, "F")])
+def test_an_image_whose_bit_depth_says_nothing_of_its_white_is_refused(tmp_path, dtype, mode):
+    from kdtune import predict
+
+    Image.fromarray(np.full((5, 4), 1000, dtype)).save(tmp_path / "wide.tif")
+    with pytest.raises(DataError, match=f"wide.tif holds {mode} pixels, whose white the file does not say"):
+        predict.read_images(tmp_path / "wide.tif")
