@@ -65,6 +65,9 @@ def read_image(path: Path, colour: bool | None = None, remedy: str = "remove or 
         with Image.open(path) as image:
             image.load()  # open() reads only the header: decoding here is what catches a truncated file
             return _pixels(image, path, colour)
+    except Image.DecompressionBombError as error:  # raised by open(), from the size the header claims
+        raise DataError(f"{path} is too big to decode safely ({str(error).rstrip('.')}); resize it to the size "
+                        "the images should have, or remove it.") from error
     except DataError:  # _pixels' own: the file is readable, its pixels are not ours to scale
         raise
     except (OSError, SyntaxError, ValueError) as error:  # Pillow reports some damaged files as SyntaxError

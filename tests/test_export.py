@@ -11,7 +11,7 @@ import optuna
 import optuna_dashboard
 import pytest
 import torch
-from conftest import REPO, cli_in_process
+from conftest import REPO, cli_in_process, write_png_claiming
 from PIL import Image
 
 from kdtune import export, model_card, runtime
@@ -211,6 +211,9 @@ def test_predict_refuses_images_of_the_wrong_size_or_type(exported):
     one_line_exit_2(cli_in_process("predict", "--model", str(folder), "float.npz", cwd=workdir), "uint8")
     one_line_exit_2(cli_in_process("predict", "--model", str(folder), "none.npz", cwd=workdir), "N >= 1")
     one_line_exit_2(cli_in_process("predict", "--model", str(workdir), "small.npz", cwd=workdir), "no exported student")
+    write_png_claiming(workdir / "bomb.png", 30000, 30000)  # a decompression bomb's header
+    one_line_exit_2(cli_in_process("predict", "--model", str(folder), "bomb.png", cwd=workdir),
+                    "bomb.png is too big to decode safely", "resize it")
 
 
 def test_the_card_speaks_of_the_chosen_seed():

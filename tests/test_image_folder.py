@@ -6,6 +6,7 @@ from shutil import rmtree
 
 import numpy as np
 import pytest
+from conftest import write_png_claiming
 from PIL import Image, PngImagePlugin
 
 from kdtune.image_folder import read_folder
@@ -115,6 +116,14 @@ def test_a_16_bit_grey_image_reads_as_the_same_picture_at_8_bits(folder, monkeyp
     data = read_folder(root)
     assert data.x_train.dtype == np.uint8
     np.testing.assert_array_equal(data.x_train, [written["train", *key] for key in TRAIN_ORDER])
+
+
+def test_an_image_claiming_more_pixels_than_pillow_decodes_safely_is_an_error_naming_it(folder):
+    root, _ = folder
+    bomb = write_png_claiming(root / "train" / "moth" / "a.png", 30000, 30000)  # 900 M pixels
+    with pytest.raises(DataError, match=re.escape(f"{bomb} is too big to decode safely (Image size (900000000 "
+                                                  "pixels) exceeds limit")):
+        read_folder(root)
 
 
 @pytest.mark.parametrize("break_layout, message", [
