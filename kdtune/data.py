@@ -50,7 +50,7 @@ def load(spec: DataSpec) -> Dataset:
     """Read, relabel, validate and orient the dataset a spec names."""
     raw = READERS[spec.format](Path(spec.path) if spec.path else None)
     where = spec.path or spec.format
-    y_train, y_test = (_whole_labels(y, where, name) - spec.label_offset
+    y_train, y_test = (class_numbers(y, where, name) - spec.label_offset
                        for y, name in ((raw.y_train, "y_train"), (raw.y_test, "y_test")))
     if spec.format == "features":
         x_train, x_test = (_features(x, where, name) for x, name in ((raw.x_train, "x_train"), (raw.x_test, "x_test")))
@@ -101,8 +101,8 @@ def validate(dataset: Dataset, spec: DataSpec) -> None:
         rare = classes[np.argmin(counts)]
         raise DataError(f"{where}: class {rare} has only 1 training image; every class needs at least 2, one for "
                         "training and one for the validation split.")
-    if dataset.y_test.max() >= dataset.n_classes:
-        raise DataError(f"{where}: test label {dataset.y_test.max()} never occurs in the training labels.")
+    check_classes(dataset.y_test, dataset.n_classes, where, "test label", "in the training labels",
+                  "relabel or drop those test images")
     if dataset.class_names is not None and len(dataset.class_names) != dataset.n_classes:
         raise DataError(f"{where}: {len(dataset.class_names)} class names for {dataset.n_classes} classes.")
 
@@ -216,14 +216,27 @@ def _features(vectors: np.ndarray, where: str, name: str) -> np.ndarray:
     return vectors
 
 
-def _whole_labels(labels: np.ndarray, where: str, name: str) -> np.ndarray:
-    """int64 labels; float labels are fine when whole (3.0 from a CSV or .mat), but never truncated."""
+def class_numbers(labels: np.ndarray, where: str, name: str) -> np.ndarray:
+    """`labels` as int64, one per sample, as both training and `predict` read them. Float labels are fine when
+    whole (3.0 from a CSV or .mat), but never truncated; text is refused."""
     labels = np.asarray(labels).reshape(-1)
+    if labels.dtype.kind in "SU":
+        raise DataError(f"{where}: {name} holds text ({str(labels[0])!r}, ...), not class numbers; number the classes "
+                        "0..C-1 and give each sample its class's number.")
+    if labels.dtype.kind not in "biuf":
+        raise DataError(f"{where}: {name} must hold integer labels, but got dtype {labels.dtype}.")
     if labels.dtype.kind == "f":
         bad = labels[~np.isfinite(labels) | (labels != np.floor(labels))]
         if bad.size:
             raise DataError(f"{where}: {name} must hold whole-number labels, but holds {bad[0]}; fix those labels "
                             "or drop their images.")
-    elif labels.dtype.kind not in "biu":
-        raise DataError(f"{where}: {name} must hold integer labels, but got dtype {labels.dtype}.")
     return labels.astype(np.int64)
+
+
+def check_classes(labels: np.ndarray, n_classes: int, where: str, name: str, whose: str, remedy: str) -> None:
+    """Every label one of the classes 0..n_classes-1 `whose` (the training labels, an exported student) has."""
+    outside = labels[(labels < 0) | (labels >= n_classes)]
+    if outside.size:
+        from_one = labels.min() == 1 and labels.max() == n_classes
+        raise DataError(f"{where}: {name} {outside[0]} is none of the {n_classes} classes {whose} (0.."
+                        f"{n_classes - 1}); {remedy}" + (" (these count from 1: subtract 1)." if from_one else "."))

@@ -74,6 +74,17 @@ def check_samples(samples: np.ndarray, input_shape: tuple[int, ...], where: Path
     return samples.astype(dtype, copy=False)
 
 
+def check_labels(labels: np.ndarray, n_images: int, n_classes: int, where: Path) -> np.ndarray:
+    """The file's labels as class numbers, checked as training checks its own: a label that is no class of the
+    student would only count as a wrong prediction, and the accuracy would be quietly low."""
+    labels = data.class_numbers(labels, str(where), "labels")
+    if len(labels) != n_images:
+        raise DataError(f"{where} has {n_images} images but {len(labels)} labels.")
+    data.check_classes(labels, n_classes, str(where), "label", "the student was trained on",
+                       f"give each image's class number 0..{n_classes - 1}, or leave the labels out")
+    return labels
+
+
 def _channels_as_held(images: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
     """A batch of images whose channels come second, (N, C, H, W), or last and single, (N, H, W, 1), as training
     takes them, in the layout the student's graph takes: matched on the student's own shape, so that three grey
@@ -90,15 +101,18 @@ def predict(folder: Path, path: Path, threads: int | None = None) -> dict:
     runtime.require("kdtune predict")
     try:
         described = json.loads((folder / export.CONFIG).read_text())
-        input_shape = export.architecture_of(described).input_shape
+        architecture = export.architecture_of(described)
     except FileNotFoundError:
         raise SpecError(f"{folder} holds no exported student ({export.CONFIG} is missing); run `kdtune export` "
                         "and pass its folder to --model.") from None
     except (ValueError, KeyError, TypeError) as error:
         raise SpecError(f"{folder / export.CONFIG} is damaged ({type(error).__name__}); run `kdtune export` "
                         "again.") from error
+    input_shape = architecture.input_shape
     images, labels = read_images(path, colour=len(input_shape) == 3 and input_shape[0] == 3)
     images = check_samples(images, input_shape, path)
+    if labels is not None:
+        labels = check_labels(labels, len(images), architecture.n_classes, path)
     logits = runtime.logits(runtime.session(folder / export.ONNX, threads), images)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # softmax, without overflow
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
@@ -106,9 +120,6 @@ def predict(folder: Path, path: Path, threads: int | None = None) -> dict:
     found = {"n_images": len(images), "predicted": predicted.tolist(), "probabilities": probabilities.tolist(),
              "class_names": described.get("class_names")}
     if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        if len(labels) != len(images):
-            raise DataError(f"{path} has {len(images)} images but {len(labels)} labels.")
         found["accuracy"] = float((predicted == labels).mean())
     return found
 

@@ -225,7 +225,8 @@ def test_labels_starting_at_one_get_a_hint(tmp_path, upright):
     (lambda x, y: dict(x_train=x.astype(np.float32), y_train=y, x_test=x, y_test=y), "uint8"),
     (lambda x, y: dict(x_train=x, y_train=y[:-1], x_test=x, y_test=y), "labels in y_train"),
     (lambda x, y: dict(x_train=x, y_train=y, x_test=x[:, :20], y_test=y), "test samples are"),
-    (lambda x, y: dict(x_train=x, y_train=y, x_test=x, y_test=y + 10), "never occurs"),
+    (lambda x, y: dict(x_train=x, y_train=y, x_test=x, y_test=y + 10),
+     "test label 10 is none of the 10 classes in the training labels (0..9); relabel or drop"),
     (lambda x, y: dict(x_train=x, y_train=y), "lacks arrays"),
 ])
 def test_malformed_arrays_are_refused(tmp_path, upright, arrays, message):

@@ -216,6 +216,20 @@ def test_predict_refuses_images_of_the_wrong_size_or_type(exported):
                     "bomb.png is too big to decode safely", "resize it")
 
 
+@pytest.mark.parametrize("relabel, phrases", [
+    (lambda y: np.array(["coat", "bag"])[y % 2], ("labels holds text ('coat', ...), not class numbers",)),
+    (lambda y: np.where(y == 3, 10, y), ("label 10 is none of the 10 classes the student was trained on (0..9)",
+                                         "give each image's class number 0..9, or leave the labels out")),
+    (lambda y: np.where(y == 3, -1, y.astype(np.int64)), ("label -1 is none of the 10 classes",)),
+    (lambda y: y + 1, ("label 10 is none of the 10 classes", "(these count from 1: subtract 1)")),
+])
+def test_predict_refuses_labels_that_are_no_class_of_the_student(exported, relabel, phrases):
+    workdir, _, _, _, folder = exported
+    test = np.load(workdir / "tiny.npz")
+    np.savez(workdir / "labelled.npz", images=test["x_test"], labels=relabel(test["y_test"]))
+    one_line_exit_2(cli_in_process("predict", "--model", str(folder), "labelled.npz", cwd=workdir), *phrases)
+
+
 def test_the_card_speaks_of_the_chosen_seed():
     chosen_band = band(30, 500_000, 0.86, 0.09, vals=(0.5, 0.7, 0.6))
     chosen_band.update(band_label="301k-999k parameters", finding="distillation pays",
