@@ -218,7 +218,8 @@ def _features(vectors: np.ndarray, where: str, name: str) -> np.ndarray:
 
 def class_numbers(labels: np.ndarray, where: str, name: str) -> np.ndarray:
     """`labels` as int64, one per sample, as both training and `predict` read them. Float labels are fine when
-    whole (3.0 from a CSV or .mat), but never truncated; text is refused."""
+    whole (3.0 from a CSV or .mat), but never truncated; text, and numbers beyond int64 (which the cast would
+    wrap below 0: 2**64 - 1 becomes -1), are refused."""
     labels = np.asarray(labels).reshape(-1)
     if labels.dtype.kind in "SU":
         raise DataError(f"{where}: {name} holds text ({str(labels[0])!r}, ...), not class numbers; number the classes "
@@ -230,6 +231,11 @@ def class_numbers(labels: np.ndarray, where: str, name: str) -> np.ndarray:
         if bad.size:
             raise DataError(f"{where}: {name} must hold whole-number labels, but holds {bad[0]}; fix those labels "
                             "or drop their images.")
+    # checked before the cast, which wraps a uint64 above 2**63 - 1 below 0 and makes any float beyond int64 -2**63
+    if labels.size and not (-2**63 <= labels.min() and labels.max() < 2**63):
+        far = labels.max() if labels.max() >= 2**63 else labels.min()
+        raise DataError(f"{where}: {name} holds label {far}, too far from 0 to be a class number; labels must be class "
+                        "numbers 0..C-1, one per class.")
     return labels.astype(np.int64)
 
 

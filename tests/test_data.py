@@ -1,6 +1,7 @@
 """Every reader on fixtures written here in its exact on-disk format; validation; the split."""
 
 import gzip
+import re
 import zipfile
 
 import numpy as np
@@ -200,6 +201,18 @@ def test_classes_the_split_cannot_serve_are_refused(tmp_path, upright, labels, m
     x, y = upright  # 3 images per class 0..9, sorted by class
     np.savez(tmp_path / "d.npz", x_train=x, y_train=labels(y), x_test=x[:1], y_test=y[:1])
     with pytest.raises(DataError, match=message):
+        load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
+
+
+@pytest.mark.parametrize("huge, shown", [(np.uint64(2**64 - 1), "18446744073709551615"),
+                                         (np.uint64(2**63), "9223372036854775808"), (1e19, "1e+19")])
+def test_a_label_beyond_int64_is_named_as_too_large_not_as_below_0(tmp_path, upright, huge, shown):
+    x, y = upright
+    labels = y.astype(np.asarray(huge).dtype)
+    labels[5] = huge
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=labels, x_test=x, y_test=y)
+    with pytest.raises(DataError, match=re.escape(f"d.npz: y_train holds label {shown}, too far from 0 to be a "
+                                                  "class number")):
         load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
 
 
