@@ -28,9 +28,10 @@ def read_images(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarra
     """Samples and their labels where the file has them; an image file is read as RGB with `colour`."""
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file; give an .npz, an .npy or an image file.")
-    if path.suffix == ".npz":
+    suffix = path.suffix.lower()  # IMAGES.NPZ is an .npz, as Windows and some cameras' tools name files
+    if suffix == ".npz":
         return _read_npz(path)
-    if path.suffix == ".npy":
+    if suffix == ".npy":
         try:
             return np.load(path, allow_pickle=False), None
         except (ValueError, EOFError, OSError) as error:

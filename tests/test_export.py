@@ -308,3 +308,15 @@ def test_an_image_whose_bit_depth_says_nothing_of_its_white_is_refused(tmp_path,
     Image.fromarray(np.full((5, 4), 1000, dtype)).save(tmp_path / "wide.tif")
     with pytest.raises(DataError, match=f"wide.tif holds {mode} pixels, whose white the file does not say"):
         predict.read_images(tmp_path / "wide.tif")
+
+
+def test_an_npz_or_npy_named_in_upper_case_is_read_as_one(tmp_path):
+    from kdtune import predict
+
+    images = np.arange(2 * 5 * 4, dtype=np.uint8).reshape(2, 5, 4)
+    with (tmp_path / "IMAGES.NPZ").open("wb") as npz, (tmp_path / "IMAGES.NPY").open("wb") as npy:
+        np.savez(npz, images=images, labels=np.array([0, 1]))  # given a name, savez and save would add .npz, .npy
+        np.save(npy, images)
+    found, labels = predict.read_images(tmp_path / "IMAGES.NPZ")
+    assert np.array_equal(found, images) and labels.tolist() == [0, 1]
+    assert np.array_equal(predict.read_images(tmp_path / "IMAGES.NPY")[0], images)
