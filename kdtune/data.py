@@ -218,9 +218,15 @@ def _features(vectors: np.ndarray, where: str, name: str) -> np.ndarray:
 
 def class_numbers(labels: np.ndarray, where: str, name: str) -> np.ndarray:
     """`labels` as int64, one per sample, as both training and `predict` read them. Float labels are fine when
-    whole (3.0 from a CSV or .mat), but never truncated; text, and numbers beyond int64 (which the cast would
-    wrap below 0: 2**64 - 1 becomes -1), are refused."""
-    labels = np.asarray(labels).reshape(-1)
+    whole (3.0 from a CSV or .mat), but never truncated; text, one-hot rows and numbers beyond int64 (which the
+    cast would wrap below 0: 2**64 - 1 becomes -1) are refused."""
+    labels = np.asarray(labels)
+    if np.squeeze(labels).ndim > 1:  # flattened, 54 one-hot rows of 10 classes would count as 540 labels
+        if _one_hot(labels):
+            raise DataError(f"{where}: {name} looks one-hot, {labels.shape}: one column per class; give each "
+                            "sample its class number instead, e.g. labels.argmax(axis=1).")
+        raise DataError(f"{where}: {name} must hold one label per sample, (N,), but has shape {labels.shape}.")
+    labels = labels.reshape(-1)
     if labels.dtype.kind in "SU":
         raise DataError(f"{where}: {name} holds text ({str(labels[0])!r}, ...), not class numbers; number the classes "
                         "0..C-1 and give each sample its class's number.")
@@ -246,3 +252,9 @@ def check_classes(labels: np.ndarray, n_classes: int, where: str, name: str, who
         from_one = labels.min() == 1 and labels.max() == n_classes
         raise DataError(f"{where}: {name} {outside[0]} is none of the {n_classes} classes {whose} (0.."
                         f"{n_classes - 1}); {remedy}" + (" (these count from 1: subtract 1)." if from_one else "."))
+
+
+def _one_hot(labels: np.ndarray) -> bool:
+    """Rows of 0s and 1s with one 1 each: one column per class."""
+    return (labels.ndim == 2 and labels.dtype.kind in "biuf" and bool(np.isin(labels, (0, 1)).all())
+            and bool((labels.sum(axis=1) == 1).all()))

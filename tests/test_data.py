@@ -216,6 +216,22 @@ def test_a_label_beyond_int64_is_named_as_too_large_not_as_below_0(tmp_path, upr
         load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
 
 
+@pytest.mark.parametrize("labels, message", [
+    (lambda y: np.eye(10, dtype=np.float32)[y], "y_train looks one-hot, (30, 10): one column per class; give each "
+                                                "sample its class number instead, e.g. labels.argmax(axis=1)."),
+    (lambda y: np.stack([y, y], axis=1), "y_train must hold one label per sample, (N,), but has shape (30, 2)."),
+    (lambda y: y[:, None], None),  # a column of labels is one label per sample
+])
+def test_labels_must_be_one_class_number_per_sample(tmp_path, upright, labels, message):
+    x, y = upright
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=labels(y), x_test=x, y_test=y)
+    if message is None:
+        assert np.array_equal(load(DataSpec(format="npz", path=str(tmp_path / "d.npz"))).y_train, y)
+        return
+    with pytest.raises(DataError, match=re.escape(message)):
+        load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
+
+
 def test_images_below_the_teachers_minimum_are_refused_with_a_remedy(tmp_path, upright):
     x, y = upright
     np.savez(tmp_path / "d.npz", x_train=x[:, :3, :3], y_train=y, x_test=x[:, :3, :3], y_test=y)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -322,3 +323,10 @@ def test_an_npz_or_npy_named_in_upper_case_is_read_as_one(tmp_path):
     found, labels = predict.read_images(tmp_path / "IMAGES.NPZ")
     assert np.array_equal(found, images) and labels.tolist() == [0, 1]
     assert np.array_equal(predict.read_images(tmp_path / "IMAGES.NPY")[0], images)
+
+
+def test_predict_says_one_hot_labels_look_one_hot(tmp_path):
+    from kdtune import predict
+
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: labels looks one-hot, (3, 4): one column per class")):
+        predict.check_labels(np.eye(4, dtype=np.uint8)[[0, 3, 1]], n_images=3, n_classes=4, where=tmp_path)
