@@ -132,6 +132,18 @@ def test_bad_logits_are_one_line_naming_the_file_and_nothing_is_cached(tiny, wor
     assert not teacher.CACHE_ROOT.exists() or not any(teacher.CACHE_ROOT.iterdir())
 
 
+def test_a_logits_file_is_said_to_be_cached_only_once_it_is_read(tiny, workdir):
+    spec, splits = tiny
+    (workdir / "bad.npz").write_bytes(b"not a zip file")
+    said = []
+    with pytest.raises(DataError, match="bad.npz is not a readable .npz archive"):
+        teacher.load_or_train(with_teacher(spec, logits="bad.npz"), splits, CPU_FP32, echo=said.append)
+    assert not any("cached" in line for line in said), said
+    write_logits(workdir / "good.npz", splits)
+    teacher.load_or_train(with_teacher(spec, logits="good.npz"), splits, CPU_FP32, echo=said.append)
+    assert any("good.npz; they are cached in" in line for line in said), said
+
+
 def test_logits_exclude_a_network_in_the_spec():
     with pytest.raises(SpecError, match="teacher.logits is the whole teacher"):
         load_spec(None, teacher={"logits": "l.npz", "weights": "w.pt"})
