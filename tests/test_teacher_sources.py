@@ -1,6 +1,7 @@
 """Teachers that come from the user: a network of their own (trained here), weights (only evaluated), or logits
 from a file; what identifies each in the cache key, and their bad inputs."""
 
+import re
 import sys
 from dataclasses import replace
 
@@ -170,6 +171,18 @@ def test_weights_are_only_evaluated_never_trained(tiny, workdir, monkeypatch):
         with pytest.raises(DataError, match="is not a state_dict of this teacher network") as error:
             quiet(with_teacher(spec, weights=wrong), splits, CPU_FP32)
         assert "\n" not in str(error.value)
+
+
+def test_weights_of_another_network_are_refused_saying_what_differs(tiny, workdir):
+    spec, splits = tiny
+    torch.save(TeacherCNN(splits.input_shape, 3).state_dict(), workdir / "three.pt")  # the data has 10 classes
+    with pytest.raises(DataError) as error:
+        quiet(with_teacher(spec, weights="three.pt"), splits, CPU_FP32)
+    message = str(error.value)
+    assert re.search(r"three.pt' is not a state_dict of this teacher network but another network's \(\S+ is "
+                     r"\(3, \d+\) in the file but \(10, \d+\) here; 1 more of other shapes\); give the weights of the "
+                     r"network teacher.model builds for this data, or leave teacher.weights out", message), message
+    assert "torch.save(model, path)" not in message and "\n" not in message
 
 
 def test_a_user_network_trains_here_and_its_source_keys_the_cache(tiny, workdir):
