@@ -50,7 +50,7 @@ def load(spec: DataSpec) -> Dataset:
     """Read, relabel, validate and orient the dataset a spec names."""
     raw = READERS[spec.format](Path(spec.path) if spec.path else None)
     where = spec.path or spec.format
-    y_train, y_test = (_whole_labels(y, where, name) - spec.label_offset
+    y_train, y_test = (class_numbers(y, where, name) - spec.label_offset
                        for y, name in ((raw.y_train, "y_train"), (raw.y_test, "y_test")))
     if spec.format == "features":
         x_train, x_test = (_features(x, where, name) for x, name in ((raw.x_train, "x_train"), (raw.x_test, "x_test")))
@@ -101,8 +101,8 @@ def validate(dataset: Dataset, spec: DataSpec) -> None:
         rare = classes[np.argmin(counts)]
         raise DataError(f"{where}: class {rare} has only 1 training image; every class needs at least 2, one for "
                         "training and one for the validation split.")
-    if dataset.y_test.max() >= dataset.n_classes:
-        raise DataError(f"{where}: test label {dataset.y_test.max()} never occurs in the training labels.")
+    check_classes(dataset.y_test, dataset.n_classes, where, "test label", "in the training labels",
+                  "relabel or drop those test images")
     if dataset.class_names is not None and len(dataset.class_names) != dataset.n_classes:
         raise DataError(f"{where}: {len(dataset.class_names)} class names for {dataset.n_classes} classes.")
 
@@ -216,14 +216,45 @@ def _features(vectors: np.ndarray, where: str, name: str) -> np.ndarray:
     return vectors
 
 
-def _whole_labels(labels: np.ndarray, where: str, name: str) -> np.ndarray:
-    """int64 labels; float labels are fine when whole (3.0 from a CSV or .mat), but never truncated."""
-    labels = np.asarray(labels).reshape(-1)
+def class_numbers(labels: np.ndarray, where: str, name: str) -> np.ndarray:
+    """`labels` as int64, one per sample, as both training and `predict` read them. Float labels are fine when
+    whole (3.0 from a CSV or .mat), but never truncated; text, one-hot rows and numbers beyond int64 (which the
+    cast would wrap below 0: 2**64 - 1 becomes -1) are refused."""
+    labels = np.asarray(labels)
+    if np.squeeze(labels).ndim > 1:  # flattened, 54 one-hot rows of 10 classes would count as 540 labels
+        if _one_hot(labels):
+            raise DataError(f"{where}: {name} looks one-hot, {labels.shape}: one column per class; give each "
+                            "sample its class number instead, e.g. labels.argmax(axis=1).")
+        raise DataError(f"{where}: {name} must hold one label per sample, (N,), but has shape {labels.shape}.")
+    labels = labels.reshape(-1)
+    if labels.dtype.kind in "SU":
+        raise DataError(f"{where}: {name} holds text ({str(labels[0])!r}, ...), not class numbers; number the classes "
+                        "0..C-1 and give each sample its class's number.")
+    if labels.dtype.kind not in "biuf":
+        raise DataError(f"{where}: {name} must hold integer labels, but got dtype {labels.dtype}.")
     if labels.dtype.kind == "f":
         bad = labels[~np.isfinite(labels) | (labels != np.floor(labels))]
         if bad.size:
             raise DataError(f"{where}: {name} must hold whole-number labels, but holds {bad[0]}; fix those labels "
                             "or drop their images.")
-    elif labels.dtype.kind not in "biu":
-        raise DataError(f"{where}: {name} must hold integer labels, but got dtype {labels.dtype}.")
+    # checked before the cast, which wraps a uint64 above 2**63 - 1 below 0 and makes any float beyond int64 -2**63
+    if labels.size and not (-2**63 <= labels.min() and labels.max() < 2**63):
+        far = labels.max() if labels.max() >= 2**63 else labels.min()
+        raise DataError(f"{where}: {name} holds label {far}, too far from 0 to be a class number; labels must be class "
+                        "numbers 0..C-1, one per class.")
     return labels.astype(np.int64)
+
+
+def check_classes(labels: np.ndarray, n_classes: int, where: str, name: str, whose: str, remedy: str) -> None:
+    """Every label one of the classes 0..n_classes-1 `whose` (the training labels, an exported student) has."""
+    outside = labels[(labels < 0) | (labels >= n_classes)]
+    if outside.size:
+        from_one = labels.min() == 1 and labels.max() == n_classes
+        raise DataError(f"{where}: {name} {outside[0]} is none of the {n_classes} classes {whose} (0.."
+                        f"{n_classes - 1}); {remedy}" + (" (these count from 1: subtract 1)." if from_one else "."))
+
+
+def _one_hot(labels: np.ndarray) -> bool:
+    """Rows of 0s and 1s with one 1 each: one column per class."""
+    return (labels.ndim == 2 and labels.dtype.kind in "biuf" and bool(np.isin(labels, (0, 1)).all())
+            and bool((labels.sum(axis=1) == 1).all()))

@@ -5,6 +5,7 @@ import optuna
 import sqlalchemy.exc
 
 from kdtune.spec import SpecError
+from kdtune.storage import hide_passwords
 
 EXIT_USAGE = 2
 # Optuna wraps a failed commit (the database went away mid-run) in StorageInternalError
@@ -13,6 +14,10 @@ USER_ERRORS = (SpecError, OSError, *STORAGE_ERRORS)
 
 
 def one_line(error: BaseException) -> str:
+    return hide_passwords(_one_line(error))
+
+
+def _one_line(error: BaseException) -> str:
     if isinstance(error, STORAGE_ERRORS):
         cause = error.__cause__ or error
         reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]

@@ -163,6 +163,9 @@ def export(spec: Spec, found: dict, chosen: Chosen, splits: Splits, folder: Path
         (scratch / model_card.JSON).write_text(json.dumps(card, indent=2))
         (scratch / model_card.MARKDOWN).write_text(model_card.to_markdown(card))
         replace_folder(scratch, folder)
+    except OSError as error:  # it would name the hidden scratch folder beside `folder`, not the folder asked for
+        raise SpecError(f"cannot write the export to {folder} ({error.strerror or error}); name a folder you can "
+                        "write with --out.") from error
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return card

@@ -1,10 +1,10 @@
 """`kdtune predict`: an exported student on new images, through ONNX Runtime, the runtime it ships in.
 
 Images come as an .npz (`images`, optionally `labels`; or kdtune's own `x_test`/`y_test`), an .npy of images,
-or one image file (PNG, JPEG, ... read with Pillow, as grey or colour as the student was trained). They must be
-uint8 pixels of the size the student was trained on, oriented as kdtune read its training images; channels on
-the last axis or the second, as training takes them. A student of feature vectors takes float vectors (N, D)
-from an .npz or .npy.
+or one image file (PNG, JPEG, ... read with Pillow, as grey or colour as the student was trained; 16-bit grey
+scaled to 8 bits by its bit depth, as image folders are). They must be uint8 pixels of the size the student was
+trained on, oriented as kdtune read its training images; channels on the last axis or the second, as training
+takes them. A student of feature vectors takes float vectors (N, D) from an .npz or .npy.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdtune import data, export, runtime
+from kdtune import data, export, image_folder, runtime
 from kdtune.readers import DataError
 from kdtune.spec import SpecError
 
@@ -28,22 +28,19 @@ def read_images(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarra
     """Samples and their labels where the file has them; an image file is read as RGB with `colour`."""
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file; give an .npz, an .npy or an image file.")
-    if path.suffix == ".npz":
+    suffix = path.suffix.lower()  # IMAGES.NPZ is an .npz, as Windows and some cameras' tools name files
+    if suffix == ".npz":
         return _read_npz(path)
-    if path.suffix == ".npy":
+    if suffix == ".npy":
         try:
             return np.load(path, allow_pickle=False), None
         except (ValueError, EOFError, OSError) as error:
             raise DataError(f"{path} is not a readable .npy file ({error}).") from error
     try:
-        from PIL import Image, UnidentifiedImageError
+        import PIL  # noqa: F401 (read_image imports it where it decodes; here only to say how to install it)
     except ImportError:
         raise SpecError(f"reading the image file {path} needs Pillow: {runtime.INSTALL_HINT}") from None
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB" if colour else "L"))[None], None
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"{path} is not an image Pillow can read ({error}); give a PNG or JPEG, or an .npz.") from error
+    return image_folder.read_image(path, colour, remedy="give a PNG or JPEG, or an .npz or .npy of images")[None], None
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -78,6 +75,17 @@ def check_samples(samples: np.ndarray, input_shape: tuple[int, ...], where: Path
     return samples.astype(dtype, copy=False)
 
 
+def check_labels(labels: np.ndarray, n_images: int, n_classes: int, where: Path) -> np.ndarray:
+    """The file's labels as class numbers, checked as training checks its own: a label that is no class of the
+    student would only count as a wrong prediction, and the accuracy would be quietly low."""
+    labels = data.class_numbers(labels, str(where), "labels")
+    if len(labels) != n_images:
+        raise DataError(f"{where} has {n_images} images but {len(labels)} labels.")
+    data.check_classes(labels, n_classes, str(where), "label", "the student was trained on",
+                       f"give each image's class number 0..{n_classes - 1}, or leave the labels out")
+    return labels
+
+
 def _channels_as_held(images: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
     """A batch of images whose channels come second, (N, C, H, W), or last and single, (N, H, W, 1), as training
     takes them, in the layout the student's graph takes: matched on the student's own shape, so that three grey
@@ -94,15 +102,18 @@ def predict(folder: Path, path: Path, threads: int | None = None) -> dict:
     runtime.require("kdtune predict")
     try:
         described = json.loads((folder / export.CONFIG).read_text())
-        input_shape = export.architecture_of(described).input_shape
+        architecture = export.architecture_of(described)
     except FileNotFoundError:
         raise SpecError(f"{folder} holds no exported student ({export.CONFIG} is missing); run `kdtune export` "
                         "and pass its folder to --model.") from None
     except (ValueError, KeyError, TypeError) as error:
         raise SpecError(f"{folder / export.CONFIG} is damaged ({type(error).__name__}); run `kdtune export` "
                         "again.") from error
+    input_shape = architecture.input_shape
     images, labels = read_images(path, colour=len(input_shape) == 3 and input_shape[0] == 3)
     images = check_samples(images, input_shape, path)
+    if labels is not None:
+        labels = check_labels(labels, len(images), architecture.n_classes, path)
     logits = runtime.logits(runtime.session(folder / export.ONNX, threads), images)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # softmax, without overflow
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
@@ -110,9 +121,6 @@ def predict(folder: Path, path: Path, threads: int | None = None) -> dict:
     found = {"n_images": len(images), "predicted": predicted.tolist(), "probabilities": probabilities.tolist(),
              "class_names": described.get("class_names")}
     if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-        if len(labels) != len(images):
-            raise DataError(f"{path} has {len(images)} images but {len(labels)} labels.")
         found["accuracy"] = float((predicted == labels).mean())
     return found
 

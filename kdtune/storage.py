@@ -4,6 +4,7 @@ heartbeats so that a worker that dies mid-trial leaves a failed trial that anoth
 from __future__ import annotations
 
 import functools
+import re
 import sqlite3
 import time
 from contextlib import closing
@@ -21,6 +22,19 @@ SQLITE_BUSY_SECONDS = 60
 # Processes that open a new database at the same moment race to create its tables (SQLite: "table studies
 # already exists"; PostgreSQL: a duplicate key in its catalogue); the loser finds the tables on a second try.
 N_OPEN_ATTEMPTS = 5
+
+
+# scheme://user:PASSWORD@host. SQLAlchemy takes ":" and "/" in a password, and a user may leave an "@" in it
+# unescaped: hiding up to the last "@" before a space hides it whole (and at worst the host too, never less)
+PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][\w+.-]*://[^\s:/@]*:)\S*@")
+PASSWORD_IN_QUERY = re.compile(r"(\bpassword=)[^\s&'\"]*", re.IGNORECASE)  # ...?password=PASSWORD, as libpq takes it
+
+
+def hide_passwords(text: str) -> str:
+    """`text` with the password of every storage URL in it as ***: postgresql://kdtune:***@host/db. Every
+    user error passes through it before it is printed (`errors.one_line`), so that a URL in a message, kdtune's
+    own or a driver's, never shows its password on a terminal or in a log."""
+    return PASSWORD_IN_QUERY.sub(r"\1***", PASSWORD_IN_URL.sub(r"\1***@", text))
 
 
 def sqlite_path(url: str) -> Path | None:

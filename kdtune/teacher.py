@@ -121,8 +121,8 @@ def train(spec: Spec, splits: Splits, folder: Path, compute: Compute, *,
     source = spec.teacher
     model, result = None, None  # no network: a logits file; no result: a teacher not trained here
     if source.logits:
-        echo(f"Reading the teacher's logits from {source.logits}; they are cached in {folder}.")
-        logits = teacher_sources.read_logits(source.logits, splits)
+        logits = teacher_sources.read_logits(source.logits, splits)  # first: a refused file is not "cached"
+        echo(f"Read the teacher's logits from {source.logits}; they are cached in {folder}.")
     else:
         torch.manual_seed(spec.seed)
         model = teacher_sources.network(source, splits.input_shape, splits.n_classes)

@@ -50,17 +50,46 @@ def network(source: TeacherSpec, input_shape: tuple[int, ...], n_classes: int) -
 def load_weights(model: nn.Module, path: Path | str, key: str = "teacher.weights") -> nn.Module:
     """`model` with the state_dict saved at `path` (read with weights_only=True: no pickled code runs)."""
     path = _existing(path, key)
+    refused = f"{key} = {str(path)!r} is not a state_dict of this teacher network"
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-        model.load_state_dict(state)
-    # torch.load of a whole pickled module (torch.save(model)) raises UnpicklingError under weights_only; a bare
-    # tensor or another dict fails in load_state_dict with TypeError, KeyError or RuntimeError
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError, TypeError,
-            KeyError, zipfile.BadZipFile) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{key} = {str(path)!r} is not a state_dict of this teacher network ({first_line[:200]}); "
-                        "save it with torch.save(model.state_dict(), path), not torch.save(model, path).") from error
+    except pickle.UnpicklingError as error:  # what weights_only makes of a whole pickled module
+        raise DataError(f"{refused} (it holds pickled objects other than tensors, or is no file torch.save "
+                        "wrote); save it with torch.save(model.state_dict(), path), not torch.save(model, path).") \
+            from error
+    # a file torch.save did not write fails in its unpickler with any of these
+    except (RuntimeError, OSError, EOFError, ValueError, AttributeError, KeyError, TypeError,
+            zipfile.BadZipFile) as error:
+        raise DataError(f"{refused} ({_first_line(error)}); save it with torch.save(model.state_dict(), "
+                        "path).") from error
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise DataError(f"{refused} (it holds a {type(state).__name__}, not a dict of tensors); save it with "
+                        "torch.save(model.state_dict(), path).")
+    if differences := _differences(state, model.state_dict()):
+        # another network's weights: load_state_dict would list every tensor on lines of their own
+        remedy = ("give the weights of the network teacher.model builds for this data, or leave teacher.weights "
+                  "out to train the teacher here" if key == "teacher.weights" else
+                  "retrain it with `kdtune teacher --force`")
+        raise DataError(f"{refused} but another network's ({differences}); {remedy}.")
+    model.load_state_dict(state)
     return model
+
+
+def _differences(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """How the tensors of a state_dict differ from a network's: the first of each kind and how many."""
+    def listed(names: list[str], what: str) -> list[str]:
+        return [f"{len(names)} {what} ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"] if names else []
+    reshaped = [f"{name} is {tuple(found[name].shape)} in the file but {tuple(expected[name].shape)} here"
+                for name in expected if name in found and found[name].shape != expected[name].shape]
+    return "; ".join(reshaped[:1] + [f"{len(reshaped) - 1} more of other shapes"] * (len(reshaped) > 1)
+                     + listed([name for name in expected if name not in found], "missing")
+                     + listed([name for name in found if name not in expected], "not in this network"))
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's kind and its message's first line: a KeyError's message alone is a bare number."""
+    line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
 def read_logits(path: Path | str, splits: Splits) -> dict[str, torch.Tensor]:

@@ -5,10 +5,12 @@ import json
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import warnings
+import zlib
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -57,6 +59,17 @@ def write_tiny_npz(path: Path, n_train_per_class: int = 30, n_test_per_class: in
     train, test = take(full.y_train, n_train_per_class), take(full.y_test, n_test_per_class)
     np.savez(path, x_train=full.x_train[train], y_train=full.y_train[train],
              x_test=full.x_test[test], y_test=full.y_test[test])
+    return path
+
+
+def write_png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height grey pixels, with hardly any data: a decompression bomb's
+    header, which Pillow refuses on opening, before decoding anything."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
     return path
 
 

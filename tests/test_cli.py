@@ -233,6 +233,30 @@ def test_bad_input_is_one_line_and_exit_2(case, workdir, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["tune", "best"])
+def test_a_password_in_the_storage_url_is_masked_in_the_error(command, workdir, capsys):
+    (workdir / "ok.toml").write_text("")
+    assert main([command, "--spec", "ok.toml", "--storage", "postgresql://kdtune:s3cr@t@127.0.0.1:1/none"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open storage 'postgresql://kdtune:***@127.0.0.1:1/none'" in err, err
+    assert "s3cr" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("postgresql+psycopg2://kdtune:pw@db.example:5432/studies", "postgresql+psycopg2://kdtune:***@db.example:5432/studies"),
+    ("mysql://root:a:b/c@host/db (no route)", "mysql://root:***@host/db (no route)"),  # ":" and "/" in the password
+    ("'postgresql://kdtune:p@ss@host/db' (refused)", "'postgresql://kdtune:***@host/db' (refused)"),  # "@" unescaped
+    ("postgresql://host/db?user=kdtune&password=pw&sslmode=require",
+     "postgresql://host/db?user=kdtune&password=***&sslmode=require"),
+    ("postgresql://kdtune@host/db", "postgresql://kdtune@host/db"),  # no password: nothing to hide
+    ("sqlite:///studies/tiny/study.db", "sqlite:///studies/tiny/study.db"),
+])
+def test_storage_passwords_are_hidden_wherever_a_url_stands_in_a_message(text, shown):
+    from kdtune.storage import hide_passwords
+
+    assert hide_passwords(f"cannot open {text}; check it") == f"cannot open {shown}; check it"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["tune", "--trials", "-3"], "expected a positive int"),
     (["tune", "--timeout", "soon"], "expected a positive float"),

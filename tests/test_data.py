@@ -1,6 +1,7 @@
 """Every reader on fixtures written here in its exact on-disk format; validation; the split."""
 
 import gzip
+import re
 import zipfile
 
 import numpy as np
@@ -203,6 +204,34 @@ def test_classes_the_split_cannot_serve_are_refused(tmp_path, upright, labels, m
         load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
 
 
+@pytest.mark.parametrize("huge, shown", [(np.uint64(2**64 - 1), "18446744073709551615"),
+                                         (np.uint64(2**63), "9223372036854775808"), (1e19, "1e+19")])
+def test_a_label_beyond_int64_is_named_as_too_large_not_as_below_0(tmp_path, upright, huge, shown):
+    x, y = upright
+    labels = y.astype(np.asarray(huge).dtype)
+    labels[5] = huge
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=labels, x_test=x, y_test=y)
+    with pytest.raises(DataError, match=re.escape(f"d.npz: y_train holds label {shown}, too far from 0 to be a "
+                                                  "class number")):
+        load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
+
+
+@pytest.mark.parametrize("labels, message", [
+    (lambda y: np.eye(10, dtype=np.float32)[y], "y_train looks one-hot, (30, 10): one column per class; give each "
+                                                "sample its class number instead, e.g. labels.argmax(axis=1)."),
+    (lambda y: np.stack([y, y], axis=1), "y_train must hold one label per sample, (N,), but has shape (30, 2)."),
+    (lambda y: y[:, None], None),  # a column of labels is one label per sample
+])
+def test_labels_must_be_one_class_number_per_sample(tmp_path, upright, labels, message):
+    x, y = upright
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=labels(y), x_test=x, y_test=y)
+    if message is None:
+        assert np.array_equal(load(DataSpec(format="npz", path=str(tmp_path / "d.npz"))).y_train, y)
+        return
+    with pytest.raises(DataError, match=re.escape(message)):
+        load(DataSpec(format="npz", path=str(tmp_path / "d.npz")))
+
+
 def test_images_below_the_teachers_minimum_are_refused_with_a_remedy(tmp_path, upright):
     x, y = upright
     np.savez(tmp_path / "d.npz", x_train=x[:, :3, :3], y_train=y, x_test=x[:, :3, :3], y_test=y)
@@ -225,7 +254,8 @@ def test_labels_starting_at_one_get_a_hint(tmp_path, upright):
     (lambda x, y: dict(x_train=x.astype(np.float32), y_train=y, x_test=x, y_test=y), "uint8"),
     (lambda x, y: dict(x_train=x, y_train=y[:-1], x_test=x, y_test=y), "labels in y_train"),
     (lambda x, y: dict(x_train=x, y_train=y, x_test=x[:, :20], y_test=y), "test samples are"),
-    (lambda x, y: dict(x_train=x, y_train=y, x_test=x, y_test=y + 10), "never occurs"),
+    (lambda x, y: dict(x_train=x, y_train=y, x_test=x, y_test=y + 10),
+     "test label 10 is none of the 10 classes in the training labels (0..9); relabel or drop"),
     (lambda x, y: dict(x_train=x, y_train=y), "lacks arrays"),
 ])
 def test_malformed_arrays_are_refused(tmp_path, upright, arrays, message):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import optuna
 import optuna_dashboard
 import pytest
 import torch
-from conftest import REPO, cli_in_process
+from conftest import REPO, cli_in_process, write_png_claiming
 from PIL import Image
 
 from kdtune import export, model_card, runtime
@@ -181,8 +182,10 @@ def test_export_and_predict_without_the_extra_say_how_to_get_it(workdir, tiny_sp
 def test_export_to_an_unwritable_folder_and_to_a_budget_no_student_meets_exit_2(exported):
     workdir, spec, _, _, _ = exported
     (workdir / "a-file").write_text("")
-    one_line_exit_2(cli_in_process("export", "--spec", str(spec), "--out", str(workdir / "a-file" / "out"),
-                                   cwd=workdir), "a-file")
+    under_a_file = cli_in_process("export", "--spec", str(spec), "--out", str(workdir / "a-file" / "out"), cwd=workdir)
+    one_line_exit_2(under_a_file, f"cannot write the export to {workdir / 'a-file' / 'out'} (Not a directory)",
+                    "--out")
+    assert ".partial" not in under_a_file.stderr  # the scratch folder beside it is kdtune's business
     one_line_exit_2(cli_in_process("export", "--spec", str(spec), "--max-params", "10", cwd=workdir),
                     "no student of the report has at most 10 parameters")
 
@@ -211,6 +214,23 @@ def test_predict_refuses_images_of_the_wrong_size_or_type(exported):
     one_line_exit_2(cli_in_process("predict", "--model", str(folder), "float.npz", cwd=workdir), "uint8")
     one_line_exit_2(cli_in_process("predict", "--model", str(folder), "none.npz", cwd=workdir), "N >= 1")
     one_line_exit_2(cli_in_process("predict", "--model", str(workdir), "small.npz", cwd=workdir), "no exported student")
+    write_png_claiming(workdir / "bomb.png", 30000, 30000)  # a decompression bomb's header
+    one_line_exit_2(cli_in_process("predict", "--model", str(folder), "bomb.png", cwd=workdir),
+                    "bomb.png is too big to decode safely", "resize it")
+
+
+@pytest.mark.parametrize("relabel, phrases", [
+    (lambda y: np.array(["coat", "bag"])[y % 2], ("labels holds text ('coat', ...), not class numbers",)),
+    (lambda y: np.where(y == 3, 10, y), ("label 10 is none of the 10 classes the student was trained on (0..9)",
+                                         "give each image's class number 0..9, or leave the labels out")),
+    (lambda y: np.where(y == 3, -1, y.astype(np.int64)), ("label -1 is none of the 10 classes",)),
+    (lambda y: y + 1, ("label 10 is none of the 10 classes", "(these count from 1: subtract 1)")),
+])
+def test_predict_refuses_labels_that_are_no_class_of_the_student(exported, relabel, phrases):
+    workdir, _, _, _, folder = exported
+    test = np.load(workdir / "tiny.npz")
+    np.savez(workdir / "labelled.npz", images=test["x_test"], labels=relabel(test["y_test"]))
+    one_line_exit_2(cli_in_process("predict", "--model", str(folder), "labelled.npz", cwd=workdir), *phrases)
 
 
 def test_the_card_speaks_of_the_chosen_seed():
@@ -266,3 +286,47 @@ def test_predict_takes_images_with_their_channels_first_or_last_as_training_does
     assert np.array_equal(predict.check_samples(grey[:, None], (1, 5, 4), tmp_path), grey)  # (N, 1, H, W)
     with pytest.raises(DataError, match=r"must be \(N, 5, 4, 3\) or \(N, 3, 5, 4\).* but are \(3, 5, 4\)"):
         predict.check_samples(colour[..., 0].repeat(2, axis=0)[:3], (3, 5, 4), tmp_path)  # 3 grey images, not 1
+
+
+def test_predict_reads_a_16_bit_grey_png_as_the_same_picture_at_8_bits(exported):
+    from kdtune import predict
+
+    workdir, _, _, _, folder = exported
+    pixels = np.load(workdir / "tiny.npz")["x_test"][0]
+    Image.fromarray(pixels).save(workdir / "8-bit.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(workdir / "16-bit.png")  # 255 -> 65535
+    assert np.array_equal(predict.read_images(workdir / "16-bit.png")[0][0], pixels)
+    assert np.array_equal(predict.read_images(workdir / "16-bit.png", colour=True)[0][0],
+                          np.repeat(pixels[..., None], 3, axis=-1))
+    eight, sixteen = (cli_in_process("predict", "--model", str(folder), name, cwd=workdir)
+                      for name in ("8-bit.png", "16-bit.png"))
+    assert eight.returncode == sixteen.returncode == 0, eight.stderr + sixteen.stderr
+    assert sixteen.stdout == eight.stdout  # "image 0: class c (probability p)"
+
+
+@pytest.mark.parametrize("dtype, mode", [(np.int32, "I"), (np.float32, "F")])
+def test_an_image_whose_bit_depth_says_nothing_of_its_white_is_refused(tmp_path, dtype, mode):
+    from kdtune import predict
+
+    Image.fromarray(np.full((5, 4), 1000, dtype)).save(tmp_path / "wide.tif")
+    with pytest.raises(DataError, match=f"wide.tif holds {mode} pixels, whose white the file does not say"):
+        predict.read_images(tmp_path / "wide.tif")
+
+
+def test_an_npz_or_npy_named_in_upper_case_is_read_as_one(tmp_path):
+    from kdtune import predict
+
+    images = np.arange(2 * 5 * 4, dtype=np.uint8).reshape(2, 5, 4)
+    with (tmp_path / "IMAGES.NPZ").open("wb") as npz, (tmp_path / "IMAGES.NPY").open("wb") as npy:
+        np.savez(npz, images=images, labels=np.array([0, 1]))  # given a name, savez and save would add .npz, .npy
+        np.save(npy, images)
+    found, labels = predict.read_images(tmp_path / "IMAGES.NPZ")
+    assert np.array_equal(found, images) and labels.tolist() == [0, 1]
+    assert np.array_equal(predict.read_images(tmp_path / "IMAGES.NPY")[0], images)
+
+
+def test_predict_says_one_hot_labels_look_one_hot(tmp_path):
+    from kdtune import predict
+
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: labels looks one-hot, (3, 4): one column per class")):
+        predict.check_labels(np.eye(4, dtype=np.uint8)[[0, 3, 1]], n_images=3, n_classes=4, where=tmp_path)

@@ -6,7 +6,8 @@ from shutil import rmtree
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import write_png_claiming
+from PIL import Image, PngImagePlugin
 
 from kdtune.image_folder import read_folder
 from kdtune.readers import DataError
@@ -98,13 +99,30 @@ def test_an_unreadable_image_is_an_error_naming_it(folder, damage):
         read_folder(root)
 
 
-def test_a_16_bit_grey_image_is_an_error_naming_it(folder):
-    root, _ = folder
+def sixteen_bit(pixels: np.ndarray) -> np.ndarray:
+    """The same picture at 16 bits, p * 257 (255 -> 65535) off by 100, as another tool may round: still p."""
+    return (pixels.astype(np.int64) * 257 + np.where(pixels < 128, 100, -100)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("as_pillow_10_opens_it", [False, True])
+def test_a_16_bit_grey_image_reads_as_the_same_picture_at_8_bits(folder, monkeypatch, as_pillow_10_opens_it):
+    root, written = folder
     wide = root / "train" / "zebra" / "a.png"
-    write(wide, (grey_pixels(1).astype(np.uint16) * 257))
+    write(wide, sixteen_bit(written["train", "zebra", "a.png"]))
+    if as_pillow_10_opens_it:  # Pillow 10 opens 16-bit grey PNGs as "I", 32-bit ints (pyproject allows it)
+        monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
     with Image.open(wide) as image:
-        assert image.mode == "I;16"
-    with pytest.raises(DataError, match=re.escape(f"{wide} holds I;16 pixels (more than 8 bits each); only 8-bit")):
+        assert image.mode == ("I" if as_pillow_10_opens_it else "I;16") and np.asarray(image).max() > 255
+    data = read_folder(root)
+    assert data.x_train.dtype == np.uint8
+    np.testing.assert_array_equal(data.x_train, [written["train", *key] for key in TRAIN_ORDER])
+
+
+def test_an_image_claiming_more_pixels_than_pillow_decodes_safely_is_an_error_naming_it(folder):
+    root, _ = folder
+    bomb = write_png_claiming(root / "train" / "moth" / "a.png", 30000, 30000)  # 900 M pixels
+    with pytest.raises(DataError, match=re.escape(f"{bomb} is too big to decode safely (Image size (900000000 "
+                                                  "pixels) exceeds limit")):
         read_folder(root)
 
 

@@ -1,6 +1,7 @@
 """Teachers that come from the user: a network of their own (trained here), weights (only evaluated), or logits
 from a file; what identifies each in the cache key, and their bad inputs."""
 
+import re
 import sys
 from dataclasses import replace
 
@@ -132,6 +133,18 @@ def test_bad_logits_are_one_line_naming_the_file_and_nothing_is_cached(tiny, wor
     assert not teacher.CACHE_ROOT.exists() or not any(teacher.CACHE_ROOT.iterdir())
 
 
+def test_a_logits_file_is_said_to_be_cached_only_once_it_is_read(tiny, workdir):
+    spec, splits = tiny
+    (workdir / "bad.npz").write_bytes(b"not a zip file")
+    said = []
+    with pytest.raises(DataError, match="bad.npz is not a readable .npz archive"):
+        teacher.load_or_train(with_teacher(spec, logits="bad.npz"), splits, CPU_FP32, echo=said.append)
+    assert not any("cached" in line for line in said), said
+    write_logits(workdir / "good.npz", splits)
+    teacher.load_or_train(with_teacher(spec, logits="good.npz"), splits, CPU_FP32, echo=said.append)
+    assert any("good.npz; they are cached in" in line for line in said), said
+
+
 def test_logits_exclude_a_network_in_the_spec():
     with pytest.raises(SpecError, match="teacher.logits is the whole teacher"):
         load_spec(None, teacher={"logits": "l.npz", "weights": "w.pt"})
@@ -158,6 +171,18 @@ def test_weights_are_only_evaluated_never_trained(tiny, workdir, monkeypatch):
         with pytest.raises(DataError, match="is not a state_dict of this teacher network") as error:
             quiet(with_teacher(spec, weights=wrong), splits, CPU_FP32)
         assert "\n" not in str(error.value)
+
+
+def test_weights_of_another_network_are_refused_saying_what_differs(tiny, workdir):
+    spec, splits = tiny
+    torch.save(TeacherCNN(splits.input_shape, 3).state_dict(), workdir / "three.pt")  # the data has 10 classes
+    with pytest.raises(DataError) as error:
+        quiet(with_teacher(spec, weights="three.pt"), splits, CPU_FP32)
+    message = str(error.value)
+    assert re.search(r"three.pt' is not a state_dict of this teacher network but another network's \(\S+ is "
+                     r"\(3, \d+\) in the file but \(10, \d+\) here; 1 more of other shapes\); give the weights of the "
+                     r"network teacher.model builds for this data, or leave teacher.weights out", message), message
+    assert "torch.save(model, path)" not in message and "\n" not in message
 
 
 def test_a_user_network_trains_here_and_its_source_keys_the_cache(tiny, workdir):
