@@ -29,7 +29,7 @@ from pathlib import Path
 
 import optuna
 
-from kdtune import cost, figures, front, runtime, saved_runs, student
+from kdtune import cost, figures, front, pruner_replay, runtime, saved_runs, student
 from kdtune.bands import Band
 from kdtune.budget import Budget
 from kdtune.data import Splits
@@ -203,6 +203,9 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
             "loss": winner_config.loss, "rows": rows, "gain": gain,
             "latency": cost.of_student(architecture, winner_config.width, onnxruntime=not runtime.missing_packages()),
             "finding": finding(gain["mean"], gain["ci95_low"], gain["ci95_high"], winner_config.distils)}
+        searched = next(t for t in trials if t.number == winner["trial"])
+        if searched.intermediate_values:  # trials added by hand (tests, imports) may have no curve
+            found["pruned_at_epoch"] = pruner_replay.pruned_at_epoch(spec, searched, trials)
         # 4. a winner of another loss form against the band's best Hinton-loss configuration
         if winner_config.distils and winner_config.loss != "hinton":
             hinton = best_hinton(band_candidates, trials)
@@ -237,6 +240,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
                            teacher_lead=teacher_test - rows["no_distillation"]["test_mean"],
                            winner_distils=winner_config.distils),
         "front_verdict": front_verdict(bands_found), "loss_verdict": loss_verdict(bands_found),
+        "pruner_replay": pruner_replay.summary(bands_found, spec.search.pruner),
         "seconds": round(time.perf_counter() - started, 1), "spec": to_toml_dict(spec),
         "data_fingerprint": splits.fingerprint, "versions": versions(), "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -471,6 +475,8 @@ def front_section(report: dict) -> str:
         lines += ["", "The gain over the twin is each band's primary comparison (its own 95% interval); the "
                   "comparison with the band's best Hinton-loss configuration (paired over the same seeds) is "
                   "Holm-corrected over the bands that have one.", "", f"**Loss forms.** {report['loss_verdict']}"]
+    if "pruner_replay" in report:
+        lines += ["", f"**Slow starters.** {report['pruner_replay']}"]
     return "\n".join(lines)
 
 
