@@ -16,13 +16,13 @@ def finished(number_of_band: int, curve: list[float]) -> optuna.trial.FrozenTria
 def test_a_slow_starter_is_stopped_where_its_curve_falls_below_its_bands_median_and_not_by_other_bands():
     spec = load_spec()  # the median pruner, 5 startup trials, 2 warm-up epochs
     assert (spec.search.pruner, spec.search.n_startup_trials, spec.search.n_warmup_epochs) == ("median", 5, 2)
-    band = [finished(0, [0.5, 0.6, 0.7, 0.8]) for _ in range(5)]
-    other_band = [finished(1, [0.99, 0.99, 0.99, 0.99]) for _ in range(9)]  # would move the median if counted
+    band = [finished(1, [0.5, 0.6, 0.7, 0.8]) for _ in range(5)]
+    other_band = [finished(0, [0.99, 0.99, 0.99, 0.99]) for _ in range(9)]  # would move the median if counted
     trials = band + other_band
     for number, trial in enumerate(trials):
         trial.number = number
-    late = finished(0, [0.1, 0.2, 0.9, 0.95])  # below the median only in the epochs the warm-up spares
-    very_late = finished(0, [0.1, 0.2, 0.3, 0.95])
+    late = finished(1, [0.1, 0.2, 0.9, 0.95])  # below the median only in the epochs the warm-up spares
+    very_late = finished(1, [0.1, 0.2, 0.3, 0.95])
     late.number, very_late.number = 100, 101
     assert pruner_replay.pruned_at_epoch(spec, late, band + [late]) is None
     assert pruner_replay.pruned_at_epoch(spec, very_late, band + [very_late]) == 3
