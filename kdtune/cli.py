@@ -391,7 +391,7 @@ def _port(text: str) -> int:
 def _print_best(found: dict) -> None:
     config = StudentConfig.from_params(found)
     print(f"Best: trial {found['trial']}: temperature={config.temperature:.3f} lambda={config.label_weight:.3f} "
-          f"width={config.width} val_accuracy={found['val_accuracy']:.4f} "
+          f"width={config.width} loss={config.loss_label} val_accuracy={found['val_accuracy']:.4f} "
           f"({found['n_parameters']:,} student parameters)")
     print("The size front, the best trial of each size band (on validation):\n" + front.to_markdown(found["front"]))
 
