@@ -49,7 +49,8 @@ def train_batched(students: list[StudentMLP], configs: list[tuple[float, float]]
                   n_epochs: int, seed: int) -> tuple[float, list[list[float]]]:
     """(seconds, each student's validation accuracy after every epoch): kdtune's batched trainer, as a study runs
     a batch of trials."""
-    members = [kdtune_batched.Student(student, functools.partial(hinton_loss, temperature=t, label_weight=w))
+    members = [kdtune_batched.Student(student, every_epoch(functools.partial(hinton_loss, temperature=t,
+                                                                             label_weight=w)))
                for student, (t, w) in zip(students, configs)]
     schedule = StudentSpec(max_epochs=n_epochs, patience_epochs=n_epochs)
     started = time.perf_counter()

@@ -139,8 +139,11 @@ def figure_makers(study: optuna.Study, report: dict) -> dict[str, tuple[Callable
                 lambda: _figure_of(getattr(matplotlib_plots, name)(study, **kwargs)))
 
     makers = {"optimization-history": optuna_plot("plot_optimization_history"),
-              "parameter-importances": optuna_plot("plot_param_importances"),
-              "temperature-lambda-contour": optuna_plot("plot_contour", params=["temperature", "lambda"])}
+              "parameter-importances": optuna_plot("plot_param_importances")}
+    # Hinton's params: a study of other loss forms only may have no trial that holds them
+    if any({"temperature", "lambda"} <= set(t.params) for t in study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))):
+        makers["temperature-lambda-contour"] = optuna_plot("plot_contour", params=["temperature", "lambda"])
     charts = {"search-front": search_front(study, report["teacher"]["val_accuracy"]),
               "front-by-parameters": test_front(report, "parameters"),
               "front-by-latency": test_front(report, "latency"), "learning-curves": learning_curves(report)}

@@ -18,7 +18,9 @@ from kdtune.study import make_pruner
 
 def pruned_at_epoch(spec: Spec, winner: FrozenTrial, band_trials: list[FrozenTrial]) -> int | None:
     """The epoch (from 1) after which the spec's pruner would stop `winner` had it run after every other
-    trial of `band_trials` (its band's completed trials), or None if it would let it finish."""
+    trial of `band_trials` (its band's finished trials, pruned ones included), or None if it would let it
+    finish. Under hyperband the replay is only indicative: its brackets follow the study's name and trial
+    numbers, which the replay does not keep."""
     replay = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
     replay.add_trials([t for t in band_trials if t.number != winner.number])
     trial = replay.ask()

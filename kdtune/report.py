@@ -119,7 +119,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
 
     # the student's family and depth enter only away from their defaults: runs saved before they existed still fit
     students = {key: value for key, value in dataclasses.asdict(spec.student).items()
-                if (key, value) not in (("family", "mlp"), ("depth", 1))}
+                if (key, value) not in (("family", "mlp"), ("depth", 1), ("lr_schedule", "constant"))}
     if "source_sha256" in (record := architecture.as_record()):  # an edited user family builds other students
         students["source_sha256"] = record["source_sha256"]
     context = {"student": students, "transfer": dataclasses.asdict(spec.transfer),
@@ -185,6 +185,8 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
         mean, low, high = mean_interval(differences)
         return {"mean": mean, "ci95_low": low, "ci95_high": high, "paired_differences": differences}
 
+    # pruned trials too: successive halving ranks a rung among every trial that reached it
+    finished_by_band = {band.index: trials for band, trials in front.finished_by_band(study, budget)}
     for band, trials in front.complete_by_band(study, budget):
         top = top_configurations(trials, spec.report.n_candidates)
         band_candidates, candidate_runs = [], {}
@@ -205,7 +207,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
             "finding": finding(gain["mean"], gain["ci95_low"], gain["ci95_high"], winner_config.distils)}
         searched = next(t for t in trials if t.number == winner["trial"])
         if searched.intermediate_values:  # trials added by hand (tests, imports) may have no curve
-            found["pruned_at_epoch"] = pruner_replay.pruned_at_epoch(spec, searched, trials)
+            found["pruned_at_epoch"] = pruner_replay.pruned_at_epoch(spec, searched, finished_by_band[band.index])
         # 4. a winner of another loss form against the band's best Hinton-loss configuration
         if winner_config.distils and winner_config.loss != "hinton":
             hinton = best_hinton(band_candidates, trials)

@@ -74,7 +74,8 @@ def control_arms(search: SearchSpec, loss: str | list, size_bands: list[Band],
     if len(size_bands) == 1:
         widths |= {size_bands[0].min_width, size_bands[0].max_width}
     arms = [(student.REFERENCE, "reference")] if reference else []
-    alone = "hinton" if isinstance(loss, list) else loss
+    # the spec's form where lambda = 1 lies in its range (hinton, reference), else hinton's: the same student
+    alone = loss if loss in ("hinton", "reference") else "hinton"
     arms += [(StudentConfig(search.temperature.low, 1.0, w, alone), "no_distillation") for w in sorted(widths)]
     return [(config, control) for config, control in arms
             if config.within(search) and bands.band_of_width(size_bands, config.width) is not None]

@@ -52,7 +52,7 @@ def test_the_front_is_the_best_of_each_band_within_the_budget(a_study):
     assert front[1] == {"band": 1, "band_label": "80.3k-1.63M parameters", "min_params": 80_305,
                         "max_params": 1_628_170, "n_finished": 2, "n_complete": 2, "trial": 0, "width": 2048,
                         "n_parameters": 1_628_170, "latency_ms": 0.20, "latency_ms_onnxruntime": None,
-                        "val_accuracy": 0.90, "temperature": 2.0, "lambda": 0.5}
+                        "val_accuracy": 0.90, "temperature": 2.0, "lambda": 0.5, "loss": "hinton"}
     within = study.best(a_study, Budget(max_params=500_000))["front"]
     assert [(e["band"], e["width"]) for e in within] == [(0, 32), (1, 512)]
     assert [e["band"] for e in study.best(a_study, Budget(max_params=60_000))["front"]] == [0]

@@ -209,7 +209,7 @@ BAD_SPECS = {
     "unknown key": ("[student]\nepochs = 3\n", "unknown key student.epochs"),
     "wrong type": ("seed = 'zero'\n", "seed must be int"),
     "bad range": ("[search]\nwidth = [64, 8]\n", "search.width must satisfy"),
-    "bad loss": ("[student]\nloss = 'mse'\n", "student.loss must be one of"),
+    "bad loss": ("[student]\nloss = 'kl'\n", "student.loss must be one of"),
     "not toml": ("[data\n", "not valid TOML"),
     "missing data file": ("[data]\nformat = 'npz'\npath = 'nowhere.npz'\n", "nowhere.npz does not exist"),
     "missing idx folder": ("[data]\nformat = 'idx'\npath = 'no-folder'\n", "no-folder does not exist"),
@@ -286,6 +286,7 @@ def test_errors_show_no_traceback_unless_debug(workdir):
     plain = run_cli("teacher", "--spec", "bad.toml", cwd=workdir)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert plain.stderr.strip() == ("kdtune teacher: error: unknown key student.epochs; known keys here: "
-                                    "batch_size, depth, family, learning_rate, loss, max_epochs, patience_epochs.")
+                                    "batch_size, depth, family, learning_rate, loss, lr_schedule, max_epochs, "
+                                    "patience_epochs.")
     debug = run_cli("teacher", "--spec", "bad.toml", "--debug", cwd=workdir)
     assert "Traceback" in debug.stderr
