@@ -172,6 +172,7 @@ def evaluate(spec: Spec, splits: Splits, teacher: CachedTeacher, study: optuna.S
     # 1. each band's winner, chosen on validation accuracy over seeds among the band's own top trials; 2. the
     # test set, read for the band winner and its twin
     bands_found, candidates, teacher_test = [], [], accuracy_of_logits(teacher.logits["test"], splits.y_test)
+
     def candidate(band: Band, number: int, config: StudentConfig) -> tuple[dict, list[saved_runs.Run]]:
         """A configuration retrained over the report's seeds, and its validation accuracy over them."""
         runs = train_over_seeds(f"{band.label}: trial {number}", config)

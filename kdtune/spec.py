@@ -143,7 +143,7 @@ class SearchSpec:
 
     def ranges_of(self, loss: str) -> dict[str, tuple[Range, bool]]:
         """{user-facing name: (range, sampled on a log scale)} of the parameters the study samples for `loss`."""
-        if loss in ("hinton", "reference"):
+        if loss not in EXTRA_SEARCHES:
             return {"temperature": (self.temperature, True), "lambda": (self.label_weight, False)}
         table = getattr(self, loss)
         return {TOML_KEYS.get(f.name, f.name): (getattr(table, f.name), True) for f in dataclasses.fields(table)}

@@ -17,7 +17,7 @@ from torch import nn
 from kdtune import batched, counting, models, user_code
 from kdtune.hardware import Compute
 from kdtune.losses import DKD_WARMUP_SHARE, EXTRA_PARAMETERS, LOSSES, WITHOUT_TEMPERATURE
-from kdtune.spec import SearchSpec, StudentSpec
+from kdtune.spec import EXTRA_SEARCHES, SearchSpec, StudentSpec
 from kdtune.train import FitResult, LossFn, every_epoch, fit
 from kdtune.transfer import StudentData
 
@@ -82,7 +82,7 @@ def optuna_name(loss: str, name: str) -> str:
     """The Optuna param of a user-facing parameter of a student of `loss`: hinton's and the reference's keep the
     names studies have always had; another form's are its own (`dkd_lambda`), since each form samples them from
     ranges of its own, on a log scale, and Optuna keeps one distribution per param name."""
-    return name if loss in ("hinton", "reference") or name == "width" else f"{loss}_{name}"
+    return f"{loss}_{name}" if loss in EXTRA_SEARCHES and name != "width" else name
 
 
 # The seed project's configuration, its loss form included: every study runs it first and the report tests it.

@@ -28,7 +28,7 @@ from kdtune.interrupts import deferred, stop_requested, uninterrupted
 from kdtune.optuna_compat import stale_trial_numbers
 from kdtune.per_band import PerBandPruner, PerBandSampler
 from kdtune.provenance import versions
-from kdtune.spec import TRANSPOSED_FORMATS, SearchSpec, Spec, SpecError, to_toml_dict
+from kdtune.spec import EXTRA_SEARCHES, TRANSPOSED_FORMATS, SearchSpec, Spec, SpecError, to_toml_dict
 from kdtune.storage import open_storage, sqlite_holds_studies, sqlite_path
 from kdtune.student import StudentConfig
 from kdtune.target import FINISHED, TRIAL_FAILURES
@@ -75,7 +75,7 @@ def control_arms(search: SearchSpec, loss: str | list, size_bands: list[Band],
         widths |= {size_bands[0].min_width, size_bands[0].max_width}
     arms = [(student.REFERENCE, "reference")] if reference else []
     # the spec's form where lambda = 1 lies in its range (hinton, reference), else hinton's: the same student
-    alone = loss if loss in ("hinton", "reference") else "hinton"
+    alone = loss if isinstance(loss, str) and loss not in EXTRA_SEARCHES else "hinton"
     arms += [(StudentConfig(search.temperature.low, 1.0, w, alone), "no_distillation") for w in sorted(widths)]
     return [(config, control) for config, control in arms
             if config.within(search) and bands.band_of_width(size_bands, config.width) is not None]

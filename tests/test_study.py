@@ -326,3 +326,11 @@ def test_tune_warns_once_when_the_student_alone_beats_the_teacher(control_value,
     assert err.count("distilling from this teacher cannot be expected to help") == (1 if warned else 0)
     if warned:
         assert "reaches 0.9100 validation accuracy, above the teacher's 0.9000" in err
+
+
+def test_a_study_of_one_other_loss_form_still_runs_its_no_distillation_arms_as_hintons():
+    """lambda = 1 lies outside DIST's (log-scaled) range: the twin is the same student under Hinton's loss."""
+    size_bands = [bands.Band(0, 16, 64, 12_730, 50_890)]
+    arms = study.control_arms(load_spec().search, "dist", size_bands, reference=False)
+    assert arms and {(config.loss, config.label_weight, control) for config, control in arms} == {
+        ("hinton", 1.0, "no_distillation")}
