@@ -175,3 +175,13 @@ def test_every_form_is_plain_cross_entropy_at_lambda_one(batch, name):
     student, teacher, labels = batch
     got = LOSSES[name](student, teacher, labels, temperature=3.0, label_weight=1.0)
     assert torch.allclose(got, F.cross_entropy(student, labels))
+
+
+def test_dkds_kd_term_warms_up_linearly_over_the_first_twelfth_of_the_epochs(batch):
+    from kdtune.student import Architecture, StudentConfig, initial
+    student, teacher, labels = batch
+    config = StudentConfig(4.0, 0.0, 8, "dkd", (("alpha", 1.0), ("beta", 8.0)))
+    _, loss_fn = initial(config, Architecture("mlp", 1, (5,), 5), 0, max_epochs=36)  # 3 warm-up epochs
+    full = dkd_loss(student, teacher, labels, temperature=4.0, label_weight=0.0)
+    assert [loss_fn(student, teacher, labels, epoch).item() for epoch in (0, 1, 2, 10)] == pytest.approx(
+        [full.item() / 3, 2 * full.item() / 3, full.item(), full.item()], rel=1e-6)

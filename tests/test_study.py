@@ -73,8 +73,10 @@ def test_a_study_searching_the_loss_form_trains_and_records_every_form(tiny_spec
     study_setup.set_up(the_study, spec, splits, CPU_FP32, echo=lambda _: None)  # queues the control arms
     arms = the_study.get_trials(states=(TrialState.WAITING,))
     assert {t.user_attrs["loss"] for t in arms} == {"hinton"}, "trained alone, every form is hinton's"
-    for loss in ("dkd", "mse"):  # wide and label-weighted enough to learn in 3 epochs of the tiny data
-        the_study.enqueue_trial({"loss": loss, f"{loss}_lambda": 0.5, "width": 49})
+    wide = bands.band_of_width(bands.recorded(the_study), 49)  # wide enough to learn in 3 epochs of the tiny data
+    for loss in ("dkd", "mse"):
+        the_study.enqueue_trial({"loss": loss, f"{loss}_lambda": 0.5, "width": 49},
+                                user_attrs={bands.TRIAL_KEY: wide.index})
     target.run(the_study, study.make_objective(spec, splits, cached, CPU_FP32), n_trials=len(arms) + 2, timeout=None)
     finished = the_study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert sorted(t.user_attrs["loss"] for t in finished) == sorted(["hinton"] * len(arms) + ["dkd", "mse"])
