@@ -40,7 +40,7 @@ def summary(bands_found: list[dict], pruner: str) -> str:
         return "No band winner has a recorded search curve to replay through the pruner."
     where = "; ".join(f"{b['band_label']}: trial {b['winner_trial']} after epoch {b['pruned_at_epoch']}"
                       for b in stopped)
-    return (f"Replayed through the {pruner} pruner against the other completed trials of its band, as if it had "
+    return (f"Replayed through the {pruner} pruner against the other finished trials of its band, as if it had "
             f"run last, {len(stopped)} of {len(replayed)} band winners would have been stopped"
             + (f" ({where}): the pruner can kill slow starters here; consider more n_warmup_epochs or "
                "n_startup_trials." if stopped else ": the pruner let every winner finish."))
