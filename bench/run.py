@@ -1,10 +1,11 @@
 """kdtune's performance benchmark: every figure is a ratio of things measured side by side in this one run.
 
     python bench/run.py [--quick] [--device cpu|cuda] [--threads N] [--out FILE] [--resume]
-                        [--sections machine,students,teacher,precision,overhead,batched,study]
+                        [--sections machine,students,teacher,precision,overhead,batched,study,budget]
 
 Same process, same data (the embedded Fashion-MNIST: 5,400 training / 600 validation images), same batch size,
-loss and epochs on both sides of every ratio. Prints one table per section and writes
+loss and epochs on both sides of every ratio, except in the budget section, whose ratio is the cost of one student
+budget against another. Prints one table per section and writes
 bench/results/<machine>-<date>.json (or --out) as each section ends; an interrupted run goes on with --resume.
 `--quick` shrinks epochs, trials and data so the whole run takes under three minutes; its figures are a smoke
 test, not results.
@@ -34,7 +35,7 @@ from kdtune import bands, data, front, hardware, study, target, teacher
 from kdtune.losses import hinton_loss
 from kdtune.models import StudentMLP, TeacherCNN
 from kdtune.provenance import versions
-from kdtune.spec import Spec, StudentSpec, TeacherSpec, load_spec
+from kdtune.spec import Spec, StudentSpec, TeacherSpec, load_spec, student_losses
 from kdtune.storage import open_storage
 from kdtune.student import Architecture
 from kdtune.train import accuracy, every_epoch, fit, predict
@@ -46,7 +47,7 @@ from peers import common_kd_objective, naive_fit, seed_cnn  # noqa: E402
 from storages import ms_per_trial  # noqa: E402
 
 WIDTHS = (64, 512, 2048)
-SECTIONS = ("machine", "students", "teacher", "precision", "overhead", "batched", "study")
+SECTIONS = ("machine", "students", "teacher", "precision", "overhead", "batched", "study", "budget")
 # Issue 18's bar for bf16: faster at a validation accuracy within this many points of fp32's. The benchmark
 # reports it; `precision = "auto"` reads whether the hardware has bf16 natively and, for a student, its
 # multiply-adds (kdtune.hardware): the precision section checks that rule against what it measures.
@@ -73,16 +74,23 @@ class Plan:
     matmul_sizes: tuple[int, ...]
     precision_seeds: int  # seeds of each full-length fp32 / bf16 training (native bf16 only)
     precision_max_epochs: int | None  # None: the quickstart's own schedules, teacher and students
+    budget_scale: float  # the budget section's epochs and patience, as a share of the specs'
 
 
+# The budget section's "before": the full-data specs' student budget until issue 28 (30 epochs, patience 5,
+# Hinton's loss alone). Its "after" is read from SHIPPED_FRONT, so the section follows the shipped default.
+BUDGET_BEFORE = (30, 5, "hinton")
+SHIPPED_FRONT = Path("studies/fashion-mnist.toml")
+# Issue 28's bar: the front study with the new budget takes at most this many times as long as with the old one.
+BUDGET_WALL_TARGET = 1.5
 # The study's batched variants: students per batch, as measured in bench/batched.py (docs/performance.md).
 BATCH_STUDENTS = 8
 FULL = Plan(student_epochs=5, repeats=3, teacher_images=5400, teacher_epochs=2, teacher_seeds=2, study_trials=100,
             study_images=5400, study_max_epochs=20, matmul_sizes=(1024, 2048, 4096), precision_seeds=3,
-            precision_max_epochs=None)
+            precision_max_epochs=None, budget_scale=1.0)
 QUICK = Plan(student_epochs=2, repeats=1, teacher_images=1280, teacher_epochs=1, teacher_seeds=1, study_trials=8,
              study_images=1350, study_max_epochs=3, matmul_sizes=(1024, 2048), precision_seeds=1,
-             precision_max_epochs=1)
+             precision_max_epochs=1, budget_scale=0.1)
 
 
 # ------------------------------------------------------------------------------------------------- machine
@@ -335,6 +343,20 @@ def summarize_study(the_study: optuna.Study, seconds: float) -> dict:
             "trials": [(t.params["width"], t.user_attrs.get("seconds")) for t in trials]}
 
 
+def timed_study(spec: Spec, splits, cached, compute: hardware.Compute, n_trials: int) -> dict:
+    """Run `spec`'s study to `n_trials` from scratch as `tune` runs it (size bands and control arms recorded
+    first) and summarize it with its wall time."""
+    architecture = Architecture.of(spec.student, splits.input_shape, splits.n_classes)
+    the_study = study.open_study(spec, create=True)
+    spec_bands = bands.size_bands(spec.search, architecture, cached.n_parameters)
+    bands.record(the_study, spec_bands)
+    study.enqueue_control_arms(the_study, spec.search, spec.student.loss, spec_bands)
+    started = time.perf_counter()
+    target.run(the_study, study.make_objective(spec, splits, cached, compute, n_trials), n_trials=n_trials,
+               timeout=None)
+    return summarize_study(the_study, time.perf_counter() - started)
+
+
 def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute: hardware.Compute,
                   with_peer: bool = True) -> dict:
     """The same 100-trial size-front search, several ways: kdtune as `tune` runs it, with its narrow students'
@@ -354,14 +376,7 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
         variant = dataclasses.replace(spec, name=label, storage=f"sqlite:///{folder}/{label}.db",
                                       search=dataclasses.replace(spec.search, pruner=pruner, bands=band_setting),
                                       batch_students=batch_students)
-        the_study = study.open_study(variant, create=True)
-        variant_bands = bands.size_bands(variant.search, architecture, cached.n_parameters)
-        bands.record(the_study, variant_bands)  # as `tune` records them
-        study.enqueue_control_arms(the_study, variant.search, variant.student.loss, variant_bands)  # as `tune` does
-        started = time.perf_counter()
-        target.run(the_study, study.make_objective(variant, splits, cached, compute, plan.study_trials),
-                   n_trials=plan.study_trials, timeout=None)
-        rows[label] = summarize_study(the_study, time.perf_counter() - started)
+        rows[label] = timed_study(variant, splits, cached, compute, plan.study_trials)
     if not with_peer:
         return rows
     peer = optuna.create_study(storage=f"sqlite:///{folder}/peer.db", direction="maximize",
@@ -374,6 +389,34 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
     seed_teacher.load_state_dict(teacher.load_model(cached).state_dict())
     peer.optimize(common_kd_objective(spec, splits, seed_teacher), n_trials=plan.study_trials)
     rows["common_kd_peer"] = summarize_study(peer, time.perf_counter() - started)
+    return rows
+
+
+def section_budget(plan: Plan, spec: Spec, splits, cached, folder: Path, compute: hardware.Compute) -> dict:
+    """What the student budget of issue 28 costs the front study: the same 100-trial search (sampler, pruner,
+    size bands, control arms, data) with the old budget (BUDGET_BEFORE) and with the shipped one (SHIPPED_FRONT's
+    epochs, patience and loss forms), and the shipped one with narrow students trained together."""
+    shipped = load_spec(SHIPPED_FRONT).student
+    scaled = lambda epochs: max(1, round(epochs * plan.budget_scale))  # noqa: E731
+    before_epochs, before_patience, before_loss = BUDGET_BEFORE
+    budgets = {"before": (before_epochs, before_patience, before_loss, 1),
+               "after": (shipped.max_epochs, shipped.patience_epochs, shipped.loss, 1),
+               "after_batched": (shipped.max_epochs, shipped.patience_epochs, shipped.loss, BATCH_STUDENTS)}
+    rows = {}
+    for label, (max_epochs, patience, loss, batch_students) in budgets.items():
+        student_spec = dataclasses.replace(spec.student, max_epochs=scaled(max_epochs),
+                                           patience_epochs=scaled(patience), loss=loss)
+        variant = dataclasses.replace(spec, name=f"budget_{label}", storage=f"sqlite:///{folder}/budget_{label}.db",
+                                      student=student_spec, batch_students=batch_students)
+        row = timed_study(variant, splits, cached, compute, plan.study_trials)
+        rows[label] = {"budget": f"{student_spec.max_epochs}/{student_spec.patience_epochs} "
+                                 f"{'+'.join(student_losses(student_spec))}",
+                       "batch_students": batch_students, **row}
+    for label, row in rows.items():
+        row["wall_vs_before"] = row["seconds"] / rows["before"]["seconds"]
+        row["epochs_vs_before"] = row["student_epochs"] / rows["before"]["student_epochs"]
+        if label != "before":
+            row["within_target"] = row["wall_vs_before"] <= BUDGET_WALL_TARGET
     return rows
 
 
@@ -457,21 +500,32 @@ def main() -> None:
     if "overhead" in sections:
         run("overhead", lambda: section_overhead(spec, splits), "per-trial overhead (ms)",
             rows=lambda found: [found])
-    if "study" in sections or "batched" in sections:
+    if {"study", "batched", "budget"} & set(sections):
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
             study_splits = dataclasses.replace(splits, x_train=splits.x_train[:plan.study_images],
                                                y_train=splits.y_train[:plan.study_images])
+
+            @functools.cache
+            def study_teacher():
+                return quick_teacher(spec, study_splits, folder, compute) if args.quick \
+                    else teacher.load_or_train(spec, splits, compute)
+
             if "study" in sections:
                 def measure_study() -> dict:
-                    cached = quick_teacher(spec, study_splits, folder, compute) if args.quick \
-                        else teacher.load_or_train(spec, splits, compute)
-                    return section_study(plan, spec, study_splits, cached, folder, compute,
+                    return section_study(plan, spec, study_splits, study_teacher(), folder, compute,
                                          with_peer=not args.skip_peer)
 
                 run("study", measure_study,
                     "100-trial study" if not args.quick else f"{plan.study_trials}-trial study (quick)",
                     rows=lambda found: [{"run": k, **{f: v for f, v in r.items() if f != "trials"}}
+                                        for k, r in found.items()])
+            if "budget" in sections:
+                run("budget", lambda: section_budget(plan, spec, study_splits, study_teacher(), folder, compute),
+                    f"the front study's wall time, student budget before and after issue 28 "
+                    f"(target: after at most {BUDGET_WALL_TARGET}x before)",
+                    rows=lambda found: [{"run": k, **{f: v for f, v in r.items()
+                                                      if f not in ("trials", "best_per_band")}}
                                         for k, r in found.items()])
             if "batched" in sections:
                 sizes = {"widths": batched.QUICK_WIDTHS, "ks": batched.QUICK_KS} if args.quick else {}
