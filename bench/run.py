@@ -393,25 +393,30 @@ def section_study(plan: Plan, spec: Spec, splits, cached, folder: Path, compute:
 
 
 def section_budget(plan: Plan, spec: Spec, splits, cached, folder: Path, compute: hardware.Compute) -> dict:
-    """What the student budget of issue 28 costs the front study: the same 100-trial search (sampler, pruner,
-    size bands, control arms, data) with the old budget (BUDGET_BEFORE) and with the shipped one (SHIPPED_FRONT's
-    epochs, patience and loss forms), and the shipped one with narrow students trained together."""
-    shipped = load_spec(SHIPPED_FRONT).student
-    scaled = lambda epochs: max(1, round(epochs * plan.budget_scale))  # noqa: E731
+    """What the student budget of issue 28 costs the front study: the same 100-trial search (sampler, size
+    bands, control arms, data) with the old budget (BUDGET_BEFORE) and with the shipped one (SHIPPED_FRONT's
+    epochs, patience and loss forms); the shipped one with narrow students trained together; and with a pruner
+    that waits out the patience before judging a trial (fairer to slow starters: what that costs)."""
+    shipped = load_spec(SHIPPED_FRONT)
+    epochs, patience, loss = shipped.student.max_epochs, shipped.student.patience_epochs, shipped.student.loss
+    warm_up = shipped.search.n_warmup_epochs
+    scaled = lambda n: max(1, round(n * plan.budget_scale))  # noqa: E731
     before_epochs, before_patience, before_loss = BUDGET_BEFORE
-    budgets = {"before": (before_epochs, before_patience, before_loss, 1),
-               "after": (shipped.max_epochs, shipped.patience_epochs, shipped.loss, 1),
-               "after_batched": (shipped.max_epochs, shipped.patience_epochs, shipped.loss, BATCH_STUDENTS)}
+    budgets = {"before": (before_epochs, before_patience, before_loss, 1, warm_up),
+               "after": (epochs, patience, loss, 1, warm_up),
+               "after_batched": (epochs, patience, loss, BATCH_STUDENTS, warm_up),
+               "after_patient_pruner": (epochs, patience, loss, 1, patience)}
     rows = {}
-    for label, (max_epochs, patience, loss, batch_students) in budgets.items():
+    for label, (max_epochs, patience_epochs, loss_forms, batch_students, warm_up_epochs) in budgets.items():
         student_spec = dataclasses.replace(spec.student, max_epochs=scaled(max_epochs),
-                                           patience_epochs=scaled(patience), loss=loss)
+                                           patience_epochs=scaled(patience_epochs), loss=loss_forms)
         variant = dataclasses.replace(spec, name=f"budget_{label}", storage=f"sqlite:///{folder}/budget_{label}.db",
-                                      student=student_spec, batch_students=batch_students)
+                                      student=student_spec, batch_students=batch_students,
+                                      search=dataclasses.replace(spec.search, n_warmup_epochs=scaled(warm_up_epochs)))
         row = timed_study(variant, splits, cached, compute, plan.study_trials)
         rows[label] = {"budget": f"{student_spec.max_epochs}/{student_spec.patience_epochs} "
                                  f"{'+'.join(student_losses(student_spec))}",
-                       "batch_students": batch_students, **row}
+                       "batch_students": batch_students, "n_warmup_epochs": variant.search.n_warmup_epochs, **row}
     for label, row in rows.items():
         row["wall_vs_before"] = row["seconds"] / rows["before"]["seconds"]
         row["epochs_vs_before"] = row["student_epochs"] / rows["before"]["student_epochs"]
