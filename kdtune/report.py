@@ -288,13 +288,17 @@ def loss_verdict(bands_found: list[dict]) -> str:
             + ", ".join(f"{b['band_label']}: {b['loss']}" for b in others) + ").")
     if not compared:
         return said + " The study tried no distilling Hinton-loss configuration in those bands to compare with."
-    detail = "; ".join(f"{b['band_label']}: {100 * b['vs_hinton']['mean']:+.2f} points, Holm-adjusted p = "
-                       f"{b['vs_hinton']['p_holm']:.2g}" for b in compared)
+    def detail(some: list[dict]) -> str:
+        return "; ".join(f"{b['band_label']}: {100 * b['vs_hinton']['mean']:+.2f} points, Holm-adjusted p = "
+                         f"{b['vs_hinton']['p_holm']:.2g}" for b in some)
+
     if not beats:
         return (f"{said} None of them beats the band's best Hinton-loss configuration distinguishably on the test "
-                f"set ({detail}): at these sizes another loss form is no better than Hinton's.")
+                f"set ({detail(compared)}): at these sizes another loss form is no better than Hinton's.")
+    rest = [b for b in compared if b not in beats]
     return (f"{said} Against the band's best Hinton-loss configuration, with Holm's correction over the "
-            f"{len(compared)} comparisons, {len(beats)} beat it ({detail}).")
+            f"{len(compared)} comparisons, {len(beats)} beat it ({detail(beats)})"
+            + (f"; not distinguishably in the other {len(rest)} ({detail(rest)})." if rest else "."))
 
 
 def best_band(bands_found: list[dict]) -> dict:
@@ -325,13 +329,13 @@ def temperature_by_band(study: optuna.Study, budget: Budget = Budget(), n_top: i
         found.append({"band": band.index, "band_label": band.label, "n": len(temps), "low": temps[0],
                       "high": temps[-1], "median": statistics.median(temps)})
     if len(found) < 2:
-        return {"bands": found, "statement": "Too few size bands with 3 or more distilling trials to tell whether "
-                                             "the best temperature depends on size."}
+        return {"bands": found, "statement": "Too few size bands with 3 or more distilling Hinton-loss trials to "
+                                             "tell whether the best temperature depends on size."}
     narrow, wide = found[0], found[-1]
     apart = narrow["high"] < wide["low"] or wide["high"] < narrow["low"]
     ranges = "; ".join(f"{b['band_label']}: T {b['low']:.2g}-{b['high']:.2g} (median {b['median']:.2g} of "
                        f"{b['n']})" for b in found)
-    statement = (f"The top (up to {n_top}) distilling trials of each size band with at least 3: {ranges}. "
+    statement = (f"The top (up to {n_top}) distilling Hinton-loss trials of each size band with at least 3: {ranges}. "
                  + ("The narrowest and the widest of these bands do not overlap: the best temperature depends on "
                     "size in this study." if apart else "The narrowest and the widest of these bands overlap: no "
                     "size dependence of the best temperature is visible here."))
