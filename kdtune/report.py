@@ -283,22 +283,27 @@ def loss_verdict(bands_found: list[dict]) -> str:
     if not others:
         return "Every band's winner uses Hinton's loss."
     compared = [b for b in others if "vs_hinton" in b]
-    beats = [b for b in compared if b["vs_hinton"]["finding"].endswith("beats Hinton's loss")]
     said = (f"{len(others)} of {len(bands_found)} band winners use another loss form than Hinton's ("
             + ", ".join(f"{b['band_label']}: {b['loss']}" for b in others) + ").")
     if not compared:
         return said + " The study tried no distilling Hinton-loss configuration in those bands to compare with."
+
     def detail(some: list[dict]) -> str:
         return "; ".join(f"{b['band_label']}: {100 * b['vs_hinton']['mean']:+.2f} points, Holm-adjusted p = "
                          f"{b['vs_hinton']['p_holm']:.2g}" for b in some)
 
-    if not beats:
+    def finding_ends(end: str) -> list[dict]:
+        return [b for b in compared if b["vs_hinton"]["finding"].endswith(end)]
+
+    beats, behind = finding_ends("beats Hinton's loss"), finding_ends("is behind Hinton's loss")
+    if not beats and not behind:
         return (f"{said} None of them beats the band's best Hinton-loss configuration distinguishably on the test "
                 f"set ({detail(compared)}): at these sizes another loss form is no better than Hinton's.")
-    rest = [b for b in compared if b not in beats]
+    level = [b for b in compared if b not in beats and b not in behind]
+    groups = (("beats it", beats), ("is behind it", behind), ("is not distinguishable from it", level))
     return (f"{said} Against the band's best Hinton-loss configuration, with Holm's correction over the "
-            f"{len(compared)} comparisons, {len(beats)} beat it ({detail(beats)})"
-            + (f"; not distinguishably in the other {len(rest)} ({detail(rest)})." if rest else "."))
+            f"{len(compared)} comparisons, the winner's form "
+            + "; ".join(f"{verb} in {len(some)} ({detail(some)})" for verb, some in groups if some) + ".")
 
 
 def best_band(bands_found: list[dict]) -> dict:

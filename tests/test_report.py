@@ -390,13 +390,16 @@ def test_the_loss_verdict_says_plainly_when_no_form_beats_hintons():
     assert report.loss_verdict([{"band_label": "b", "loss": "hinton"}]) == "Every band's winner uses Hinton's loss."
 
 
-def test_the_loss_verdict_names_apart_the_bands_where_a_form_beats_hintons_and_where_not():
+def test_the_loss_verdict_names_apart_the_bands_where_a_form_beats_hintons_trails_it_or_neither():
     """Seen in a real report: "2 beat it (...)" listed all four bands, the two that did not among them."""
-    clear, unclear = [0.010, 0.012, 0.011, 0.009, 0.013], [0.01, -0.01, 0.004, -0.006, 0.0]
+    ahead, level, behind = [0.010, 0.012, 0.011, 0.009, 0.013], [0.01, -0.01, 0.004, -0.006, 0.0], \
+        [-0.010, -0.012, -0.011, -0.009, -0.013]
     bands_found = [{"band_label": label, "loss": "dist", "vs_hinton": {"paired_differences": d, "mean": sum(d) / 5}}
-                   for label, d in (("a", clear), ("b", unclear), ("c", clear))]
+                   for label, d in (("a", ahead), ("b", level), ("c", ahead), ("d", behind))]
     report.compare_with_hinton(bands_found)
     said = report.loss_verdict(bands_found)
-    beat, rest = said.split("beat it (")[1].split("; not distinguishably in the other 1 (")
-    assert "a:" in beat and "c:" in beat and "b:" not in beat
-    assert rest.startswith("b:") and "a:" not in rest
+    beats = said.split("beats it in 2 (")[1].split(")")[0]
+    trails = said.split("is behind it in 1 (")[1].split(")")[0]
+    neither = said.split("is not distinguishable from it in 1 (")[1].split(")")[0]
+    assert ("a:" in beats, "c:" in beats, "b:" in beats, "d:" in beats) == (True, True, False, False)
+    assert trails.startswith("d:") and neither.startswith("b:")
