@@ -396,7 +396,8 @@ def section_budget(plan: Plan, spec: Spec, splits, cached, folder: Path, compute
     """What the student budget of issue 28 costs the front study: the same 100-trial search (sampler, size
     bands, control arms, data) with the old budget (BUDGET_BEFORE) and with the shipped one (SHIPPED_FRONT's
     epochs, patience and loss forms); the shipped one with narrow students trained together; and with a pruner
-    that waits out the patience before judging a trial (fairer to slow starters: what that costs)."""
+    that waits out the patience before judging a trial (fairer to slow starters: what that costs). Only the
+    student section and the pruner warm-up come from SHIPPED_FRONT; the rest of the search is the bench spec's."""
     shipped = load_spec(SHIPPED_FRONT)
     epochs, patience, loss = shipped.student.max_epochs, shipped.student.patience_epochs, shipped.student.loss
     warm_up = shipped.search.n_warmup_epochs
