@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from kdtune.losses import EXTRA_PARAMETERS, WITHOUT_TEMPERATURE
 from kdtune.spec import Range, SearchSpec, SpecError, load_spec, to_toml_dict
 
 
@@ -136,3 +137,12 @@ def test_a_loss_forms_table_keeps_the_forms_own_defaults_for_the_keys_it_leaves_
     assert spec.search.dkd.beta == Range(1.0, 4.0)
     assert spec.search.dkd.temperature == SearchSpec().dkd.temperature == Range(1.0, 8.0)
     assert spec.search.ranges_of("dkd")["beta"] == (Range(1.0, 4.0), True)
+
+
+@pytest.mark.parametrize("loss", ["hinton", "reference", "dist", "dkd", "lskd", "mse"])
+def test_the_study_samples_exactly_the_parameters_each_loss_form_takes(loss):
+    # The spec's [search.<loss>] table and the loss module name a form's extra parameters in two places: a field
+    # added to one and not the other would be sampled and ignored, or read and never sampled.
+    sampled = set(SearchSpec().ranges_of(loss))
+    taken = {"lambda", *EXTRA_PARAMETERS.get(loss, ())} | (set() if loss in WITHOUT_TEMPERATURE else {"temperature"})
+    assert sampled == taken
